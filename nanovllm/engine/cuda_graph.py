@@ -1,0 +1,75 @@
+from collections.abc import Callable
+
+import torch
+
+from nanovllm.utils.context import Context, reset_context, set_context
+
+DecodeForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    small = [b for b in (1, 2, 4, 8) if b < max_batch]
+    return small + list(range(16, max_batch, 16)) + [max_batch]
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode forwards, one per batch bucket and variant, sharing static inputs and one
+    memory pool. A batch replays the smallest bucket that holds it, its tail padded with slot -1."""
+
+    def __init__(self, max_batch: int, block_table_width: int, device: torch.device):
+        self.buckets = batch_buckets(max_batch)
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((max_batch, block_table_width), -1, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def bucket_for(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def context(self, batch: int, start: int = 0) -> Context:
+        rows = slice(start, start + batch)
+        return Context(is_prefill=False, slot_mapping=self.slot_mapping[rows], context_lens=self.context_lens[rows],
+                       block_tables=self.block_tables[rows])
+
+    def capture(self, variant: str, forward: DecodeForward, streams: tuple[torch.cuda.Stream, ...] = ()) -> None:
+        """Captures forward(input_ids, positions) for every bucket, largest first so that smaller
+        graphs reuse the pool. forward sets the attention context itself."""
+        for batch in reversed(self.buckets):
+            args = (self.input_ids[:batch], self.positions[:batch])
+            forward(*args)  # warm-up outside the graph: lazy initialisation and autotuning
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, self.pool):
+                output = forward(*args)
+            self.pool = graph.pool()
+            self.graphs[(variant, batch)] = (graph, output)
+            torch.cuda.synchronize()
+        reset_context()
+
+    def load(self, input_ids, positions, slot_mapping, context_lens, block_tables) -> int:
+        """Copies a batch into the static inputs and returns the bucket to replay."""
+        batch = input_ids.size(0)
+        bucket = self.bucket_for(batch)
+        self.input_ids[:batch] = input_ids
+        self.positions[:batch] = positions
+        self.slot_mapping[:bucket].fill_(-1)
+        self.slot_mapping[:batch] = slot_mapping
+        self.context_lens[:bucket].zero_()
+        self.context_lens[:batch] = context_lens
+        self.block_tables[:bucket].fill_(-1)
+        self.block_tables[:batch, :block_tables.size(1)] = block_tables
+        return bucket
+
+    def replay(self, variant: str, bucket: int) -> torch.Tensor:
+        graph, output = self.graphs[(variant, bucket)]
+        graph.replay()
+        return output
+
+
+def sequential_forward(model, graphs: DecodeGraphs) -> DecodeForward:
+    def forward(input_ids, positions):
+        set_context(graphs.context(input_ids.size(0)))
+        return model(input_ids, positions)
+    return forward

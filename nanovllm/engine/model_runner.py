@@ -1,0 +1,183 @@
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from nanovllm.attention.backend import select_backend
+from nanovllm.config import Config
+from nanovllm.engine.cuda_graph import DecodeGraphs, sequential_forward
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import Attention
+from nanovllm.layers.sampler import Sampler
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.utils.context import Context, reset_context, set_context
+from nanovllm.utils.loader import load_model
+
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@contextmanager
+def default_device_and_dtype(device: torch.device, dtype: torch.dtype):
+    old_device, old_dtype = torch.get_default_device(), torch.get_default_dtype()
+    torch.set_default_device(device)
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_device(old_device)
+        torch.set_default_dtype(old_dtype)
+
+
+class ModelRunner:
+    """Owns one device's model shard, KV cache, attention backend, decode graphs and sampler."""
+
+    def __init__(self, config: Config, device: torch.device, rank: int = 0, dist_init_method: str | None = None):
+        self.config = config
+        self.device = device
+        self.rank = rank
+        self.world_size = config.tensor_parallel_size
+        self.block_size = config.kvcache_block_size
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=dist_init_method,
+                                    world_size=self.world_size, rank=rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        hf_config = config.hf_config
+        with default_device_and_dtype(device, config.dtype):
+            self.model = Qwen3ForCausalLM(hf_config)
+        load_model(self.model, config.model)
+        self.sampler = Sampler()
+        self.backend = select_backend(config.attention_backend, device, self.block_size)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.attention_layers:
+            layer.backend = self.backend
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.num_kvcache_blocks = self.allocate_kv_cache()
+        self.graphs = None
+        if device.type == "cuda" and not config.enforce_eager:
+            self.capture_cudagraphs()
+
+    # ---- start-up -------------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """A prefill of a full token budget, so that the peak activation memory can be measured."""
+        budget = self.config.max_num_batched_tokens
+        seq_len = min(self.config.max_model_len, budget)
+        lengths = [seq_len] * (budget // seq_len) + ([budget % seq_len] if budget % seq_len else [])
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        set_context(Context(is_prefill=True, cu_seqlens_q=cu.to(self.device), cu_seqlens_k=cu.to(self.device),
+                            max_seqlen_q=seq_len, max_seqlen_k=seq_len))
+        self.model.compute_logits(self.model(torch.zeros(budget, dtype=torch.int64, device=self.device),
+                                             positions.to(self.device))[cu[1:].long() - 1])
+        reset_context()
+
+    def allocate_kv_cache(self) -> int:
+        hf = self.config.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        num_kv_heads = hf.num_key_value_heads // self.world_size
+        block_shape = (hf.num_hidden_layers, 2, self.block_size, num_kv_heads, head_dim)
+        block_bytes = torch.Size(block_shape).numel() * self.config.dtype.itemsize
+        num_blocks = self.config.num_kvcache_blocks
+        if num_blocks == -1:
+            num_blocks = self._blocks_that_fit(block_bytes)
+        if self.world_size > 1:
+            agreed = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            num_blocks = int(agreed.item())
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, fewer than one "
+                             f"sequence of max_model_len={self.config.max_model_len} needs ({self.max_blocks_per_seq}); "
+                             "lower max_model_len or max_num_batched_tokens, or raise gpu_memory_utilization")
+        # One extra block absorbs the writes of padded slots (-1) that some backends do not skip.
+        self.kv_cache = torch.empty((num_blocks + 1, *block_shape), dtype=self.config.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
+        return num_blocks
+
+    def _blocks_that_fit(self, block_bytes: int) -> int:
+        if self.device.type == "cpu":
+            return max(self.max_blocks_per_seq, CPU_KV_CACHE_BYTES // block_bytes)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.warmup()
+        free, total = torch.cuda.mem_get_info(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+        usable = total * self.config.gpu_memory_utilization - (total - free) - activation_peak
+        return max(int(usable) // block_bytes - 1, 0)
+
+    def capture_cudagraphs(self) -> None:
+        start = time.perf_counter()
+        max_batch = min(self.config.max_num_seqs, 512)
+        self.graphs = DecodeGraphs(max_batch, self.max_blocks_per_seq, self.device)
+        self.graphs.capture("sequential", sequential_forward(self.model, self.graphs))
+        if self.rank == 0:
+            print(f"[ModelRunner] captured {len(self.graphs.buckets)} decode CUDA graphs "
+                  f"(batch 1..{max_batch}) in {time.perf_counter() - start:.1f} s")
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _slots(self, seq: Sequence, positions: range) -> list[int]:
+        table, size = seq.block_table, self.block_size
+        return [table[p // size] * size + p % size for p in positions]
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in seqs)
+        return torch.tensor([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs],
+                            dtype=torch.int32)
+
+    def prepare_prefill(self, seqs: list[Sequence]):
+        input_ids, positions, slots, cu_q, cu_k = [], [], [], [0], [0]
+        for seq in seqs:
+            span = seq.scheduled_positions
+            input_ids.extend(seq.token_ids[span.start:span.stop])
+            positions.extend(span)
+            slots.extend(self._slots(seq, span))
+            cu_q.append(cu_q[-1] + len(span))
+            cu_k.append(cu_k[-1] + span.stop)
+        has_prefix = any(seq.num_computed_tokens > 0 for seq in seqs)
+        ctx = Context(is_prefill=True, cu_seqlens_q=self._to_device(cu_q, torch.int32),
+                      cu_seqlens_k=self._to_device(cu_k, torch.int32),
+                      max_seqlen_q=max(len(s.scheduled_positions) for s in seqs),
+                      max_seqlen_k=max(s.scheduled_positions.stop for s in seqs),
+                      slot_mapping=self._to_device(slots, torch.int64),
+                      block_tables=self._block_tables(seqs).to(self.device) if has_prefix else None)
+        last_indices = self._to_device(cu_q[1:], torch.int64) - 1
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx, last_indices
+
+    def prepare_decode(self, seqs: list[Sequence]):
+        positions = [seq.num_tokens - 1 for seq in seqs]
+        ctx = Context(is_prefill=False,
+                      slot_mapping=self._to_device([self._slots(s, [p])[0] for s, p in zip(seqs, positions)], torch.int64),
+                      context_lens=self._to_device([seq.num_tokens for seq in seqs], torch.int32),
+                      block_tables=self._block_tables(seqs).to(self.device))
+        return self._to_device([seq.last_token for seq in seqs], torch.int64), self._to_device(positions, torch.int64), ctx
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        if is_prefill:
+            input_ids, positions, ctx, last_indices = self.prepare_prefill(seqs)
+            set_context(ctx)
+            logits = self.model.compute_logits(self.model(input_ids, positions)[last_indices])
+        else:
+            logits = self.decode_logits(*self.prepare_decode(seqs))
+        reset_context()
+        if self.rank != 0:
+            return None
+        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
+        return self.sampler(logits, temperatures).tolist()
+
+    def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+        batch = input_ids.size(0)
+        if self.graphs is None or batch > self.graphs.buckets[-1]:
+            set_context(ctx)
+            return self.model.compute_logits(self.model(input_ids, positions))
+        bucket = self.graphs.load(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
+        hidden = self.graphs.replay("sequential", bucket)
+        return self.model.compute_logits(hidden[:batch])

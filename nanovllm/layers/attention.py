@@ -1,0 +1,28 @@
+import torch
+from torch import nn
+
+from nanovllm.attention.backend import AttentionBackend
+from nanovllm.attention.torch_backend import TorchBackend
+from nanovllm.utils.context import get_context
+
+
+class Attention(nn.Module):
+    """Paged attention of one layer; the runner assigns its cache views and its backend."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend = TorchBackend()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        if self.k_cache is not None:
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill:
+            return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
+        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
