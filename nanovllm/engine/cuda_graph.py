@@ -16,8 +16,9 @@ class DecodeGraphs:
     """CUDA graphs of decode forwards, one per batch bucket and variant, sharing static inputs and one
     memory pool. A batch replays the smallest bucket that holds it, its tail padded with slot -1."""
 
-    def __init__(self, max_batch: int, block_table_width: int, device: torch.device):
-        self.buckets = batch_buckets(max_batch)
+    def __init__(self, buckets: list[int], block_table_width: int, device: torch.device):
+        self.buckets = sorted(buckets)
+        max_batch = self.buckets[-1]
         self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
@@ -61,6 +62,16 @@ class DecodeGraphs:
         self.block_tables[:bucket].fill_(-1)
         self.block_tables[:batch, :block_tables.size(1)] = block_tables
         return bucket
+
+    def load_synthetic(self, bucket: int, context_len: int, num_blocks: int) -> None:
+        """Fills the static inputs with a batch of `bucket` sequences of context_len tokens that read
+        arbitrary blocks and store nothing, for timing graphs."""
+        width = self.block_tables.size(1)
+        self.input_ids[:bucket].random_(0, 1000)
+        self.positions[:bucket] = context_len - 1
+        self.slot_mapping[:bucket] = -1
+        self.context_lens[:bucket] = context_len
+        self.block_tables[:bucket] = torch.arange(bucket * width, device=self.block_tables.device).view(bucket, width) % num_blocks
 
     def replay(self, variant: str, bucket: int) -> torch.Tensor:
         graph, output = self.graphs[(variant, bucket)]

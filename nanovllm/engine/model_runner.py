@@ -6,7 +6,10 @@ import torch.distributed as dist
 
 from nanovllm.attention.backend import select_backend
 from nanovllm.config import Config
-from nanovllm.engine.cuda_graph import DecodeGraphs, sequential_forward
+from nanovllm.engine.cuda_graph import DecodeGraphs, batch_buckets, sequential_forward
+from nanovllm.engine.green_manager import GreenContextManager, GreenContextUnavailable
+from nanovllm.engine.pipeline_scheduler import PipelineScheduler
+from nanovllm.engine.pipeline_stats import PipelineStatistics, median_replay_ms
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
@@ -43,10 +46,18 @@ class ModelRunner:
                                     world_size=self.world_size, rank=rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        hf_config = config.hf_config
+        self.green = self._init_green_contexts() if config.enable_pipeline else None
         with default_device_and_dtype(device, config.dtype):
-            self.model = Qwen3ForCausalLM(hf_config)
+            self.model = Qwen3ForCausalLM(config.hf_config)
         load_model(self.model, config.model)
+        self.pipeline = None
+        if self.green is not None:
+            self.pipeline = PipelineScheduler(self.model, self.green.get_attention_stream(), self.green.get_ffn_stream())
+        elif config.enable_pipeline and config.pipeline_force:
+            print("[ModelRunner] pipeline_force=True: running the micro-batch schedule on one stream, without partitions")
+            self.pipeline = PipelineScheduler(self.model)
+        self.pipeline_stats = PipelineStatistics(self.pipeline is not None, config.pipeline_enable_profiling,
+                                                 self._sm_counts())
         self.sampler = Sampler()
         self.backend = select_backend(config.attention_backend, device, self.block_size)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -59,6 +70,25 @@ class ModelRunner:
             self.capture_cudagraphs()
 
     # ---- start-up -------------------------------------------------------------------------------
+
+    def _init_green_contexts(self) -> GreenContextManager | None:
+        attention, ffn = self.config.pipeline_attention_sm_count, self.config.pipeline_ffn_sm_count
+        print(f"[ModelRunner] Initializing pipeline with Attn={attention}, FFN={ffn} SMs")
+        try:
+            green = GreenContextManager(self.device, attention, ffn)
+        except GreenContextUnavailable as e:
+            print(f"[GreenContextManager] Failed to initialize Green Context: {e.reason}")
+            if not self.config.pipeline_force:
+                print("[ModelRunner] Falling back to sequential execution (with CUDA graphs where enabled)")
+            return None
+        print("[ModelRunner] Pipeline initialized successfully")
+        return green
+
+    def _sm_counts(self) -> dict:
+        if self.green is None:
+            return {"attention_sm_count": None, "ffn_sm_count": None, "remaining_sm_count": None}
+        return {"attention_sm_count": self.green.attention_sm_count, "ffn_sm_count": self.green.ffn_sm_count,
+                "remaining_sm_count": self.green.remaining_sm_count}
 
     def warmup(self) -> None:
         """A prefill of a full token budget, so that the peak activation memory can be measured."""
@@ -111,11 +141,39 @@ class ModelRunner:
     def capture_cudagraphs(self) -> None:
         start = time.perf_counter()
         max_batch = min(self.config.max_num_seqs, 512)
-        self.graphs = DecodeGraphs(max_batch, self.max_blocks_per_seq, self.device)
+        self.graphs = DecodeGraphs(batch_buckets(max_batch), self.max_blocks_per_seq, self.device)
         self.graphs.capture("sequential", sequential_forward(self.model, self.graphs))
+        variants = ["sequential"]
+        if self.pipeline is not None:
+            for variant in ("pipeline", "attention_only", "ffn_only"):
+                stage = getattr(self.pipeline, "forward" if variant == "pipeline" else variant)
+                self.graphs.capture(variant, lambda ids, pos, stage=stage: stage(ids, pos, self.graphs.context(ids.size(0))))
+            variants.append("pipeline")
         if self.rank == 0:
-            print(f"[ModelRunner] captured {len(self.graphs.buckets)} decode CUDA graphs "
-                  f"(batch 1..{max_batch}) in {time.perf_counter() - start:.1f} s")
+            print(f"[ModelRunner] captured {len(self.graphs.buckets)} decode CUDA graphs per variant "
+                  f"{variants} (batch 1..{max_batch}) in {time.perf_counter() - start:.1f} s")
+        if self.pipeline is not None:
+            self.choose_decode_paths()
+
+    def choose_decode_paths(self) -> None:
+        """Times the sequential and the pipelined graph of every bucket at a short and a long context
+        and keeps the pipeline only where it wins at both (or everywhere, with pipeline_force)."""
+        start = time.perf_counter()
+        context_lens = sorted({min(256, self.config.max_model_len - 1), min(2048, self.config.max_model_len - 1)})
+        for bucket in self.graphs.buckets:
+            timings = {}
+            for context_len in context_lens:
+                self.graphs.load_synthetic(bucket, context_len, self.num_kvcache_blocks)
+                variants = ("sequential", "pipeline", "attention_only", "ffn_only")
+                medians = median_replay_ms({v: lambda v=v: self.graphs.replay(v, bucket) for v in variants})
+                timings.update({f"{v}@{context_len}": t for v, t in medians.items()})
+            wins = all(timings[f"pipeline@{n}"] < timings[f"sequential@{n}"] for n in context_lens)
+            path = "pipeline" if wins or self.config.pipeline_force else "sequential"
+            self.pipeline_stats.paths[bucket] = path
+            self.pipeline_stats.bucket_timings[bucket] = timings
+        pipelined = [b for b, p in self.pipeline_stats.paths.items() if p == "pipeline"]
+        print(f"[ModelRunner] decode path per batch bucket chosen in {time.perf_counter() - start:.1f} s: "
+              f"pipeline for {pipelined or 'none'}, sequential graph for the rest")
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -176,8 +234,19 @@ class ModelRunner:
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)
         if self.graphs is None or batch > self.graphs.buckets[-1]:
+            self.pipeline_stats.total_tokens += batch
+            if self.pipeline is not None and self.config.pipeline_force:
+                return self.pipeline.decode_token(input_ids, positions, ctx)
             set_context(ctx)
             return self.model.compute_logits(self.model(input_ids, positions))
         bucket = self.graphs.load(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
-        hidden = self.graphs.replay("sequential", bucket)
+        events = self.pipeline_stats.start_step()
+        hidden = self.graphs.replay(self.pipeline_stats.paths.get(bucket, "sequential"), bucket)
+        self.pipeline_stats.end_step(bucket, batch, events)
         return self.model.compute_logits(hidden[:batch])
+
+    def get_pipeline_statistics(self) -> dict:
+        return self.pipeline_stats.as_dict()
+
+    def print_pipeline_statistics(self) -> None:
+        self.pipeline_stats.print()

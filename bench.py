@@ -1,0 +1,226 @@
+"""Throughput and decode-step benchmarks.
+
+python bench.py                                   # graph mode on the default workload
+python bench.py --compare eager,graph,pipeline,pipeline-forced --hf-peer 32
+python bench.py --decode-sweep --sm-splits 64:64,48:80
+"""
+import argparse
+import gc
+import json
+import time
+from random import Random
+
+import torch
+from tqdm.auto import tqdm
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.cuda_graph import DecodeGraphs, sequential_forward
+from nanovllm.engine.green_manager import GreenContextManager
+from nanovllm.engine.pipeline_scheduler import PipelineScheduler
+from nanovllm.engine.pipeline_stats import median_replay_ms
+from nanovllm.tools.make_model import ensure_model
+
+MODES = {
+    "eager": {"enforce_eager": True},
+    "graph": {},
+    "pipeline": {"enable_pipeline": True},
+    "pipeline-forced": {"enable_pipeline": True, "pipeline_force": True},
+}
+
+
+def workload(args) -> tuple[list[list[int]], list[SamplingParams]]:
+    rng = Random(args.seed)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(args.min_len, args.max_len))]
+               for _ in range(args.num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(args.min_len, args.max_len))
+              for _ in range(args.num_seqs)]
+    return prompts, params
+
+
+def free_gpu() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_mode(model: str, mode: str, prompts, params, options: dict) -> dict:
+    llm = LLM(model, **MODES[mode], **options)
+    llm.generate(["Benchmark warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=True)
+    seconds = time.perf_counter() - start
+    tokens = sum(p.max_tokens for p in params)
+    result = {"mode": mode, "output_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+    if llm.config.enable_pipeline:
+        stats = llm.model_runner.get_pipeline_statistics()
+        result["pipelined_buckets"] = sorted(b for b, p in stats["path_per_bucket"].items() if p == "pipeline")
+    llm.exit()
+    del llm
+    free_gpu()
+    return result
+
+
+def run_hf_peer(model: str, prompts, params) -> dict:
+    """Hugging Face transformers' generate on the same weights, one padded batch."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    new_tokens = max(p.max_tokens for p in params)
+    start = time.perf_counter()
+    hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(p.max_tokens for p in params)
+    del hf
+    free_gpu()
+    return {"mode": "hf-transformers", "output_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    print(" | ".join(f"{c:>12}" for c in columns))
+    for row in rows:
+        cells = [row.get(c, "") for c in columns]
+        print(" | ".join(f"{c:>12.3f}" if isinstance(c, float) else f"{str(c):>12}" for c in cells))
+
+
+def compare(args) -> list[dict]:
+    model = args.model or str(ensure_model("qwen3-0.6b"))
+    prompts, params = workload(args)
+    options = {"max_model_len": 2 * args.max_len + 16}
+    rows = [run_mode(model, mode, prompts, params, options) for mode in args.compare.split(",")]
+    if args.hf_peer:
+        peer = slice(0, args.hf_peer)
+        ours = run_mode(model, "graph", prompts[peer], params[peer], options)
+        ours["mode"] = f"graph-{args.hf_peer}seqs"
+        rows += [ours, run_hf_peer(model, prompts[peer], params[peer])]
+        rows[-1]["ratio"] = ours["tok_per_s"] / rows[-1]["tok_per_s"]
+    for row in rows[:len(args.compare.split(","))]:
+        row["ratio"] = row["tok_per_s"] / rows[0]["tok_per_s"]
+    print(f"\nworkload: {args.num_seqs} seqs, input/output lengths uniform in [{args.min_len}, {args.max_len}], "
+          f"seed {args.seed}, ignore_eos; model {model}; device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    print("ratio: tok/s over the first mode's (for hf-transformers: nanovllm graph over transformers on the same seqs)")
+    print_table(rows, ["mode", "output_tokens", "seconds", "tok_per_s", "ratio"])
+    return rows
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_replay_ms({"copy": lambda: dst.copy_(src)}, repeats=10)["copy"]
+    del src, dst
+    return 2 * (1 << 30) / (ms / 1e3)
+
+
+def step_floor_ms(llm: LLM, batch: int, context: int, bandwidth: float) -> float:
+    """Fewest bytes a decode step moves (the layers' weights once, every sequence's K and V once)
+    over the copy bandwidth."""
+    hf = llm.config.hf_config
+    layers = llm.model_runner.model.model.layers
+    weight_bytes = sum(p.numel() * p.element_size() for p in layers.parameters())
+    kv_bytes = batch * context * hf.num_hidden_layers * 2 * hf.num_key_value_heads * hf.head_dim * llm.config.dtype.itemsize
+    return (weight_bytes + kv_bytes) / bandwidth * 1e3
+
+
+def decode_sweep(args) -> list[dict]:
+    bandwidth = copy_bandwidth()
+    print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    splits = [tuple(int(n) for n in s.split(":")) for s in args.sm_splits.split(",")] if args.sm_splits else []
+    rows = []
+    for preset in args.presets.split(","):
+        model = str(ensure_model(preset)) if preset in ("qwen3-0.6b", "qwen3-8b", "tiny") else preset
+        llm = LLM(model, enforce_eager=True, max_num_seqs=max(batches), max_model_len=max(contexts) + 1,
+                  max_num_batched_tokens=max(contexts) + 1, gpu_memory_utilization=args.sweep_memory)
+        runner = llm.model_runner
+        graphs = DecodeGraphs(batches, runner.max_blocks_per_seq, runner.device)
+        stages = PipelineScheduler(runner.model)
+        graphs.capture("sequential", sequential_forward(runner.model, graphs))
+        for stage in ("attention_only", "ffn_only"):
+            fn = getattr(stages, stage)
+            graphs.capture(stage, lambda ids, pos, fn=fn: fn(ids, pos, graphs.context(ids.size(0))))
+        managers = []
+        for attention, ffn in splits:
+            green = GreenContextManager(runner.device, attention, ffn)
+            managers.append(green)
+            pipe = PipelineScheduler(runner.model, green.get_attention_stream(), green.get_ffn_stream())
+            graphs.capture(f"pipe{attention}:{ffn}",
+                           lambda ids, pos, pipe=pipe: pipe.forward(ids, pos, graphs.context(ids.size(0))))
+        variants = [v for (v, b) in graphs.graphs if b == batches[0]]
+        points = [(b, c) for b in batches for c in contexts]
+        for batch, context in tqdm(points, desc=f"decode sweep {preset}"):
+            graphs.load_synthetic(batch, context, runner.num_kvcache_blocks)
+            ms = median_replay_ms({v: lambda v=v: graphs.replay(v, batch) for v in variants}, repeats=args.repeats)
+            floor = step_floor_ms(llm, batch, context, bandwidth)
+            row = {"preset": preset, "batch": batch, "context": context, "floor_ms": floor,
+                   "sequential_ms": ms["sequential"], "seq/floor": ms["sequential"] / floor,
+                   "attn_only_ms": ms["attention_only"], "ffn_only_ms": ms["ffn_only"],
+                   "overlap_bound": ms["sequential"] / max(ms["attention_only"], ms["ffn_only"])}
+            for attention, ffn in splits:
+                pipe_ms = ms[f"pipe{attention}:{ffn}"]
+                row[f"pipe{attention}:{ffn}_ms"] = pipe_ms
+                row[f"seq/pipe{attention}:{ffn}"] = ms["sequential"] / pipe_ms
+            rows.append(row)
+        del graphs, stages, managers
+        llm.exit()
+        del llm, runner
+        free_gpu()
+    print(f"\ndecode step (CUDA graph replay, layers only, lm_head excluded), median of {args.repeats}; "
+          f"device {torch.cuda.get_device_name()}")
+    columns = list(rows[0].keys())
+    print_table(rows, columns)
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r.get('preset', r.get('mode'))} b{r.get('batch', '')} c{r.get('context', '')}" for r in rows]
+    key = "seq/floor" if "seq/floor" in rows[0] else "tok_per_s"
+    ax.bar(range(len(rows)), [r[key] for r in rows])
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
+    ax.set_ylabel(key)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint directory (default: the qwen3-0.6b random-weight preset)")
+    parser.add_argument("--compare", default="graph", help=f"comma-separated modes from {list(MODES)}")
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hf-peer", type=int, default=0, help="also run transformers' generate on this many seqs")
+    parser.add_argument("--decode-sweep", action="store_true")
+    parser.add_argument("--presets", default="qwen3-0.6b,qwen3-8b")
+    parser.add_argument("--batches", default="1,8,64,256,512")
+    parser.add_argument("--contexts", default="256,1024,4096")
+    parser.add_argument("--sm-splits", default="", help="pipeline partitions to sweep, e.g. 64:64,48:80")
+    parser.add_argument("--sweep-memory", type=float, default=0.7, help="gpu_memory_utilization in the sweep")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json")
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+    unknown = set(args.compare.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown --compare modes {sorted(unknown)}; choose from {list(MODES)}")
+    if (args.decode_sweep or args.hf_peer) and not torch.cuda.is_available():
+        parser.error("--decode-sweep and --hf-peer need a CUDA device")
+    rows = decode_sweep(args) if args.decode_sweep else compare(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

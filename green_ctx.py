@@ -1,0 +1,158 @@
+"""Disjoint SM partitions of one GPU through CUDA green contexts (driver API via cuda-python)."""
+import torch
+from cuda.bindings import driver
+
+
+class GreenContextError(RuntimeError):
+    pass
+
+
+def _call(name: str, *args):
+    # cuda-python returns a tuple whose first element is the CUresult; the rest are the outputs.
+    try:
+        out = getattr(driver, name)(*args)
+    except Exception as e:  # e.g. libcuda missing: the binding raises before any CUresult exists
+        raise GreenContextError(f"{name} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(out, tuple):
+        out = (out,)
+    err, values = out[0], out[1:]
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise GreenContextError(f"{name} failed: {getattr(err, 'name', err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def driver_version() -> int:
+    """CUDA version supported by the driver, as 1000 * major + 10 * minor (12.4 -> 12040)."""
+    return _call("cuDriverGetVersion")
+
+
+def round_sm_count(n: int, min_size: int, alignment: int) -> int:
+    n = max(n, min_size)
+    return -(-n // alignment) * alignment
+
+
+def _granularity(resource, device_index: int) -> tuple[int, int]:
+    # Older bindings expose only smCount; then fall back to the documented per-architecture rules.
+    min_size = getattr(resource.sm, "minSmPartitionSize", 0)
+    alignment = getattr(resource.sm, "smCoscheduledAlignment", 0)
+    if min_size and alignment:
+        return min_size, alignment
+    major = torch.cuda.get_device_capability(device_index)[0]
+    if major >= 9:
+        return 8, 8
+    if major == 8:
+        return 4, 2
+    if major == 7:
+        return 2, 2
+    return 1, 1
+
+
+def _open_device(device_index: int):
+    # Green contexts retain the primary context; having it live first avoids re-initialising it.
+    try:
+        torch.cuda.init()
+        torch.zeros(1, device=torch.device("cuda", device_index))
+    except (RuntimeError, AssertionError) as e:  # CPU-only torch raises AssertionError
+        raise GreenContextError(f"CUDA initialisation for device {device_index} failed: {e}") from e
+    _call("cuInit", 0)
+    dev = _call("cuDeviceGet", device_index)
+    resource = _call("cuDeviceGetDevResource", dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM)
+    return dev, resource
+
+
+def device_sm_info(device_index: int) -> tuple[int, int, int]:
+    """(SM count, minimum partition size, partition alignment) of the device."""
+    _, resource = _open_device(device_index)
+    return (resource.sm.smCount, *_granularity(resource, device_index))
+
+
+class GreenPartitions:
+    """Green contexts and their streams; they live until close()."""
+
+    def __init__(self, device_index: int, total_sm_count: int, requested: list[int]):
+        self.device_index = device_index
+        self.total_sm_count = total_sm_count
+        self.requested = list(requested)
+        self.sm_counts: list[int] = []
+        self.streams: list[torch.cuda.Stream] = []
+        self.remaining_sm_count = 0
+        self.remaining_stream: torch.cuda.Stream | None = None
+        self._handles: list[tuple] = []  # (green context, driver stream), in creation order
+
+    def _add(self, dev, resource) -> torch.cuda.Stream:
+        desc = _call("cuDevResourceGenerateDesc", [resource], 1)
+        ctx = _call("cuGreenCtxCreate", desc, dev, int(driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+        try:
+            stream = _call("cuGreenCtxStreamCreate", ctx, int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING), 0)
+        except GreenContextError:
+            _call("cuGreenCtxDestroy", ctx)
+            raise
+        self._handles.append((ctx, stream))
+        return torch.cuda.get_stream_from_external(int(stream), torch.device("cuda", self.device_index))
+
+    def close(self):
+        """Destroy streams and contexts. Graphs captured on these streams must not be replayed afterwards."""
+        errors = []
+        for stream in self.streams + ([self.remaining_stream] if self.remaining_stream is not None else []):
+            try:
+                stream.synchronize()
+            except RuntimeError as e:
+                errors.append(f"stream synchronize failed: {e}")
+        for ctx, stream in reversed(self._handles):
+            for name, handle in (("cuStreamDestroy", stream), ("cuGreenCtxDestroy", ctx)):
+                try:
+                    _call(name, handle)
+                except GreenContextError as e:
+                    errors.append(str(e))
+        self._handles.clear()
+        self.streams.clear()
+        self.remaining_stream = None
+        if errors:
+            raise GreenContextError("; ".join(errors))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def split_device(device_index: int, sm_counts: list[int], include_remaining: bool = False) -> GreenPartitions:
+    """Carve disjoint SM groups of (at least) the requested sizes from one device.
+
+    Each group is split from the previous split's remainder, so groups never share SMs. Sizes are
+    rounded up by the driver to the architecture's granularity; `sm_counts` reports the actual ones.
+    With include_remaining, the SMs left over also get a green context (`remaining_stream`).
+    """
+    if not sm_counts or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in sm_counts):
+        raise ValueError(f"sm_counts must be a non-empty list of positive ints, got {sm_counts!r}")
+    dev, resource = _open_device(device_index)
+    total = resource.sm.smCount
+    groups = []
+    for i, n in enumerate(sm_counts):
+        available = resource.sm.smCount
+        try:
+            result, nb_groups, remaining = _call("cuDevSmResourceSplitByCount", 1, resource, 0, n)
+        except GreenContextError as e:
+            raise GreenContextError(f"{e} (group {i}: {n} SMs requested, {available} SMs left)") from e
+        if nb_groups < 1:
+            raise GreenContextError(
+                f"cuDevSmResourceSplitByCount created no group for {n} SMs (group {i}, {available} SMs left)")
+        groups.append(result[0])
+        resource = remaining
+
+    parts = GreenPartitions(device_index, total, sm_counts)
+    try:
+        for group in groups:
+            parts.streams.append(parts._add(dev, group))
+            parts.sm_counts.append(group.sm.smCount)
+        if resource.type == driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM:
+            parts.remaining_sm_count = resource.sm.smCount
+        if include_remaining and parts.remaining_sm_count > 0:
+            parts.remaining_stream = parts._add(dev, resource)
+    except BaseException:
+        parts.close()
+        raise
+    return parts

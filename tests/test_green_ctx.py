@@ -1,0 +1,239 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanovllm.engine import green_manager
+from nanovllm.engine.green_manager import GreenContextManager, GreenContextUnavailable, check_sm_counts
+
+needs_bindings = pytest.mark.skipif(green_manager.green_ctx is None, reason="cuda-python not installed")
+
+
+def _green_ctx_usable():
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if green_manager.green_ctx is None:
+        return "cuda-python not installed"
+    try:
+        if green_manager.green_ctx.driver_version() < green_manager.MIN_DRIVER_VERSION:
+            return "CUDA driver older than 12.4"
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+_skip_reason = _green_ctx_usable()
+needs_green = pytest.mark.skipif(_skip_reason is not None, reason=f"green contexts unusable: {_skip_reason}")
+
+
+# ---- CPU: validation and the manager's error paths ----
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_unavailable_without_cuda():
+    with pytest.raises(GreenContextUnavailable) as info:
+        GreenContextManager(torch.device("cuda:0"), 16, 16)
+    assert info.value.reason
+
+
+def test_unavailable_on_cpu_device():
+    with pytest.raises(GreenContextUnavailable, match="not a CUDA device"):
+        GreenContextManager(torch.device("cpu"), 16, 16)
+
+
+@pytest.mark.parametrize("attn, ffn, option", [
+    (0, 16, "pipeline_attention_sm_count"),
+    (-8, 16, "pipeline_attention_sm_count"),
+    (16.0, 16, "pipeline_attention_sm_count"),
+    (True, 16, "pipeline_attention_sm_count"),
+    (16, 0, "pipeline_ffn_sm_count"),
+    (16, "16", "pipeline_ffn_sm_count"),
+])
+def test_invalid_counts(attn, ffn, option):
+    with pytest.raises(ValueError, match=option):
+        GreenContextManager(torch.device("cuda:0"), attn, ffn)
+
+
+@needs_bindings
+@pytest.mark.parametrize("attn, ffn", [(66, 66), (64, 68), (128, 8), (200, 16)])
+def test_rounded_sum_too_large(attn, ffn):
+    with pytest.raises(ValueError, match="pipeline_attention_sm_count.*pipeline_ffn_sm_count.*132"):
+        check_sm_counts(attn, ffn, 132, 8, 8)
+
+
+@needs_bindings
+@pytest.mark.parametrize("attn, ffn", [(16, 16), (20, 12), (64, 64), (1, 1), (56, 72)])
+def test_rounded_sum_fits(attn, ffn):
+    check_sm_counts(attn, ffn, 132, 8, 8)
+
+
+@needs_bindings
+def test_round_sm_count():
+    round_sm_count = green_manager.green_ctx.round_sm_count
+    assert [round_sm_count(n, 8, 8) for n in (1, 8, 9, 16, 20, 66)] == [8, 8, 16, 16, 24, 72]
+    assert [round_sm_count(n, 4, 2) for n in (1, 5, 6)] == [4, 6, 6]
+
+
+@needs_bindings
+def test_driver_error_names_call_and_result(monkeypatch):
+    gc = green_manager.green_ctx
+    result = gc.driver.CUresult
+    fake = SimpleNamespace(CUresult=result, cuDriverGetVersion=lambda: (result.CUDA_ERROR_NOT_SUPPORTED, 0))
+    monkeypatch.setattr(gc, "driver", fake)
+    with pytest.raises(gc.GreenContextError, match="cuDriverGetVersion failed: CUDA_ERROR_NOT_SUPPORTED"):
+        gc.driver_version()
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    """Pretend to be a 132-SM Hopper with a 13.0 driver, without touching a GPU."""
+    if green_manager.green_ctx is None:
+        pytest.skip("cuda-python not installed")
+    gc = green_manager.green_ctx
+    closed = []
+
+    def split_device(index, counts):
+        sizes = [gc.round_sm_count(n, 8, 8) for n in counts]
+        return SimpleNamespace(sm_counts=sizes, remaining_sm_count=132 - sum(sizes), streams=["attn", "ffn"],
+                               close=lambda: closed.append(index))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gc, "driver_version", lambda: 13000)
+    monkeypatch.setattr(gc, "device_sm_info", lambda index: (132, 8, 8))
+    monkeypatch.setattr(gc, "split_device", split_device)
+    return SimpleNamespace(gc=gc, closed=closed, monkeypatch=monkeypatch)
+
+
+def test_manager_prints_allocation(fake_driver, capsys):
+    manager = GreenContextManager(torch.device("cuda:0"), 16, 16)
+    assert capsys.readouterr().out == (
+        "[GreenContextManager] Initialized with SM allocation:\n"
+        "  - Attention: 16 SMs\n"
+        "  - FFN: 16 SMs\n"
+        "  - Remaining: 100 SMs\n"
+    )
+    assert (manager.attention_sm_count, manager.ffn_sm_count, manager.remaining_sm_count) == (16, 16, 100)
+    assert manager.get_attention_stream() == "attn" and manager.get_ffn_stream() == "ffn"
+    manager.close()
+    assert fake_driver.closed == [0]
+
+
+def test_manager_reports_rounded_sizes(fake_driver):
+    manager = GreenContextManager(torch.device("cuda:0"), 20, 12)
+    assert (manager.attention_sm_count, manager.ffn_sm_count, manager.remaining_sm_count) == (24, 16, 92)
+
+
+def test_manager_rejects_oversubscription(fake_driver):
+    with pytest.raises(ValueError, match="at most 132"):
+        GreenContextManager(torch.device("cuda:0"), 66, 66)
+
+
+def test_manager_old_driver(fake_driver):
+    fake_driver.monkeypatch.setattr(fake_driver.gc, "driver_version", lambda: 12020)
+    with pytest.raises(GreenContextUnavailable, match="12.2.*12.4"):
+        GreenContextManager(torch.device("cuda:0"), 16, 16)
+
+
+def test_manager_driver_failure(fake_driver):
+    def failing_split(index, counts):
+        raise fake_driver.gc.GreenContextError("cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED")
+
+    fake_driver.monkeypatch.setattr(fake_driver.gc, "split_device", failing_split)
+    with pytest.raises(GreenContextUnavailable) as info:
+        GreenContextManager(torch.device("cuda:0"), 16, 16)
+    assert info.value.reason == "cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED"
+
+
+# ---- CUDA: real partitions ----
+
+def _gemm_ms(streams, a, b, iters=3):
+    """Wall time (ms) of running `iters` GEMMs on every stream at once, measured on the default stream."""
+    main = torch.cuda.current_stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for s in streams:  # warm up cuBLAS on each stream
+        s.wait_stream(main)
+        with torch.cuda.stream(s):
+            a @ b
+        main.wait_stream(s)
+    start.record(main)
+    for s in streams:
+        s.wait_stream(main)
+        with torch.cuda.stream(s):
+            for _ in range(iters):
+                a @ b
+    for s in streams:
+        main.wait_stream(s)
+    end.record(main)
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+@pytest.fixture(scope="module")
+def gemm_operands():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return a, b
+
+
+@needs_green
+@pytest.mark.parametrize("counts", [[16, 16], [20, 12], [8, 24, 40]])
+def test_split_sizes(counts):
+    gc = green_manager.green_ctx
+    total, min_size, alignment = gc.device_sm_info(0)
+    with gc.split_device(0, counts) as parts:
+        assert parts.sm_counts == [gc.round_sm_count(n, min_size, alignment) for n in counts]
+        assert sum(parts.sm_counts) + parts.remaining_sm_count <= total
+        assert len(parts.streams) == len(counts)
+
+
+@needs_green
+def test_kernel_on_each_stream():
+    gc = green_manager.green_ctx
+    x = torch.randn(1024, 1024, device="cuda")
+    expected = x @ x + 1
+    with gc.split_device(0, [16, 16], include_remaining=True) as parts:
+        for s in [*parts.streams, parts.remaining_stream]:
+            if s is None:
+                continue
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                y = x @ x + 1
+            s.synchronize()
+            torch.testing.assert_close(y, expected)
+
+
+@needs_green
+def test_partition_confines_gemm(gemm_operands):
+    gc = green_manager.green_ctx
+    total = gc.device_sm_info(0)[0]
+    if total < 64:
+        pytest.skip(f"only {total} SMs: a 16-SM partition is not clearly smaller")
+    a, b = gemm_operands
+    full = _gemm_ms([torch.cuda.current_stream()], a, b)
+    with gc.split_device(0, [16]) as parts:
+        confined = _gemm_ms(parts.streams, a, b)
+    assert confined > 3 * full, f"GEMM on 16 SMs {confined:.2f} ms vs {full:.2f} ms on {total} SMs"
+
+
+@needs_green
+def test_partitions_disjoint_and_concurrent(gemm_operands):
+    # Both GEMMs are compute bound: on disjoint partitions they take about as long together as one alone,
+    # on shared SMs about twice as long.
+    gc = green_manager.green_ctx
+    a, b = gemm_operands
+    with gc.split_device(0, [16, 16]) as parts:
+        alone = _gemm_ms(parts.streams[:1], a, b)
+        both = _gemm_ms(parts.streams, a, b)
+    assert both < 1.5 * alone, f"two 16-SM partitions at once {both:.2f} ms vs one alone {alone:.2f} ms"
+
+
+@needs_green
+def test_manager_on_device(capsys):
+    manager = GreenContextManager(torch.device("cuda:0"), 16, 16)
+    assert "[GreenContextManager] Initialized with SM allocation:" in capsys.readouterr().out
+    total = green_manager.green_ctx.device_sm_info(0)[0]
+    assert manager.attention_sm_count >= 16 and manager.ffn_sm_count >= 16
+    assert manager.attention_sm_count + manager.ffn_sm_count + manager.remaining_sm_count <= total
+    attn, ffn = manager.get_attention_stream(), manager.get_ffn_stream()
+    assert attn.cuda_stream != ffn.cuda_stream
+    manager.close()
+    manager.close()
