@@ -12,6 +12,7 @@ from random import Random
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.cuda_graph import DecodeGraphs, sequential_forward
@@ -28,9 +29,10 @@ MODES = {
 }
 
 
-def workload(args) -> tuple[list[list[int]], list[SamplingParams]]:
+def workload(args, vocab_size: int) -> tuple[list[list[int]], list[SamplingParams]]:
     rng = Random(args.seed)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(args.min_len, args.max_len))]
+    top = min(10000, vocab_size - 1)
+    prompts = [[rng.randint(0, top) for _ in range(rng.randint(args.min_len, args.max_len))]
                for _ in range(args.num_seqs)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(args.min_len, args.max_len))
               for _ in range(args.num_seqs)]
@@ -45,12 +47,13 @@ def free_gpu() -> None:
 
 def run_mode(model: str, mode: str, prompts, params, options: dict) -> dict:
     llm = LLM(model, **MODES[mode], **options)
-    llm.generate(["Benchmark warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - start
     tokens = sum(p.max_tokens for p in params)
     result = {"mode": mode, "output_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+    print(f"[bench] {mode}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s", flush=True)
     if llm.config.enable_pipeline:
         stats = llm.model_runner.get_pipeline_statistics()
         result["pipelined_buckets"] = sorted(b for b, p in stats["path_per_bucket"].items() if p == "pipeline")
@@ -74,6 +77,7 @@ def run_hf_peer(model: str, prompts, params) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = sum(p.max_tokens for p in params)
+    print(f"[bench] hf-transformers: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s", flush=True)
     del hf
     free_gpu()
     return {"mode": "hf-transformers", "output_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
@@ -88,7 +92,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def compare(args) -> list[dict]:
     model = args.model or str(ensure_model("qwen3-0.6b"))
-    prompts, params = workload(args)
+    prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
     options = {"max_model_len": 2 * args.max_len + 16}
     rows = [run_mode(model, mode, prompts, params, options) for mode in args.compare.split(",")]
     if args.hf_peer:

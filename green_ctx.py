@@ -63,9 +63,15 @@ def _open_device(device_index: int):
 
 
 def device_sm_info(device_index: int) -> tuple[int, int, int]:
-    """(SM count, minimum partition size, partition alignment) of the device."""
+    """(SMs that partitions can take, minimum partition size, partition alignment) of the device.
+
+    The first number is what one split into granularity-sized units yields (120 of 132 SMs on an
+    H100), which is less than the SM count when clusters leave SMs over.
+    """
     _, resource = _open_device(device_index)
-    return (resource.sm.smCount, *_granularity(resource, device_index))
+    unit = max(_granularity(resource, device_index))
+    _, nb_units, _ = _call("cuDevSmResourceSplitByCount", resource.sm.smCount // unit, resource, 0, unit)
+    return (nb_units * unit, *_granularity(resource, device_index))
 
 
 class GreenPartitions:
@@ -81,8 +87,8 @@ class GreenPartitions:
         self.remaining_stream: torch.cuda.Stream | None = None
         self._handles: list[tuple] = []  # (green context, driver stream), in creation order
 
-    def _add(self, dev, resource) -> torch.cuda.Stream:
-        desc = _call("cuDevResourceGenerateDesc", [resource], 1)
+    def _add(self, dev, resources: list) -> torch.cuda.Stream:
+        desc = _call("cuDevResourceGenerateDesc", resources, len(resources))
         ctx = _call("cuGreenCtxCreate", desc, dev, int(driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
         try:
             stream = _call("cuGreenCtxStreamCreate", ctx, int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING), 0)
@@ -122,36 +128,34 @@ class GreenPartitions:
 def split_device(device_index: int, sm_counts: list[int], include_remaining: bool = False) -> GreenPartitions:
     """Carve disjoint SM groups of (at least) the requested sizes from one device.
 
-    Each group is split from the previous split's remainder, so groups never share SMs. Sizes are
-    rounded up by the driver to the architecture's granularity; `sm_counts` reports the actual ones.
-    With include_remaining, the SMs left over also get a green context (`remaining_stream`).
+    The driver cannot split a split's output again, so the device is split once into units of the
+    architecture's granularity and each group is the union of consecutive units (a descriptor may
+    combine outputs of one split). `sm_counts` reports the actual sizes. With include_remaining,
+    the SMs left over also get a green context (`remaining_stream`).
     """
     if not sm_counts or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in sm_counts):
         raise ValueError(f"sm_counts must be a non-empty list of positive ints, got {sm_counts!r}")
     dev, resource = _open_device(device_index)
     total = resource.sm.smCount
-    groups = []
-    for i, n in enumerate(sm_counts):
-        available = resource.sm.smCount
-        try:
-            result, nb_groups, remaining = _call("cuDevSmResourceSplitByCount", 1, resource, 0, n)
-        except GreenContextError as e:
-            raise GreenContextError(f"{e} (group {i}: {n} SMs requested, {available} SMs left)") from e
-        if nb_groups < 1:
-            raise GreenContextError(
-                f"cuDevSmResourceSplitByCount created no group for {n} SMs (group {i}, {available} SMs left)")
-        groups.append(result[0])
-        resource = remaining
-
+    unit = max(_granularity(resource, device_index))
+    units, nb_units, remaining = _call("cuDevSmResourceSplitByCount", total // unit, resource, 0, unit)
+    units = list(units)[:nb_units]
+    wanted = [-(-n // unit) for n in sm_counts]
+    if sum(wanted) > len(units):
+        raise GreenContextError(f"cuDevSmResourceSplitByCount gave {len(units)} groups of {unit} SMs; "
+                                f"{sm_counts} needs {sum(wanted)} of them")
     parts = GreenPartitions(device_index, total, sm_counts)
     try:
-        for group in groups:
+        first = 0
+        for count in wanted:
+            group = units[first:first + count]
+            first += count
             parts.streams.append(parts._add(dev, group))
-            parts.sm_counts.append(group.sm.smCount)
-        if resource.type == driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM:
-            parts.remaining_sm_count = resource.sm.smCount
-        if include_remaining and parts.remaining_sm_count > 0:
-            parts.remaining_stream = parts._add(dev, resource)
+            parts.sm_counts.append(sum(g.sm.smCount for g in group))
+        leftover = units[first:] + ([remaining] if remaining.sm.smCount > 0 else [])
+        parts.remaining_sm_count = sum(g.sm.smCount for g in leftover)
+        if include_remaining and leftover:
+            parts.remaining_stream = parts._add(dev, leftover)
     except BaseException:
         parts.close()
         raise

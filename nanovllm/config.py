@@ -85,10 +85,8 @@ class Config:
         self.model = os.fspath(self.model)
 
     def _resolve_device(self) -> torch.device:
-        if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            device = torch.device(self.device)
+            device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
         _require(device.type in ("cpu", "cuda"), "device", "'cpu', 'cuda' or 'cuda:N'")

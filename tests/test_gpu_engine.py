@@ -4,6 +4,7 @@ import torch
 from transformers import Qwen3ForCausalLM
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.utils.context import reset_context, set_context
 from tests.conftest import BLOCK_SIZE, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -13,24 +14,39 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 def generate(model_dir, prompts, **options):
     llm = LLM(model_dir, device="cuda", kvcache_block_size=BLOCK_SIZE, max_num_seqs=64, max_model_len=512,
-              gpu_memory_utilization=0.3, **options)
+              num_kvcache_blocks=1024, **options)
     outputs = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     return outputs, llm
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graph_replay_matches_eager(model_dir, backend, dtype):
+def test_float32_graph_replay_matches_eager(model_dir, backend):
     # 37 prompts: decode batches fall in several padded buckets (37 -> 48, then smaller as they finish).
     prompts = random_prompts([5 + 7 * i % 90 for i in range(37)], seed=7)
-    eager, _ = generate(model_dir, prompts, dtype=dtype, attention_backend=backend, enforce_eager=True)
-    graph, llm = generate(model_dir, prompts, dtype=dtype, attention_backend=backend)
+    eager, _ = generate(model_dir, prompts, dtype="float32", attention_backend=backend, enforce_eager=True)
+    graph, llm = generate(model_dir, prompts, dtype="float32", attention_backend=backend)
     assert llm.model_runner.graphs is not None
-    if dtype == "float32":
-        assert graph == eager
-    else:
-        same = sum(a == b for a, b in zip(graph, eager))
-        assert same >= len(prompts) - 2, f"only {same}/{len(prompts)} bf16 sequences identical"
+    assert graph == eager
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bfloat16_graph_replay_close_to_eager_in_every_bucket(model_dir, backend):
+    """bf16 greedy runs drift apart after a few tokens on rounding alone, so compare one step's
+    hidden states: the padded graph replay against the eager forward on the same batch."""
+    _, llm = generate(model_dir, [[1, 2, 3]], dtype="bfloat16", attention_backend=backend)
+    runner, graphs = llm.model_runner, llm.model_runner.graphs
+    runner.kv_cache.normal_()
+    for bucket in graphs.buckets:
+        batch = max(1, bucket - 1)  # one padded row when the bucket allows it
+        graphs.load_synthetic(bucket, 100, runner.num_kvcache_blocks)
+        graphs.input_ids[:batch].random_(0, 512)
+        replayed = graphs.replay("sequential", bucket)[:batch].float()
+        with torch.inference_mode():
+            set_context(graphs.context(batch))
+            eager = runner.model(graphs.input_ids[:batch], graphs.positions[:batch]).float()
+            reset_context()
+        rel = (replayed - eager).norm() / eager.norm()
+        assert rel < 2e-2, f"bucket {bucket}: relative difference {rel}"
 
 
 def test_float32_greedy_matches_transformers(model_dir, prompts):
@@ -44,7 +60,7 @@ def test_bfloat16_logits_close_to_transformers_at_every_step(model_dir):
     must stay close to transformers' bf16 logits at that position."""
     hf = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(model_dir, device="cuda", dtype="bfloat16", kvcache_block_size=BLOCK_SIZE, max_model_len=512,
-              max_num_seqs=8, gpu_memory_utilization=0.3)
+              max_num_seqs=8, num_kvcache_blocks=1024)
     runner = llm.model_runner
     for prompt in random_prompts([9, 40, 77], seed=11):
         forced = random_prompts([24], seed=len(prompt))[0]

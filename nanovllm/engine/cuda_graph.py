@@ -67,7 +67,7 @@ class DecodeGraphs:
         """Fills the static inputs with a batch of `bucket` sequences of context_len tokens that read
         arbitrary blocks and store nothing, for timing graphs."""
         width = self.block_tables.size(1)
-        self.input_ids[:bucket].random_(0, 1000)
+        self.input_ids[:bucket].zero_()
         self.positions[:bucket] = context_len - 1
         self.slot_mapping[:bucket] = -1
         self.context_lens[:bucket] = context_len

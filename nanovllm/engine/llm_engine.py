@@ -1,6 +1,6 @@
-import atexit
 import os
 import time
+import weakref
 from dataclasses import fields
 
 from tqdm.auto import tqdm
@@ -30,8 +30,9 @@ class LLMEngine:
         self.model_runner = ModelRunner(config, config.device, 0, self.tp_group and self.tp_group.init_method)
         if self.tp_group:
             self.tp_group.wait_ready()
+            # Stops the worker processes when this engine is collected or the interpreter exits.
+            self._finalizer = weakref.finalize(self, TensorParallelGroup.close, self.tp_group)
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
-        atexit.register(self.exit)
 
     @staticmethod
     def _load_tokenizer(path: str):
@@ -41,7 +42,7 @@ class LLMEngine:
 
     def exit(self) -> None:
         if self.tp_group:
-            self.tp_group.close()
+            self._finalizer()
             self.tp_group = None
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:

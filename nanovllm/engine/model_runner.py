@@ -121,7 +121,9 @@ class ModelRunner:
                              f"sequence of max_model_len={self.config.max_model_len} needs ({self.max_blocks_per_seq}); "
                              "lower max_model_len or max_num_batched_tokens, or raise gpu_memory_utilization")
         # One extra block absorbs the writes of padded slots (-1) that some backends do not skip.
-        self.kv_cache = torch.empty((num_blocks + 1, *block_shape), dtype=self.config.dtype, device=self.device)
+        # Zeroed, because masked-out positions still enter softmax(scores) @ V with weight 0, and
+        # 0 * NaN from uninitialised memory would poison the output.
+        self.kv_cache = torch.zeros((num_blocks + 1, *block_shape), dtype=self.config.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
         return num_blocks

@@ -3,6 +3,7 @@ import socket
 from multiprocessing.connection import Connection
 
 import torch
+import torch.distributed as dist
 
 from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner
@@ -53,3 +54,6 @@ class TensorParallelGroup:
         self.broadcast("exit")
         for process in self.processes:
             process.join(timeout=30)
+        # Rank 0 lives in this process: without this, later engines here would see a TP group.
+        if dist.is_initialized():
+            dist.destroy_process_group()

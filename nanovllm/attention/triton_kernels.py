@@ -1,0 +1,372 @@
+"""Triton kernels for the paged KV cache: store, split-KV decode attention, varlen causal prefill.
+
+Caches are [num_blocks, block_size, num_kv_heads, head_dim] views whose block stride may exceed the
+block's size (block-major cache holding every layer); only the last dimension must be contiguous.
+Softmax runs in base 2: scores are scaled by scale * log2(e) so exp2 can be used.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Enough resident programs per SM to keep a memory-bound kernel's loads in flight.
+PROGRAMS_PER_SM = 4
+# A split shorter than this spends more on its partial result than it saves.
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    i = tl.program_id(0)
+    slot = tl.load(slot_ptr + i).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)[None, :]
+    mask = offs_h < NUM_HEADS
+    k = tl.load(k_ptr + i * stride_kn + offs_h * stride_kh + offs_d, mask=mask)
+    v = tl.load(v_ptr + i * stride_vn + offs_h * stride_vh + offs_d, mask=mask)
+    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h * stride_kch + offs_d
+    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h * stride_vch + offs_d
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_blocks(block_table_ptr, start, offs_n, hi, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr):
+    """Cache blocks (int64) of tokens start + offs_n; tokens at or past hi get block 0.
+
+    Tiles start at multiples of TILE_N, so with TILE_N <= BLOCK_SIZE a tile lies inside one block
+    and one scalar read serves it. Reading a tile's blocks one iteration ahead lets Triton's
+    pipeliner multi-buffer the K/V loads that depend on them.
+    """
+    if TILE_N <= BLOCK_SIZE:
+        block = tl.load(block_table_ptr + start // BLOCK_SIZE, mask=start < hi, other=0)
+    else:
+        toks = start + offs_n
+        block = tl.load(block_table_ptr + toks // BLOCK_SIZE, mask=toks < hi, other=0)
+    # Clamped so that padding (-1) can never address memory before the cache.
+    return tl.maximum(block, 0).to(tl.int64)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_bt, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """One program: one sequence, one KV head with its GROUP query heads, one slice of the context.
+
+    KV heads vary fastest across programs: a token's heads are adjacent in the cache, so programs
+    running side by side read neighbouring memory.
+    """
+    kv_head = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(0)
+
+    context_len = tl.load(context_lens_ptr + b)
+    # Split the actual context evenly, in whole tiles; trailing splits of short contexts stay empty.
+    chunk = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), TILE_N) * TILE_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, context_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, TILE_N)
+    heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    # Rows past GROUP pad the query tile to the 16 rows tl.dot needs; they are never stored.
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + b * stride_bt
+    blocks = _tile_blocks(block_table, lo, offs_n, hi, BLOCK_SIZE, TILE_N)
+    for start in range(lo, hi, TILE_N):
+        tok_mask = start + offs_n < hi
+        pos = (start + offs_n) % BLOCK_SIZE
+        k_rows = blocks * stride_kb + pos * stride_kt
+        v_rows = blocks * stride_vb + pos * stride_vt
+        blocks = _tile_blocks(block_table, start + TILE_N, offs_n, hi, BLOCK_SIZE, TILE_N)
+        k = tl.load(k_cache_ptr + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :],
+                    mask=tok_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        # Every tile holds a valid token, so m_new is finite from the first tile on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
+                    mask=tok_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        # Empty contexts (padding rows of a captured batch) give zeros instead of NaN.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        part = (b * num_kv_heads * GROUP + heads) * NUM_SPLITS + split
+        tl.store(part_m_ptr + part, m_i, mask=g_mask)
+        tl.store(part_l_ptr + part, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, num_heads, stride_ob, stride_oh,
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merges the splits of one (sequence, query head) row."""
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    part = row * NUM_SPLITS + offs_s
+    m = tl.load(part_m_ptr + part, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # empty splits have m = -inf and weigh nothing
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    out = num / tl.where(den == 0.0, 1.0, den)
+    b = row // num_heads
+    h = row % num_heads
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, block_tables_ptr, qk_scale,
+    stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_bt, stride_on, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+):
+    """One program: BLOCK_M new queries of one sequence and one query head.
+
+    PAGED: keys/values come from the cache through the block table and the queries are the last
+    tokens of the context; otherwise k/v are the new tokens' own [N, Hkv, D] rows.
+    """
+    m_block = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    if PAGED:
+        k_len = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
+    else:
+        k_len = q_len
+    prefix = k_len - q_len
+    kv_head = head // GROUP
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < q_len
+    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    q_pos = prefix + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + b * stride_bt
+    hi = tl.minimum(k_len, prefix + (m_block + 1) * BLOCK_M)
+    if PAGED:
+        blocks = _tile_blocks(block_table, 0, offs_n, hi, BLOCK_SIZE, BLOCK_N)
+    for start in range(0, hi, BLOCK_N):
+        toks = start + offs_n
+        tok_mask = toks < hi
+        if PAGED:
+            k_rows = blocks * stride_kb + (toks % BLOCK_SIZE) * stride_kt
+            v_rows = blocks * stride_vb + (toks % BLOCK_SIZE) * stride_vt
+            blocks = _tile_blocks(block_table, start + BLOCK_N, offs_n, hi, BLOCK_SIZE, BLOCK_N)
+        else:
+            k_rows = (q_start + toks).to(tl.int64) * stride_kt
+            v_rows = (q_start + toks).to(tl.int64) * stride_vt
+        k = tl.load(k_ptr + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :],
+                    mask=tok_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        # Key 0 is visible to every row, so each row's max is finite after the first tile.
+        s = tl.where(tok_mask[None, :] & (toks[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
+                    mask=tok_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_on + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def _check_head_dim(head_dim: int):
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
+
+
+def _check_cache(cache: torch.Tensor):
+    block_size = cache.size(1)
+    if block_size < 16 or block_size & (block_size - 1) or cache.stride(3) != 1:
+        raise ValueError("triton attention needs a power-of-two block size >= 16 and contiguous head_dim")
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v [N, Hkv, D] -> cache slots slot_mapping[i] (block * block_size + offset); -1 skips."""
+    num_tokens, num_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _check_head_dim(head_dim)
+    _check_cache(k_cache)
+    assert k.stride(2) == 1 and v.stride(2) == 1
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.size(1),
+    )
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms_of(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Splits per (sequence, KV head) so that about PROGRAMS_PER_SM programs run on each SM.
+
+    Depends only on shapes, never on tensor data, so a captured CUDA graph stays valid.
+    """
+    programs = batch * num_kv_heads
+    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
+    useful = max(1, max_context // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def decode_tile_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
+    """(tokens per tile, num_warps, num_stages); fp32 tiles are halved to fit shared memory."""
+    if dtype == torch.float32 or head_dim > 128:
+        return 32, 4, 2
+    return 64, 4, 3
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, num_sms: int | None = None,
+                 num_splits: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None) -> torch.Tensor:
+    """q [B, Hq, D] attends to context_lens[b] cached tokens of block_tables[b] -> [B, Hq, D].
+
+    The optional arguments override the heuristics (for benchmarking); all of them depend on
+    shapes only, so the launch is CUDA-graph capturable.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.size(2)
+    block_size = k_cache.size(1)
+    _check_head_dim(head_dim)
+    _check_cache(k_cache)
+    assert q.stride(2) == 1 and num_heads % num_kv_heads == 0
+    group = num_heads // num_kv_heads
+    default_tile, default_warps, default_stages = decode_tile_config(q.dtype, head_dim)
+    tile_n = tile_n or default_tile
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        max_context = block_tables.size(1) * block_size
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context, num_sms or num_sms_of(q.device))
+    if num_splits > 1:
+        part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused by the single-split variant
+    _decode_kernel[(num_kv_heads, batch, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE_N=tile_n, NUM_SPLITS=num_splits,
+        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch * num_heads,)](
+            out, part_m, part_l, part_acc, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4 if head_dim >= 128 else 2,
+        )
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, scale: float,
+                      block_tables: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal varlen attention for q [N, Hq, D] -> [N, Hq, D].
+
+    With block_tables, k/v are the paged caches and sequence b's queries are the last of its
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] context tokens; without, k/v are [N, Hkv, D] rows laid out
+    like q (no prefix) and cu_seqlens_k is ignored.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _check_head_dim(head_dim)
+    paged = block_tables is not None
+    num_kv_heads = k.size(2) if paged else k.size(1)
+    assert q.stride(2) == 1 and num_heads % num_kv_heads == 0
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    batch = cu_seqlens_q.numel() - 1
+    if num_tokens == 0 or batch == 0:
+        return out
+    if paged:
+        _check_cache(k)
+        k_strides = k.stride(0), k.stride(1), k.stride(2)
+        v_strides = v.stride(0), v.stride(1), v.stride(2)
+        block_size, stride_bt = k.size(1), block_tables.stride(0)
+    else:
+        assert k.stride(2) == 1 and v.stride(2) == 1
+        k_strides = 0, k.stride(0), k.stride(1)
+        v_strides = 0, v.stride(0), v.stride(1)
+        block_tables, block_size, stride_bt = cu_seqlens_q, 16, 0  # table unused
+    fp32 = q.dtype == torch.float32
+    # Wide fp32 tiles spill registers on sm_90.
+    block_m = block_n = 32 if fp32 or head_dim > 128 else 64
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, batch)
+    _prefill_kernel[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_tables, scale * LOG2E,
+        q.stride(0), q.stride(1), *k_strides, *v_strides, stride_bt, out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, PAGED=paged, num_warps=4, num_stages=2 if fp32 else 3,
+    )
+    return out

@@ -1,0 +1,145 @@
+"""Shared fixtures: tiny random Qwen3 checkpoints written with transformers, and their greedy outputs.
+
+The checkpoints are small enough for CPU float32. A large initializer_range and a scaled-up final norm
+give wide gaps between the top logits, so that greedy decoding does not flip on rounding differences
+between batch shapes.
+"""
+import random
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from nanovllm import LLM
+
+BLOCK_SIZE = 16
+VOCAB_SIZE = 512
+MAX_POSITIONS = 512
+TINY_EOS = 1
+MAX_NEW_TOKENS = 32
+
+# Seeds chosen so that no greedy step of the parity prompts has a near tie between the top two logits.
+MODEL_VARIANTS = {
+    "tied": dict(seed=0, tie_word_embeddings=True, num_hidden_layers=2),
+    "untied": dict(seed=1, tie_word_embeddings=False, num_hidden_layers=3),
+    "rope_theta": dict(seed=7, tie_word_embeddings=False, num_hidden_layers=2, rope_theta=1_000_000.0),
+    "rope_linear": dict(seed=3, tie_word_embeddings=True, num_hidden_layers=2,
+                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "rope_yarn": dict(seed=4, tie_word_embeddings=False, num_hidden_layers=2,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "spawn: starts extra processes (tensor-parallel ranks over gloo)")
+
+
+def qwen3_config(tie_word_embeddings: bool, num_hidden_layers: int, rope_theta: float = 10000.0,
+                 rope_scaling: dict | None = None, eos_token_id: int | None = None) -> Qwen3Config:
+    config = Qwen3Config(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POSITIONS,
+        initializer_range=0.2, tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-6,
+        bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None)
+    rope = dict(rope_scaling or {}, rope_theta=rope_theta)
+    rope.setdefault("rope_type", "default")
+    if hasattr(config, "rope_parameters"):  # transformers >= 5
+        config.rope_parameters = rope
+    else:
+        config.rope_theta = rope.pop("rope_theta")
+        config.rope_scaling = rope if rope["rope_type"] != "default" else None
+    return config
+
+
+def build_checkpoint(path, seed: int, **variant) -> None:
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(qwen3_config(**variant)).float().eval()
+    with torch.no_grad():
+        # Norm weights start at one; randomise them so that loading them wrongly changes the output,
+        # and scale the final norm up for larger gaps between the top logits.
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(3.0 if name == "model.norm.weight" else 1.0, 0.3)
+    model.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Lazily built checkpoints: model_dirs(variant) -> directory."""
+    built = {}
+
+    def get(variant: str) -> str:
+        if variant not in built:
+            path = tmp_path_factory.mktemp(f"qwen3_{variant}")
+            build_checkpoint(path, **MODEL_VARIANTS[variant])
+            built[variant] = str(path)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def model_dir(model_dirs):
+    return model_dirs("untied")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """One layer and an end-of-sequence token, for tests that run many requests."""
+    path = tmp_path_factory.mktemp("qwen3_tiny")
+    build_checkpoint(path, seed=101, tie_word_embeddings=True, num_hidden_layers=1, eos_token_id=TINY_EOS)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def llm(model_dir):
+    """A shared engine; tests that use it must leave it idle (every request finished)."""
+    engine = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=256)
+    yield engine
+    engine.exit()
+
+
+def random_prompts(lengths, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB_SIZE) for _ in range(n)] for n in lengths]
+
+
+# Mixed lengths: shorter than a block, exact multiples of the block size, and several blocks.
+PROMPT_LENGTHS = [3, 17, 16, 120, 64, 45, 7, 99]
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    return random_prompts(PROMPT_LENGTHS, seed=1234)
+
+
+def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of each prompt alone with transformers, never stopping early.
+
+    With no end-of-sequence token there is nothing to stop on, and nothing is suppressed either, which
+    is what ignore_eos=True does in nanovllm (min_new_tokens would instead forbid the eos token).
+    """
+    model = Qwen3ForCausalLM.from_pretrained(model_path).float().eval()
+    model.generation_config.eos_token_id = None
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt])
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=0)
+            outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+
+@pytest.fixture(scope="session")
+def hf_outputs(model_dirs, prompts):
+    """hf_outputs(variant) -> transformers' greedy MAX_NEW_TOKENS tokens for each of `prompts`."""
+    cache = {}
+
+    def get(variant: str) -> list[list[int]]:
+        if variant not in cache:
+            cache[variant] = hf_greedy(model_dirs(variant), prompts, MAX_NEW_TOKENS)
+        return cache[variant]
+
+    return get

@@ -1,0 +1,146 @@
+"""Bad input is refused with an error naming the problem, and leaves the engine able to serve."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from conftest import BLOCK_SIZE, VOCAB_SIZE, random_prompts
+from nanovllm import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+VALID_PROMPTS = random_prompts([5, 40], seed=99)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    """The valid requests' output on an engine that never saw bad input."""
+    fresh = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64)
+    return [o["token_ids"] for o in fresh.generate(VALID_PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def assert_still_serves(llm: LLM, expected) -> None:
+    assert llm.scheduler.is_finished()
+    outputs = llm.generate(VALID_PROMPTS, GREEDY, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == expected
+    bm = llm.scheduler.block_manager
+    assert bm.num_free_blocks == len(bm.blocks)
+
+
+@pytest.mark.parametrize("prompt,error,match", [
+    ([], ValueError, "empty prompt"),
+    ([1] * 512, ValueError, "max_model_len"),  # the checkpoint's 512 positions bound max_model_len
+    ([1, VOCAB_SIZE], ValueError, "token ids"),
+    ([1, -1], ValueError, "token ids"),
+    ("hello", ValueError, "tokenizer"),  # the test checkpoints have no tokenizer files
+    ([1, 2.5], TypeError, "token ids"),
+    (42, TypeError, "prompt"),
+])
+def test_bad_prompt(llm, expected, prompt, error, match):
+    with pytest.raises(error, match=match):
+        llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert_still_serves(llm, expected)
+
+
+def test_bad_prompt_among_good_ones_queues_nothing(llm, expected):
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate(VALID_PROMPTS + [[]], GREEDY, use_tqdm=False)
+    assert not llm.scheduler.waiting and not llm.scheduler.running
+    assert_still_serves(llm, expected)
+
+
+def test_longest_allowed_prompt(llm):
+    outputs = llm.generate([[3] * 511], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                           use_tqdm=False)
+    assert len(outputs[0]["token_ids"]) == 1  # max_model_len stops it after one token
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(max_tokens=0), ValueError, "max_tokens"),
+    (dict(max_tokens=-3), ValueError, "max_tokens"),
+    (dict(max_tokens=2.0), TypeError, "max_tokens"),
+    (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature="hot"), TypeError, "temperature"),
+    (dict(ignore_eos="yes"), TypeError, "ignore_eos"),
+])
+def test_bad_sampling_params(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_sampling_params_arguments_to_generate(llm, expected):
+    with pytest.raises(ValueError, match="sampling params"):
+        llm.generate(VALID_PROMPTS, [GREEDY], use_tqdm=False)
+    with pytest.raises(TypeError, match="sampling_params"):
+        llm.generate(VALID_PROMPTS, [{"temperature": 0.0}] * len(VALID_PROMPTS), use_tqdm=False)
+    with pytest.raises(TypeError, match="prompts"):
+        llm.generate("a string, not a list", GREEDY, use_tqdm=False)
+    assert_still_serves(llm, expected)
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(unknown_option=1), TypeError, "unknown_option"),
+    (dict(kvcache_block_size=24), ValueError, "kvcache_block_size"),
+    (dict(kvcache_block_size=8), ValueError, "kvcache_block_size"),
+    (dict(gpu_memory_utilization=0), ValueError, "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization=1.5), ValueError, "gpu_memory_utilization"),
+    (dict(max_num_seqs=0), ValueError, "max_num_seqs"),
+    (dict(max_num_batched_tokens=0), ValueError, "max_num_batched_tokens"),
+    (dict(max_model_len=0), ValueError, "max_model_len"),
+    (dict(tensor_parallel_size=0), ValueError, "tensor_parallel_size"),
+    (dict(tensor_parallel_size=3), ValueError, "tensor_parallel_size"),  # 4 heads / 2 kv heads
+    (dict(enable_pipeline=True, tensor_parallel_size=2), ValueError, "enable_pipeline"),
+    (dict(enable_two_gpu_pd=True), ValueError, "enable_two_gpu_pd"),
+    (dict(attention_backend="magic"), ValueError, "attention_backend"),
+    (dict(attention_backend="triton"), ValueError, "attention_backend"),  # needs CUDA
+    (dict(num_kvcache_blocks=0), ValueError, "num_kvcache_blocks"),
+    (dict(num_kvcache_blocks=3), ValueError, "KV cache"),  # fewer than one max_model_len sequence
+    (dict(max_num_seqs="8"), TypeError, "max_num_seqs"),
+    (dict(enforce_eager=1), TypeError, "enforce_eager"),
+    (dict(device="tpu"), ValueError, "device"),
+    (dict(dtype="int8"), ValueError, "dtype"),
+])
+def test_bad_options(model_dir, llm, expected, options, error, match):
+    if options.get("attention_backend") == "triton" and torch.cuda.is_available():
+        pytest.skip("the triton backend is valid where CUDA is available")
+    with pytest.raises(error, match=match):
+        LLM(model_dir, **{"device": "cpu", "kvcache_block_size": BLOCK_SIZE, **options})
+    assert_still_serves(llm, expected)
+
+
+def test_missing_model_directory(tmp_path, llm, expected):
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "nowhere"), device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(empty), device="cpu")
+    assert_still_serves(llm, expected)
+
+
+def test_model_path_of_wrong_type():
+    with pytest.raises(TypeError, match="model"):
+        LLM(123, device="cpu")
+
+
+def test_config_of_another_architecture(tmp_path, llm, expected):
+    LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="llama"):
+        LLM(str(tmp_path), device="cpu")
+    assert_still_serves(llm, expected)
+
+
+def test_unreadable_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path), device="cpu")
+
+
+def test_checkpoint_without_weights(tmp_path, model_dir):
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM(str(tmp_path), device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64)

@@ -1,0 +1,34 @@
+"""Tensor parallelism on CPU: two ranks over gloo, the second in a spawned process."""
+import pytest
+import torch.distributed as dist
+
+from conftest import BLOCK_SIZE, random_prompts
+from nanovllm import LLM, SamplingParams
+
+pytestmark = pytest.mark.spawn
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+def generate(model_dir, prompts, **options) -> list[list[int]]:
+    llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=48, max_model_len=128,
+              **options)
+    try:
+        first = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        # Again, now with prefix-cache hits: the ranks must agree on block tables with a cached prefix.
+        again = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert again == first
+        return first
+    finally:
+        llm.exit()
+
+
+def test_tp2_matches_tp1(model_dir):
+    prompts = random_prompts([3, 40, 17, 64], seed=31)
+    prompts += [prompts[3][:48] + [5, 6, 7]]
+    tp2 = generate(model_dir, prompts, tensor_parallel_size=2)
+    # After exit the process group is gone, so a later single-rank engine in this process is unsharded.
+    assert not dist.is_initialized()
+    tp1 = generate(model_dir, prompts)
+    assert tp2 == tp1
+    assert all(len(t) == 16 for t in tp2)
