@@ -2,7 +2,8 @@
 
 python bench.py                                   # graph mode on the default workload
 python bench.py --compare eager,graph,pipeline,pipeline-forced --hf-peer 32
-python bench.py --decode-sweep --sm-splits 64:64,48:80
+python bench.py --decode-sweep --sm-splits 56:64,24:96
+python bench.py --attention-kernel
 """
 import argparse
 import gc
@@ -180,6 +181,31 @@ def decode_sweep(args) -> list[dict]:
     return rows
 
 
+def attention_kernel_bench(args) -> list[dict]:
+    """The Triton paged decode kernel alone, Qwen3-0.6B heads (16 q / 8 kv, head_dim 128), bf16,
+    block size 256, on random K/V spread over shuffled blocks: its K+V read rate against the copy rate."""
+    from nanovllm.attention.triton_kernels import paged_decode
+    bandwidth = copy_bandwidth()
+    heads, kv_heads, head_dim, block = 16, 8, 128, 256
+    rows = []
+    for batch in (1, 64, 256):
+        for context in (1024, 2048, 4096):
+            blocks = batch * context // block
+            kv = torch.randn(blocks, 1, 2, block, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+            tables = torch.randperm(blocks, device="cuda").view(batch, -1).int()
+            lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+            q = torch.randn(batch, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+            ms = median_replay_ms({"decode": lambda: paged_decode(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens,
+                                                                  head_dim ** -0.5)}, repeats=args.repeats)["decode"]
+            read = kv.numel() * kv.element_size()
+            rows.append({"batch": batch, "context": context, "us": ms * 1e3, "TB/s": read / ms / 1e9,
+                         "of_copy_rate": read / (ms / 1e3) / bandwidth})
+            del kv
+    print(f"\nTriton paged decode attention; copy rate {bandwidth / 1e12:.2f} TB/s; device {torch.cuda.get_device_name()}")
+    print_table(rows, list(rows[0].keys()))
+    return rows
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -204,10 +230,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-peer", type=int, default=0, help="also run transformers' generate on this many seqs")
     parser.add_argument("--decode-sweep", action="store_true")
+    parser.add_argument("--attention-kernel", action="store_true", help="time the Triton decode attention kernel")
     parser.add_argument("--presets", default="qwen3-0.6b,qwen3-8b")
     parser.add_argument("--batches", default="1,8,64,256,512")
     parser.add_argument("--contexts", default="256,1024,4096")
-    parser.add_argument("--sm-splits", default="", help="pipeline partitions to sweep, e.g. 64:64,48:80")
+    parser.add_argument("--sm-splits", default="", help="pipeline partitions to sweep, e.g. 56:64,24:96")
     parser.add_argument("--sweep-memory", type=float, default=0.7, help="gpu_memory_utilization in the sweep")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json")
@@ -216,9 +243,12 @@ def main():
     unknown = set(args.compare.split(",")) - set(MODES)
     if unknown:
         parser.error(f"unknown --compare modes {sorted(unknown)}; choose from {list(MODES)}")
-    if (args.decode_sweep or args.hf_peer) and not torch.cuda.is_available():
-        parser.error("--decode-sweep and --hf-peer need a CUDA device")
-    rows = decode_sweep(args) if args.decode_sweep else compare(args)
+    if (args.decode_sweep or args.attention_kernel or args.hf_peer) and not torch.cuda.is_available():
+        parser.error("--decode-sweep, --attention-kernel and --hf-peer need a CUDA device")
+    if args.attention_kernel:
+        rows = attention_kernel_bench(args)
+    else:
+        rows = decode_sweep(args) if args.decode_sweep else compare(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

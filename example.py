@@ -1,15 +1,13 @@
 import sys
 import time
 
-import torch
-
 from nanovllm import LLM, SamplingParams
-from nanovllm.tools.make_model import ensure_model
+from nanovllm.tools.make_model import default_preset, ensure_model
 
 
 def main():
     # Without a checkpoint path, use a random-weight model (its text is gibberish, its speed is real).
-    path = sys.argv[1] if len(sys.argv) > 1 else ensure_model("qwen3-0.6b" if torch.cuda.is_available() else "tiny")
+    path = sys.argv[1] if len(sys.argv) > 1 else ensure_model(default_preset())
     llm = LLM(str(path))
 
     sampling_params = SamplingParams(temperature=0.6, max_tokens=64)

@@ -89,10 +89,11 @@ class LLMEngine:
             raise TypeError("prompts must be a list of strings or a list of token-id lists")
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
+        if not isinstance(sampling_params, (list, tuple)) or not all(isinstance(sp, SamplingParams)
+                                                                     for sp in sampling_params):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them")
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
-        if not all(isinstance(sp, SamplingParams) for sp in sampling_params):
-            raise TypeError("sampling_params must be a SamplingParams or a list of them")
         # Check every prompt before queueing any, so that bad input leaves the engine untouched.
         seqs = [Sequence(self.tokenize(p), sp) for p, sp in zip(prompts, sampling_params)]
         for seq in seqs:

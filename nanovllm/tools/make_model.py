@@ -284,6 +284,11 @@ def default_model_dir(preset: str) -> Path:
     return root / "models" / f"{preset}-seed0"
 
 
+def default_preset() -> str:
+    """The preset the examples and benchmarks use when given no checkpoint: real-sized on a GPU."""
+    return "qwen3-0.6b" if torch.cuda.is_available() else "tiny"
+
+
 def ensure_model(preset: str) -> Path:
     """Build the preset with seed 0 into default_model_dir once; later calls reuse it."""
     target = default_model_dir(preset)
