@@ -46,6 +46,7 @@ class ModelRunner:
                                     world_size=self.world_size, rank=rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        self.backend = select_backend(config.attention_backend, device, self.block_size)
         self.green = self._init_green_contexts() if config.enable_pipeline else None
         with default_device_and_dtype(device, config.dtype):
             self.model = Qwen3ForCausalLM(config.hf_config)
@@ -59,7 +60,6 @@ class ModelRunner:
         self.pipeline_stats = PipelineStatistics(self.pipeline is not None, config.pipeline_enable_profiling,
                                                  self._sm_counts())
         self.sampler = Sampler()
-        self.backend = select_backend(config.attention_backend, device, self.block_size)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
             layer.backend = self.backend
