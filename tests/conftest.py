@@ -143,3 +143,16 @@ def hf_outputs(model_dirs, prompts):
         return cache[variant]
 
     return get
+
+
+def check_consistent(bm, live) -> None:
+    """Reference counts, the free list and the hash map agree with the live sequences' block tables."""
+    refs = [0] * len(bm.blocks)
+    for seq in live:
+        assert len(set(seq.block_table)) == len(seq.block_table), "a block appears twice in one table"
+        for block_id in seq.block_table:
+            refs[block_id] += 1
+    assert [b.ref_count for b in bm.blocks] == refs
+    assert set(bm.free_block_ids) == {i for i, r in enumerate(refs) if r == 0}
+    for h, block_id in bm.hash_to_block_id.items():
+        assert bm.blocks[block_id].hash == h

@@ -1,4 +1,5 @@
 """BlockManager: chained hashing, reference counts of shared prefixes, reuse of freed cached blocks."""
+from conftest import check_consistent
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
@@ -14,18 +15,6 @@ def compute_all(bm: BlockManager, seq: Sequence) -> None:
     """What a prefill of the whole sequence does to the block manager."""
     seq.num_computed_tokens = seq.num_tokens
     bm.hash_computed_blocks(seq)
-
-
-def check_consistent(bm: BlockManager, live: list[Sequence]) -> None:
-    refs = [0] * len(bm.blocks)
-    for seq in live:
-        assert len(set(seq.block_table)) == len(seq.block_table), "a block appears twice in one table"
-        for block_id in seq.block_table:
-            refs[block_id] += 1
-    assert [b.ref_count for b in bm.blocks] == refs
-    assert set(bm.free_block_ids) == {i for i, r in enumerate(refs) if r == 0}
-    for h, block_id in bm.hash_to_block_id.items():
-        assert bm.blocks[block_id].hash == h
 
 
 def test_hash_is_chained_over_the_prefix():

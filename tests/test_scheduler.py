@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from conftest import BLOCK_SIZE
+from conftest import BLOCK_SIZE, check_consistent
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
@@ -48,18 +48,9 @@ def make_scheduler(model_dir, num_blocks, eos=(FAKE_EOS,), **options) -> Schedul
 
 
 def check_block_invariants(scheduler: Scheduler) -> None:
-    bm = scheduler.block_manager
     live = list(scheduler.waiting) + list(scheduler.running)
-    refs = [0] * len(bm.blocks)
-    for seq in live:
-        assert not seq.is_finished
-        assert len(set(seq.block_table)) == len(seq.block_table)
-        for block_id in seq.block_table:
-            refs[block_id] += 1
-    assert [b.ref_count for b in bm.blocks] == refs
-    assert set(bm.free_block_ids) == {i for i, r in enumerate(refs) if r == 0}
-    for h, block_id in bm.hash_to_block_id.items():
-        assert bm.blocks[block_id].hash == h
+    assert not any(seq.is_finished for seq in live)
+    check_consistent(scheduler.block_manager, live)
 
 
 class FakeRunner:
