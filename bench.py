@@ -174,6 +174,7 @@ def decode_sweep(args) -> list[dict]:
         llm.exit()
         del llm, runner
         free_gpu()
+    add_auto_column(rows, splits)
     print(f"\ndecode step (CUDA graph replay, layers only, lm_head excluded), median of {args.repeats}; "
           f"device {torch.cuda.get_device_name()}")
     columns = list(rows[0].keys())
@@ -204,6 +205,17 @@ def attention_kernel_bench(args) -> list[dict]:
     print(f"\nTriton paged decode attention; copy rate {bandwidth / 1e12:.2f} TB/s; device {torch.cuda.get_device_name()}")
     print_table(rows, list(rows[0].keys()))
     return rows
+
+
+def add_auto_column(rows: list[dict], splits: list[tuple[int, int]]) -> None:
+    """What enable_pipeline=True would run at each point, by the engine's rule: per batch, a split's
+    pipeline only where it beats the sequential graph at every context (here: every context swept)."""
+    for attention, ffn in splits:
+        key = f"pipe{attention}:{ffn}_ms"
+        for row in rows:
+            same_batch = [r for r in rows if r["preset"] == row["preset"] and r["batch"] == row["batch"]]
+            pipelined = all(r[key] < r["sequential_ms"] for r in same_batch)
+            row[f"auto{attention}:{ffn}/seq"] = (row["sequential_ms"] / row[key]) if pipelined else 1.0
 
 
 def plot(rows: list[dict], path: str) -> None:
