@@ -116,7 +116,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = median_replay_ms({"copy": lambda: dst.copy_(src)}, repeats=10)["copy"]
-    del src, dst
     return 2 * (1 << 30) / (ms / 1e3)
 
 
@@ -130,6 +129,45 @@ def step_floor_ms(llm: LLM, batch: int, context: int, bandwidth: float) -> float
     return (weight_bytes + kv_bytes) / bandwidth * 1e3
 
 
+def sweep_preset(preset: str, args, batches: list[int], contexts: list[int], splits: list[tuple[int, int]],
+                 bandwidth: float) -> list[dict]:
+    """Decode-step timings of one model; its engine, graphs and partitions are freed on return."""
+    model = str(ensure_model(preset)) if preset in ("qwen3-0.6b", "qwen3-8b", "tiny") else preset
+    llm = LLM(model, enforce_eager=True, max_num_seqs=max(batches), max_model_len=max(contexts) + 1,
+              max_num_batched_tokens=max(contexts) + 1, gpu_memory_utilization=args.sweep_memory)
+    runner = llm.model_runner
+    graphs = DecodeGraphs(batches, runner.max_blocks_per_seq, runner.device)
+    stages = PipelineScheduler(runner.model)
+    graphs.capture("sequential", sequential_forward(runner.model, graphs))
+    for stage in ("attention_only", "ffn_only"):
+        fn = getattr(stages, stage)
+        graphs.capture(stage, lambda ids, pos, fn=fn: fn(ids, pos, graphs.context(ids.size(0))))
+    managers = []  # the partitions must outlive the graphs captured on their streams
+    for attention, ffn in splits:
+        green = GreenContextManager(runner.device, attention, ffn)
+        managers.append(green)
+        pipe = PipelineScheduler(runner.model, green.get_attention_stream(), green.get_ffn_stream())
+        graphs.capture(f"pipe{attention}:{ffn}",
+                       lambda ids, pos, pipe=pipe: pipe.forward(ids, pos, graphs.context(ids.size(0))))
+    variants = [v for (v, b) in graphs.graphs if b == batches[0]]
+    rows = []
+    for batch, context in tqdm([(b, c) for b in batches for c in contexts], desc=f"decode sweep {preset}"):
+        graphs.load_synthetic(batch, context, runner.num_kvcache_blocks)
+        ms = median_replay_ms({v: lambda v=v: graphs.replay(v, batch) for v in variants}, repeats=args.repeats)
+        floor = step_floor_ms(llm, batch, context, bandwidth)
+        row = {"preset": preset, "batch": batch, "context": context, "floor_ms": floor,
+               "sequential_ms": ms["sequential"], "seq/floor": ms["sequential"] / floor,
+               "attn_only_ms": ms["attention_only"], "ffn_only_ms": ms["ffn_only"],
+               "overlap_bound": ms["sequential"] / max(ms["attention_only"], ms["ffn_only"])}
+        for attention, ffn in splits:
+            pipe_ms = ms[f"pipe{attention}:{ffn}"]
+            row[f"pipe{attention}:{ffn}_ms"] = pipe_ms
+            row[f"seq/pipe{attention}:{ffn}"] = ms["sequential"] / pipe_ms
+        rows.append(row)
+    llm.exit()
+    return rows
+
+
 def decode_sweep(args) -> list[dict]:
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
@@ -138,47 +176,12 @@ def decode_sweep(args) -> list[dict]:
     splits = [tuple(int(n) for n in s.split(":")) for s in args.sm_splits.split(",")] if args.sm_splits else []
     rows = []
     for preset in args.presets.split(","):
-        model = str(ensure_model(preset)) if preset in ("qwen3-0.6b", "qwen3-8b", "tiny") else preset
-        llm = LLM(model, enforce_eager=True, max_num_seqs=max(batches), max_model_len=max(contexts) + 1,
-                  max_num_batched_tokens=max(contexts) + 1, gpu_memory_utilization=args.sweep_memory)
-        runner = llm.model_runner
-        graphs = DecodeGraphs(batches, runner.max_blocks_per_seq, runner.device)
-        stages = PipelineScheduler(runner.model)
-        graphs.capture("sequential", sequential_forward(runner.model, graphs))
-        for stage in ("attention_only", "ffn_only"):
-            fn = getattr(stages, stage)
-            graphs.capture(stage, lambda ids, pos, fn=fn: fn(ids, pos, graphs.context(ids.size(0))))
-        managers = []
-        for attention, ffn in splits:
-            green = GreenContextManager(runner.device, attention, ffn)
-            managers.append(green)
-            pipe = PipelineScheduler(runner.model, green.get_attention_stream(), green.get_ffn_stream())
-            graphs.capture(f"pipe{attention}:{ffn}",
-                           lambda ids, pos, pipe=pipe: pipe.forward(ids, pos, graphs.context(ids.size(0))))
-        variants = [v for (v, b) in graphs.graphs if b == batches[0]]
-        points = [(b, c) for b in batches for c in contexts]
-        for batch, context in tqdm(points, desc=f"decode sweep {preset}"):
-            graphs.load_synthetic(batch, context, runner.num_kvcache_blocks)
-            ms = median_replay_ms({v: lambda v=v: graphs.replay(v, batch) for v in variants}, repeats=args.repeats)
-            floor = step_floor_ms(llm, batch, context, bandwidth)
-            row = {"preset": preset, "batch": batch, "context": context, "floor_ms": floor,
-                   "sequential_ms": ms["sequential"], "seq/floor": ms["sequential"] / floor,
-                   "attn_only_ms": ms["attention_only"], "ffn_only_ms": ms["ffn_only"],
-                   "overlap_bound": ms["sequential"] / max(ms["attention_only"], ms["ffn_only"])}
-            for attention, ffn in splits:
-                pipe_ms = ms[f"pipe{attention}:{ffn}"]
-                row[f"pipe{attention}:{ffn}_ms"] = pipe_ms
-                row[f"seq/pipe{attention}:{ffn}"] = ms["sequential"] / pipe_ms
-            rows.append(row)
-        del graphs, stages, managers
-        llm.exit()
-        del llm, runner
+        rows += sweep_preset(preset, args, batches, contexts, splits, bandwidth)
         free_gpu()
     add_auto_column(rows, splits)
     print(f"\ndecode step (CUDA graph replay, layers only, lm_head excluded), median of {args.repeats}; "
           f"device {torch.cuda.get_device_name()}")
-    columns = list(rows[0].keys())
-    print_table(rows, columns)
+    print_table(rows, list(rows[0].keys()))
     return rows
 
 
@@ -201,7 +204,6 @@ def attention_kernel_bench(args) -> list[dict]:
             read = kv.numel() * kv.element_size()
             rows.append({"batch": batch, "context": context, "us": ms * 1e3, "TB/s": read / ms / 1e9,
                          "of_copy_rate": read / (ms / 1e3) / bandwidth})
-            del kv
     print(f"\nTriton paged decode attention; copy rate {bandwidth / 1e12:.2f} TB/s; device {torch.cuda.get_device_name()}")
     print_table(rows, list(rows[0].keys()))
     return rows
