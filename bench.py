@@ -119,14 +119,14 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / (ms / 1e3)
 
 
-def step_floor_ms(llm: LLM, batch: int, context: int, bandwidth: float) -> float:
-    """Fewest bytes a decode step moves (the layers' weights once, every sequence's K and V once)
-    over the copy bandwidth."""
+def step_floor_ms(llm: LLM, batch: int, context: int, bandwidth: float, weight_reads: int = 1) -> float:
+    """Fewest bytes a decode step moves (the layers' weights weight_reads times, every sequence's K
+    and V once) over the copy bandwidth."""
     hf = llm.config.hf_config
     layers = llm.model_runner.model.model.layers
     weight_bytes = sum(p.numel() * p.element_size() for p in layers.parameters())
     kv_bytes = batch * context * hf.num_hidden_layers * 2 * hf.num_key_value_heads * hf.head_dim * llm.config.dtype.itemsize
-    return (weight_bytes + kv_bytes) / bandwidth * 1e3
+    return (weight_reads * weight_bytes + kv_bytes) / bandwidth * 1e3
 
 
 def sweep_preset(preset: str, args, batches: list[int], contexts: list[int], splits: list[tuple[int, int]],
@@ -155,8 +155,10 @@ def sweep_preset(preset: str, args, batches: list[int], contexts: list[int], spl
         graphs.load_synthetic(batch, context, runner.num_kvcache_blocks)
         ms = median_replay_ms({v: lambda v=v: graphs.replay(v, batch) for v in variants}, repeats=args.repeats)
         floor = step_floor_ms(llm, batch, context, bandwidth)
+        # Each micro-batch of the pipeline reads every layer's weights itself.
+        pipe_floor = step_floor_ms(llm, batch, context, bandwidth, weight_reads=len(stages.micro_batches(batch)))
         row = {"preset": preset, "batch": batch, "context": context, "floor_ms": floor,
-               "sequential_ms": ms["sequential"], "seq/floor": ms["sequential"] / floor,
+               "sequential_ms": ms["sequential"], "seq/floor": ms["sequential"] / floor, "pipe_floor_ms": pipe_floor,
                "attn_only_ms": ms["attention_only"], "ffn_only_ms": ms["ffn_only"],
                "overlap_bound": ms["sequential"] / max(ms["attention_only"], ms["ffn_only"])}
         for attention, ffn in splits:
@@ -187,10 +189,12 @@ def decode_sweep(args) -> list[dict]:
 
 def attention_kernel_bench(args) -> list[dict]:
     """The Triton paged decode kernel alone, Qwen3-0.6B heads (16 q / 8 kv, head_dim 128), bf16,
-    block size 256, on random K/V spread over shuffled blocks: its K+V read rate against the copy rate."""
+    block size 256, on random K/V spread over shuffled blocks: its K+V read rate against the copy rate.
+    Each call is a CUDA graph replay, as in the engine, after L2 is overwritten."""
     from nanovllm.attention.triton_kernels import paged_decode
     bandwidth = copy_bandwidth()
     heads, kv_heads, head_dim, block = 16, 8, 128, 256
+    l2_flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
     for batch in (1, 64, 256):
         for context in (1024, 2048, 4096):
@@ -199,8 +203,11 @@ def attention_kernel_bench(args) -> list[dict]:
             tables = torch.randperm(blocks, device="cuda").view(batch, -1).int()
             lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
             q = torch.randn(batch, heads, head_dim, dtype=torch.bfloat16, device="cuda")
-            ms = median_replay_ms({"decode": lambda: paged_decode(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens,
-                                                                  head_dim ** -0.5)}, repeats=args.repeats)["decode"]
+            paged_decode(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens, head_dim ** -0.5)  # compile outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                paged_decode(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens, head_dim ** -0.5)
+            ms = median_replay_ms({"decode": graph.replay}, repeats=args.repeats, before=l2_flush.zero_)["decode"]
             read = kv.numel() * kv.element_size()
             rows.append({"batch": batch, "context": context, "us": ms * 1e3, "TB/s": read / ms / 1e9,
                          "of_copy_rate": read / (ms / 1e3) / bandwidth})

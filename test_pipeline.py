@@ -123,6 +123,8 @@ def test_auto_mode_chooses_a_path_for_every_bucket(checkpoint):
     llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True)
     stats = llm.model_runner.get_pipeline_statistics()
     assert set(stats["path_per_bucket"]) == set(llm.model_runner.graphs.buckets)
+    assert {variant for variant, _ in llm.model_runner.graphs.graphs} == {"sequential", "pipeline"}
+    assert stats["avg_attention_time"] is None
     for bucket, path in stats["path_per_bucket"].items():
         timing = stats["bucket_timings_ms"][bucket]
         faster = all(timing[k.replace("sequential", "pipeline")] < t for k, t in timing.items()

@@ -1,20 +1,15 @@
 """Triton attention kernels against a plain torch reference.
 
-On CUDA the checks run directly. On CPU they run with small sizes under the Triton interpreter in a
-subprocess, because TRITON_INTERPRET must be set before triton is imported.
+On CUDA the checks run directly; on CPU they run with small sizes under the Triton interpreter.
 """
-import importlib.util
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from triton_interpreter import check_in_interpreter, interpreter_main
+
 CUDA = torch.cuda.is_available()
-INTERPRETER_UNAVAILABLE = 77
 NUM_LAYERS = 2
 LAYER = 1
 
@@ -297,58 +292,8 @@ def test_cuda(kind, case):
 @pytest.mark.skipif(CUDA, reason="CUDA present: test_cuda runs the compiled kernels")
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_interpreter(kind):
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=pythonpath)
-    proc = subprocess.run([sys.executable, __file__, kind], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode == INTERPRETER_UNAVAILABLE:
-        pytest.skip(f"Triton interpreter unavailable: {proc.stdout.strip()[-500:]}")
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-
-
-def _patch_interpreter_bf16_dot():
-    """The interpreter keeps bf16 as raw uint16 bits and feeds them to an integer matmul; widen them first."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def widen(x):
-        if x.dtype == tl.bfloat16 and x.data.dtype == np.uint16:
-            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return x
-
-    def patched(self, a, b, *args, **kwargs):
-        return create_dot(self, widen(a), widen(b), *args, **kwargs)
-
-    interpreter.InterpreterBuilder.create_dot = patched
-
-
-def _interpreter_main(kind):
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def probe(x_ptr):
-            tl.store(x_ptr + tl.arange(0, 16), tl.arange(0, 16).to(tl.float32))
-
-        x = torch.zeros(16)
-        probe[(1,)](x)
-        assert torch.equal(x, torch.arange(16.0))
-        _patch_interpreter_bf16_dot()
-    except Exception as e:  # any failure here means the interpreter itself is unusable
-        print(f"{type(e).__name__}: {e}")
-        sys.exit(INTERPRETER_UNAVAILABLE)
-    cases, run = KINDS[kind]
-    for case in cases(True):
-        run("cpu", case)
-        print("ok", kind, case, flush=True)
+    check_in_interpreter(__file__, kind)
 
 
 if __name__ == "__main__":
-    _interpreter_main(sys.argv[1])
+    interpreter_main(KINDS, sys.argv[1])

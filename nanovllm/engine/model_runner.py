@@ -147,7 +147,7 @@ class ModelRunner:
         self.graphs.capture("sequential", sequential_forward(self.model, self.graphs))
         variants = ["sequential"]
         if self.pipeline is not None:
-            for variant in ("pipeline", "attention_only", "ffn_only"):
+            for variant in self._pipeline_variants():
                 stage = getattr(self.pipeline, "forward" if variant == "pipeline" else variant)
                 self.graphs.capture(variant, lambda ids, pos, stage=stage: stage(ids, pos, self.graphs.context(ids.size(0))))
             variants.append("pipeline")
@@ -156,6 +156,10 @@ class ModelRunner:
                   f"{variants} (batch 1..{max_batch}) in {time.perf_counter() - start:.1f} s")
         if self.pipeline is not None:
             self.choose_decode_paths()
+
+    def _pipeline_variants(self) -> tuple[str, ...]:
+        # The stage-only graphs exist for the statistics' per-stage times, so only with profiling.
+        return ("pipeline", "attention_only", "ffn_only") if self.config.pipeline_enable_profiling else ("pipeline",)
 
     def choose_decode_paths(self) -> None:
         """Times the sequential and the pipelined graph of every bucket at a short and a long context
@@ -166,7 +170,7 @@ class ModelRunner:
             timings = {}
             for context_len in context_lens:
                 self.graphs.load_synthetic(bucket, context_len, self.num_kvcache_blocks)
-                variants = ("sequential", "pipeline", "attention_only", "ffn_only")
+                variants = ("sequential", *self._pipeline_variants())
                 medians = median_replay_ms({v: lambda v=v: self.graphs.replay(v, bucket) for v in variants})
                 timings.update({f"{v}@{context_len}": t for v, t in medians.items()})
             wins = all(timings[f"pipeline@{n}"] < timings[f"sequential@{n}"] for n in context_lens)

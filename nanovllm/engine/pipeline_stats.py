@@ -3,13 +3,16 @@ import statistics
 import torch
 
 
-def median_replay_ms(replays: dict, repeats: int = 5) -> dict:
-    """Median milliseconds of each named replay function; replays interleave so drift hits all alike."""
+def median_replay_ms(replays: dict, repeats: int = 5, before=None) -> dict:
+    """Median milliseconds of each named replay function; replays interleave so drift hits all alike.
+    before(), if given, runs ahead of each timed replay, outside the timing."""
     for fn in replays.values():
         fn()
     times = {name: [] for name in replays}
     for _ in range(repeats):
         for name, fn in replays.items():
+            if before is not None:
+                before()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()

@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from nanovllm.layers.fused import fused_ops
+
 
 class RMSNorm(nn.Module):
 
@@ -16,6 +18,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

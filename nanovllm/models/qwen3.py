@@ -5,6 +5,7 @@ from transformers import Qwen3Config
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nanovllm.layers.fused import fused_ops
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
@@ -30,11 +31,17 @@ class Qwen3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.norm_and_rotate(positions, q.view(-1, self.num_heads, self.head_dim),
+                                    k.view(-1, self.num_kv_heads, self.head_dim))
         out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(out.flatten(1, -1))
+
+    def norm_and_rotate(self, positions, q, k):
+        ops = fused_ops(q)
+        if ops is not None:
+            return ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                    self.rotary_emb.cos_sin_cache, positions)
+        return self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
 
 
 class Qwen3MLP(nn.Module):

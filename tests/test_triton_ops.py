@@ -1,0 +1,123 @@
+"""The fused Triton ops (RMSNorm, q/k norm with RoPE, SiLU·mul) against the layers' torch code.
+
+The reference is the same layer run on CPU tensors, which takes the unfused torch path. On CUDA the
+checks run directly; on CPU they run with small sizes under the Triton interpreter.
+"""
+import sys
+
+import pytest
+import torch
+from transformers import Qwen3Config
+
+from nanovllm.layers.activation import SiluAndMul
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from triton_interpreter import check_in_interpreter, interpreter_main
+
+CUDA = torch.cuda.is_available()
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_POSITIONS = 4096
+
+
+def assert_close(out, ref, dtype):
+    """fp32 to rounding. bf16: the kernels round where the reference does, so nearly every element
+    is bit-identical, and none is off by more than two units in the last place of the largest value."""
+    out, ref = out.cpu().float(), ref.float()
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    elif out.numel():
+        assert (out - ref).abs().max() <= 2 ** -7 * ref.abs().max(), (out - ref).abs().max()
+        assert (out == ref).float().mean() >= 0.95, f"only {(out == ref).float().mean():.3f} bit-identical"
+
+
+def random_rows(rows, cols, dtype, gen, extra_cols=0):
+    """Rows of a wider tensor, so that the row stride differs from the row length."""
+    wide = torch.randn(rows, cols + extra_cols, generator=gen).to(dtype)
+    return wide[:, extra_cols:]
+
+
+def check_rms_norm(device, dtype, rows, hidden, with_residual):
+    from nanovllm.layers.triton_ops import rms_norm
+    gen = torch.Generator().manual_seed(rows * 1000 + hidden)
+    norm = RMSNorm(hidden, eps=1e-6).to(dtype)
+    norm.weight.data = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    x = random_rows(rows, hidden, dtype, gen, extra_cols=8)
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype) if with_residual else None
+    out = rms_norm(x.to(device), norm.weight.to(device), norm.eps, None if residual is None else residual.to(device))
+    ref = norm(x, residual)
+    if with_residual:
+        assert_close(out[0], ref[0], dtype)
+        assert torch.equal(out[1].cpu(), ref[1])
+    else:
+        assert_close(out, ref, dtype)
+
+
+def check_qk_norm_rope(device, dtype, num_tokens, num_heads, num_kv_heads, head_dim):
+    from nanovllm.layers.triton_ops import qk_norm_rope
+    gen = torch.Generator().manual_seed(num_tokens * 100 + num_heads * 10 + head_dim)
+    config = Qwen3Config(head_dim=head_dim, max_position_embeddings=MAX_POSITIONS, rope_theta=1e6)
+    rotary = RotaryEmbedding(config, head_dim)
+    q_norm, k_norm = RMSNorm(head_dim).to(dtype), RMSNorm(head_dim).to(dtype)
+    q_norm.weight.data = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype)
+    k_norm.weight.data = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = (torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen) * 3).to(dtype)
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen)
+    q_ref, k_ref = rotary(positions, q_norm(q), k_norm(k))
+    qkv_dev = qkv.to(device)
+    q_dev, k_dev, _ = qkv_dev.split([q_size, kv_size, kv_size], dim=-1)
+    q_out, k_out = qk_norm_rope(q_dev.view(-1, num_heads, head_dim), k_dev.view(-1, num_kv_heads, head_dim),
+                                q_norm.weight.to(device), k_norm.weight.to(device), q_norm.eps,
+                                rotary.cos_sin_cache.to(device), positions.to(device))
+    assert_close(q_out, q_ref, dtype)
+    assert_close(k_out, k_ref, dtype)
+
+
+def check_silu_and_mul(device, dtype, rows, n):
+    from nanovllm.layers.triton_ops import silu_and_mul
+    gen = torch.Generator().manual_seed(rows * 7 + n)
+    x = random_rows(rows, 2 * n, dtype, gen, extra_cols=16) * 4
+    assert_close(silu_and_mul(x.to(device)), SiluAndMul()(x), dtype)
+
+
+def rms_norm_cases(small):
+    cases = [("bf16", 1, 64, False), ("fp32", 5, 1000, True), ("bf16", 3, 1024, True), ("fp32", 0, 64, True)]
+    return cases if small else cases + [(d, r, h, res) for d in DTYPES for r in (1, 256, 513)
+                                        for h in (1024, 4096) for res in (False, True)]
+
+
+def qk_norm_rope_cases(small):
+    cases = [("bf16", 1, 2, 1, 64), ("fp32", 3, 4, 2, 128), ("bf16", 2, 3, 3, 128), ("fp32", 0, 2, 1, 64)]
+    return cases if small else cases + [(d, n, 16, 8, 128) for d in DTYPES for n in (1, 64, 512)] + \
+        [(d, 33, 32, 8, 128) for d in DTYPES]
+
+
+def silu_and_mul_cases(small):
+    cases = [("bf16", 1, 64), ("fp32", 3, 1500), ("bf16", 2, 1100), ("fp32", 0, 64)]
+    return cases if small else cases + [(d, r, n) for d in DTYPES for r in (1, 256, 512) for n in (3072, 12288)]
+
+
+KINDS = {"rms_norm": (rms_norm_cases, lambda device, c: check_rms_norm(device, DTYPES[c[0]], *c[1:])),
+         "qk_norm_rope": (qk_norm_rope_cases, lambda device, c: check_qk_norm_rope(device, DTYPES[c[0]], *c[1:])),
+         "silu_and_mul": (silu_and_mul_cases, lambda device, c: check_silu_and_mul(device, DTYPES[c[0]], *c[1:]))}
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA; the CPU run is test_interpreter")
+@pytest.mark.parametrize("kind,case", [(kind, case) for kind, (cases, _) in KINDS.items() for case in cases(False)],
+                         ids=str)
+def test_cuda(kind, case):
+    KINDS[kind][1]("cuda", case)
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA present: test_cuda runs the compiled kernels")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_interpreter(kind):
+    check_in_interpreter(__file__, kind)
+
+
+if __name__ == "__main__":
+    interpreter_main(KINDS, sys.argv[1])

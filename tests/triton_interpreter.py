@@ -1,0 +1,89 @@
+"""Runs Triton kernel checks on CPU under the Triton interpreter, in a subprocess, because
+TRITON_INTERPRET must be set before triton is imported.
+
+A test file defines KINDS = {kind: (cases(small) -> list, run(device, case))}, calls
+check_in_interpreter(__file__, kind) from a test, and interpreter_main(KINDS, kind) from __main__.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETER_UNAVAILABLE = 77
+
+
+def check_in_interpreter(test_file: str, kind: str):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=pythonpath)
+    proc = subprocess.run([sys.executable, test_file, kind], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode == INTERPRETER_UNAVAILABLE:
+        pytest.skip(f"Triton interpreter unavailable: {proc.stdout.strip()[-500:]}")
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+def _patch_interpreter_bf16_dot():
+    """The interpreter keeps bf16 as raw uint16 bits and feeds them to an integer matmul; widen them first."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype == tl.bfloat16 and x.data.dtype == np.uint16:
+            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return x
+
+    def patched(self, a, b, *args, **kwargs):
+        return create_dot(self, widen(a), widen(b), *args, **kwargs)
+
+    interpreter.InterpreterBuilder.create_dot = patched
+
+
+def _patch_interpreter_bf16_rounding():
+    """The interpreter truncates float32 to bf16; the GPU rounds to nearest even, as torch does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def patched(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = patched
+
+
+def interpreter_main(kinds: dict, kind: str):
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def probe(x_ptr):
+            tl.store(x_ptr + tl.arange(0, 16), tl.arange(0, 16).to(tl.float32))
+
+        x = torch.zeros(16)
+        probe[(1,)](x)
+        assert torch.equal(x, torch.arange(16.0))
+        _patch_interpreter_bf16_dot()
+        _patch_interpreter_bf16_rounding()
+    except Exception as e:  # any failure here means the interpreter itself is unusable
+        print(f"{type(e).__name__}: {e}")
+        sys.exit(INTERPRETER_UNAVAILABLE)
+    cases, run = kinds[kind]
+    for case in cases(True):
+        run("cpu", case)
+        print("ok", kind, case, flush=True)
