@@ -2,7 +2,7 @@
 
 python bench.py                                   # graph mode on the default workload
 python bench.py --compare eager,graph,pipeline,pipeline-forced --hf-peer 32
-python bench.py --decode-sweep --sm-splits 56:64,24:96
+python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 """
 import argparse
@@ -255,7 +255,7 @@ def main():
     parser.add_argument("--presets", default="qwen3-0.6b,qwen3-8b")
     parser.add_argument("--batches", default="1,8,64,256,512")
     parser.add_argument("--contexts", default="256,1024,4096")
-    parser.add_argument("--sm-splits", default="", help="pipeline partitions to sweep, e.g. 56:64,24:96")
+    parser.add_argument("--sm-splits", default="", help="pipeline partitions to sweep, e.g. 56:64,48:72")
     parser.add_argument("--sweep-memory", type=float, default=0.7, help="gpu_memory_utilization in the sweep")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json")

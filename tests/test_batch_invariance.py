@@ -55,8 +55,10 @@ class Observer:
             return run(seqs, is_prefill)
 
         def observed_allocate(seq):
-            allocate(seq)
-            self.cached_tokens.append(seq.num_cached_tokens)
+            placed = allocate(seq)
+            if placed:
+                self.cached_tokens.append(seq.num_cached_tokens)
+            return placed
 
         monkeypatch.setattr(llm.model_runner, "run", observed_run)
         monkeypatch.setattr(llm.scheduler.block_manager, "allocate", observed_allocate)

@@ -32,10 +32,10 @@ def test_same_block_after_different_prefix_is_not_a_hit():
     bm = BlockManager(16, BS)
     shared_second_block = list(range(500, 500 + BS))
     first = make_seq(list(range(BS)) + shared_second_block + [1])
-    bm.allocate(first)
+    assert bm.allocate(first)
     compute_all(bm, first)
     other = make_seq(list(range(200, 200 + BS)) + shared_second_block + [1])
-    bm.allocate(other)
+    assert bm.allocate(other)
     assert other.num_cached_tokens == 0
     assert not set(first.block_table) & set(other.block_table)
     check_consistent(bm, [first, other])
@@ -44,8 +44,7 @@ def test_same_block_after_different_prefix_is_not_a_hit():
 def test_allocate_and_deallocate_counts():
     bm = BlockManager(10, BS)
     seq = make_seq(range(40))
-    assert bm.can_allocate(seq)
-    bm.allocate(seq)
+    assert bm.allocate(seq)
     assert len(seq.block_table) == 3
     assert bm.num_free_blocks == 7
     assert seq.num_cached_tokens == seq.num_computed_tokens == 0
@@ -59,13 +58,13 @@ def test_shared_prefix_reference_counts():
     bm = BlockManager(12, BS)
     prefix = list(range(1000, 1000 + 2 * BS))
     first = make_seq(prefix + [1, 2, 3])
-    bm.allocate(first)
+    assert bm.allocate(first)
     compute_all(bm, first)
     assert len(bm.hash_to_block_id) == 2  # the two full blocks; the partial third is not registered
     second = make_seq(prefix + [4, 5])
     third = make_seq(prefix[:BS] + [6] * 20)
-    bm.allocate(second)
-    bm.allocate(third)
+    assert bm.allocate(second)
+    assert bm.allocate(third)
     assert second.num_cached_tokens == second.num_computed_tokens == 2 * BS
     assert third.num_cached_tokens == BS
     assert second.block_table[:2] == first.block_table[:2]
@@ -88,18 +87,18 @@ def test_allocate_leaves_at_least_one_token_to_compute():
     bm = BlockManager(8, BS)
     prompt = list(range(2 * BS))  # exactly two full blocks
     first = make_seq(prompt)
-    bm.allocate(first)
+    assert bm.allocate(first)
     compute_all(bm, first)
     again = make_seq(prompt)
-    bm.allocate(again)
+    assert bm.allocate(again)
     # Both blocks are cached, but the last token must still be computed to produce logits.
     assert again.num_cached_tokens == BS
     assert again.num_computed_tokens < again.num_tokens
     longer = make_seq(prompt + [7])
-    bm.allocate(longer)
+    assert bm.allocate(longer)
     assert longer.num_cached_tokens == 2 * BS
     single = make_seq(prompt[:1])
-    bm.allocate(single)
+    assert bm.allocate(single)
     assert single.num_cached_tokens == 0
     check_consistent(bm, [first, again, longer, single])
 
@@ -108,34 +107,33 @@ def test_freed_cached_blocks_are_reused_by_the_same_prefix():
     bm = BlockManager(6, BS)
     prompt = list(range(50, 50 + 3 * BS)) + [9]
     first = make_seq(prompt)
-    bm.allocate(first)
+    assert bm.allocate(first)
     compute_all(bm, first)
     cached_blocks = first.block_table[:3]
     bm.deallocate(first)
     assert bm.num_free_blocks == 6
     assert all(bm.blocks[b].ref_count == 0 and bm.blocks[b].hash != -1 for b in cached_blocks)
     again = make_seq(prompt[:-1] + [10, 11])
-    assert bm.can_allocate(again)
-    bm.allocate(again)
+    assert bm.allocate(again)
     assert again.block_table[:3] == cached_blocks
     assert again.num_cached_tokens == 3 * BS
     assert bm.num_free_blocks == 2
     check_consistent(bm, [again])
 
 
-def test_can_allocate_counts_cached_free_blocks_as_used():
+def test_allocate_counts_cached_free_blocks_as_used():
     bm = BlockManager(3, BS)
     first = make_seq(range(2 * BS + 1))
-    bm.allocate(first)
+    assert bm.allocate(first)
     compute_all(bm, first)
     bm.deallocate(first)
-    # 3 blocks, 2 of them cached hits lying in the free list: exactly fits.
-    fits = make_seq(list(range(2 * BS)) + [1] * BS)
-    assert bm.can_allocate(fits)
     # 4 blocks needed: the hits come out of the free list, so they do not make room.
     too_big = make_seq(list(range(2 * BS)) + [1] * (2 * BS))
-    assert not bm.can_allocate(too_big)
-    bm.allocate(fits)
+    assert not bm.allocate(too_big)
+    assert too_big.block_table == [] and bm.num_free_blocks == 3 and too_big.num_cached_tokens == 0
+    # 3 blocks, 2 of them cached hits lying in the free list: exactly fits.
+    fits = make_seq(list(range(2 * BS)) + [1] * BS)
+    assert bm.allocate(fits)
     assert bm.num_free_blocks == 0
     check_consistent(bm, [fits])
 
@@ -144,25 +142,26 @@ def test_oldest_freed_block_is_handed_out_first_and_loses_its_hash():
     bm = BlockManager(2, BS)
     a, b = make_seq(range(BS)), make_seq(range(100, 100 + BS))
     for seq in (a, b):
-        bm.allocate(seq)
+        assert bm.allocate(seq)
         compute_all(bm, seq)
     a_block, b_block = a.block_table[0], b.block_table[0]
     bm.deallocate(a)
     bm.deallocate(b)
     assert len(bm.hash_to_block_id) == 2
     fresh = make_seq([7] * 5)
-    bm.allocate(fresh)
+    assert bm.allocate(fresh)
     # The block that had a's prefix was freed first and is now overwritten: its hash must go.
     assert fresh.block_table == [a_block]
     assert bm.blocks[a_block].hash == -1
     assert list(bm.hash_to_block_id.values()) == [b_block]
     a_again, b_again = make_seq([*range(BS), 1]), make_seq([*range(100, 100 + BS), 1])
-    assert not bm.can_allocate(a_again)  # needs 2 blocks, 1 free
+    assert not bm.allocate(a_again)  # needs 2 blocks, 1 free
+    assert a_again.block_table == []
     bm.deallocate(fresh)
-    bm.allocate(b_again)
+    assert bm.allocate(b_again)
     assert b_again.num_cached_tokens == BS and b_again.block_table[0] == b_block
     bm.deallocate(b_again)
-    bm.allocate(a_again)
+    assert bm.allocate(a_again)
     assert a_again.num_cached_tokens == 0
     check_consistent(bm, [a_again])
 
@@ -173,8 +172,7 @@ def test_never_hands_out_a_referenced_block():
     live = []
     for i in range(4):
         seq = make_seq(prefix + [i] * (i + 1))
-        assert bm.can_allocate(seq)
-        bm.allocate(seq)
+        assert bm.allocate(seq)
         compute_all(bm, seq)
         live.append(seq)
         check_consistent(bm, live)
@@ -197,7 +195,7 @@ def test_never_hands_out_a_referenced_block():
 def test_may_append_only_at_block_boundary():
     bm = BlockManager(4, BS)
     seq = make_seq(range(BS - 1))
-    bm.allocate(seq)
+    assert bm.allocate(seq)
     seq.append_token(1)  # BS tokens: still one block
     assert bm.can_append(seq)
     bm.may_append(seq)
@@ -211,7 +209,7 @@ def test_may_append_only_at_block_boundary():
 def test_hash_computed_blocks_registers_only_computed_full_blocks():
     bm = BlockManager(8, BS)
     seq = make_seq(range(3 * BS + 4))
-    bm.allocate(seq)
+    assert bm.allocate(seq)
     seq.num_computed_tokens = BS + 5  # a chunk that ends inside the second block
     bm.hash_computed_blocks(seq)
     assert [bm.blocks[b].hash != -1 for b in seq.block_table] == [True, False, False, False]

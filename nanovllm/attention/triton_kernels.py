@@ -60,6 +60,21 @@ def _tile_blocks(block_table_ptr, start, offs_n, hi, BLOCK_SIZE: tl.constexpr, T
 
 
 @triton.jit
+def _attend_tile(q, k, v_ptrs, tok_mask, visible, m_i, l_i, acc, qk_scale):
+    """One online-softmax step in base 2: folds a tile of keys k and values (loaded from v_ptrs where
+    tok_mask) into the running max m_i, denominator l_i and output acc; visible masks the scores."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale,
@@ -106,17 +121,9 @@ def _decode_kernel(
         blocks = _tile_blocks(block_table, start + TILE_N, offs_n, hi, BLOCK_SIZE, TILE_N)
         k = tl.load(k_cache_ptr + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :],
                     mask=tok_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        s = tl.where(tok_mask[None, :], s, float("-inf"))
-        # Every tile holds a valid token, so m_new is finite from the first tile on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
-                    mask=tok_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        # Every tile holds a valid token, so the running max is finite from the first tile on.
+        m_i, l_i, acc = _attend_tile(q, k, v_cache_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
+                                     tok_mask, tok_mask[None, :], m_i, l_i, acc, qk_scale)
 
     if NUM_SPLITS == 1:
         # Empty contexts (padding rows of a captured batch) give zeros instead of NaN.
@@ -207,17 +214,10 @@ def _prefill_kernel(
             v_rows = (q_start + toks).to(tl.int64) * stride_vt
         k = tl.load(k_ptr + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :],
                     mask=tok_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         # Key 0 is visible to every row, so each row's max is finite after the first tile.
-        s = tl.where(tok_mask[None, :] & (toks[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
-                    mask=tok_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        visible = tok_mask[None, :] & (toks[None, :] <= q_pos[:, None])
+        m_i, l_i, acc = _attend_tile(q, k, v_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
+                                     tok_mask, visible, m_i, l_i, acc, qk_scale)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_on + head * stride_oh + offs_d[None, :],

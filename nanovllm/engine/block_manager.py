@@ -55,15 +55,14 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._cached_prefix(seq)
-        reused_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        needed = self.num_blocks_for(seq.num_tokens) - len(hits) + reused_free
-        return needed <= self.num_free_blocks
-
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence) -> bool:
+        """Gives seq the blocks for all its tokens, reusing cached prefix blocks; returns False and
+        changes nothing when they do not fit."""
         assert not seq.block_table
         hits = self._cached_prefix(seq)
+        reused_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if self.num_blocks_for(seq.num_tokens) - len(hits) + reused_free > self.num_free_blocks:
+            return False
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -73,6 +72,7 @@ class BlockManager:
         for _ in range(self.num_blocks_for(seq.num_tokens) - len(hits)):
             seq.block_table.append(self._take_free_block())
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        return True
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_block_ids.popitem(last=False)

@@ -39,10 +39,8 @@ class Scheduler:
         scheduled, budget = [], self.max_num_batched_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                if not self.block_manager.can_allocate(seq):
-                    break
-                self.block_manager.allocate(seq)
+            if not seq.block_table and not self.block_manager.allocate(seq):
+                break
             remaining = seq.num_tokens - seq.num_computed_tokens
             seq.num_scheduled_tokens = min(remaining, budget)
             budget -= seq.num_scheduled_tokens
