@@ -1,4 +1,5 @@
-"""The fused Triton ops (RMSNorm, q/k norm with RoPE, SiLU·mul) against the layers' torch code.
+"""The fused Triton ops (RMSNorm, q/k norm with RoPE, SiLU·mul, sampling) against the layers' torch
+code or, for sampling, against the argmax and the tempered softmax.
 
 The reference is the same layer run on CPU tensors, which takes the unfused torch path. On CUDA the
 checks run directly; on CPU they run with small sizes under the Triton interpreter.
@@ -84,6 +85,28 @@ def check_silu_and_mul(device, dtype, rows, n):
     assert_close(silu_and_mul(x.to(device)), SiluAndMul()(x), dtype)
 
 
+def check_sample(device, dtype, vocab_size):
+    """Greedy rows give the argmax (the first one on ties, also across tiles); the other rows follow
+    softmax(logits / temperature)."""
+    from nanovllm.layers.triton_ops import sample
+    gen = torch.Generator().manual_seed(vocab_size)
+    logits = (torch.randn(16, vocab_size, generator=gen) * 3).to(dtype)
+    logits[0, 10] = logits[0, -1] = logits[0].max() + 1
+    temperatures = torch.tensor([0.0, 1.0, 0.0, 0.5] * 4)
+    tokens = sample(logits.to(device), temperatures.to(device), seed=vocab_size).cpu()
+    greedy = temperatures == 0
+    assert tokens[0] == 10
+    assert torch.equal(tokens[greedy], logits.float().argmax(-1)[greedy])
+    assert not torch.equal(tokens[~greedy], logits.float().argmax(-1)[~greedy])
+    small = torch.tensor([2.0, 1.0, 0.0, -1.0]).to(dtype)
+    # About 4 standard deviations of a frequency; the interpreter affords fewer draws.
+    n, tolerance = (20000, 0.015) if device == "cuda" else (1000, 0.06)
+    for i, temperature in enumerate((0.5, 1.0, 2.0)):
+        draws = sample(small.repeat(n, 1).to(device), torch.full((n,), temperature, device=device), seed=i).cpu()
+        frequencies = torch.bincount(draws, minlength=4) / n
+        assert (frequencies - torch.softmax(small.float() / temperature, -1)).abs().max() < tolerance
+
+
 def rms_norm_cases(small):
     cases = [("bf16", 1, 64, False), ("fp32", 5, 1000, True), ("bf16", 3, 1024, True), ("fp32", 0, 64, True)]
     return cases if small else cases + [(d, r, h, res) for d in DTYPES for r in (1, 256, 513)
@@ -101,9 +124,15 @@ def silu_and_mul_cases(small):
     return cases if small else cases + [(d, r, n) for d in DTYPES for r in (1, 256, 512) for n in (3072, 12288)]
 
 
+def sample_cases(small):
+    cases = [("fp32", 50), ("bf16", 5000)]
+    return cases if small else cases + [("bf16", 151936), ("fp32", 4097)]
+
+
 KINDS = {"rms_norm": (rms_norm_cases, lambda device, c: check_rms_norm(device, DTYPES[c[0]], *c[1:])),
          "qk_norm_rope": (qk_norm_rope_cases, lambda device, c: check_qk_norm_rope(device, DTYPES[c[0]], *c[1:])),
-         "silu_and_mul": (silu_and_mul_cases, lambda device, c: check_silu_and_mul(device, DTYPES[c[0]], *c[1:]))}
+         "silu_and_mul": (silu_and_mul_cases, lambda device, c: check_silu_and_mul(device, DTYPES[c[0]], *c[1:])),
+         "sample": (sample_cases, lambda device, c: check_sample(device, DTYPES[c[0]], *c[1:]))}
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA; the CPU run is test_interpreter")

@@ -140,3 +140,74 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(rows.size(0), triton.cdiv(n_cols, block))](
             rows, out, rows.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=4)
     return out.view(*x.shape[:-1], n_cols)
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temperatures_ptr, part_val_ptr, part_idx_ptr, stride, vocab_size, chunk, num_chunks,
+                   seed, BLOCK: tl.constexpr):
+    """One chunk of one row in one pass: the chunk's best score and its index. The score is the logit
+    where the temperature is 0, otherwise logit / T + G with Gumbel noise G = -log(-log(U)): the
+    argmax of the latter over the row is a draw from softmax(logits / T)."""
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    temperature = tl.load(temperatures_ptr + row)
+    greedy = temperature == 0.0
+    inv_t = 1.0 / tl.maximum(temperature, 1e-5)
+    tiles_per_row = tl.cdiv(vocab_size, BLOCK)
+    best_val = tl.full([], float("-inf"), tl.float32)
+    best_idx = tl.zeros([], tl.int32)
+    lo = part * chunk
+    hi = tl.minimum(lo + chunk, vocab_size)
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < hi
+        score = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if not greedy:
+            # Four uniforms per Philox call; each (row, tile) has its own counters.
+            counters = (row * tiles_per_row + start // BLOCK) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+            u0, u1, u2, u3 = tl.rand4x(seed, counters)
+            u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
+            score = tl.where(mask, score * inv_t - tl.log(-tl.log(u)), float("-inf"))
+        tile_max = tl.max(score, 0)
+        tile_arg = tl.argmax(score, 0).to(tl.int32)
+        better = tile_max > best_val
+        best_idx = tl.where(better, start + tile_arg, best_idx)
+        best_val = tl.where(better, tile_max, best_val)
+    tl.store(part_val_ptr + row * num_chunks + part, best_val)
+    tl.store(part_idx_ptr + row * num_chunks + part, best_idx)
+
+
+@triton.jit
+def _sample_reduce_kernel(part_val_ptr, part_idx_ptr, out_ptr, NUM_CHUNKS: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, NUM_CHUNKS)
+    val = tl.load(part_val_ptr + row * NUM_CHUNKS + offs)
+    idx = tl.load(part_idx_ptr + row * NUM_CHUNKS + offs)
+    best = tl.argmax(val, 0)  # the first chunk on ties, so the lowest token index wins as in torch
+    tl.store(out_ptr + row, tl.sum(tl.where(offs == best, idx, 0), 0).to(tl.int64))
+
+
+SAMPLE_BLOCK = 2048
+
+
+def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+    """Token ids [B] from logits [B, V]: greedy where temperatures[b] == 0, else a draw at that
+    temperature; seed picks the random stream. Rows are cut into chunks so that small batches still
+    fill the GPU."""
+    from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM, num_sms_of
+    batch, vocab_size = logits.shape
+    assert logits.stride(1) == 1 and batch * vocab_size < 2 ** 31
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    if batch == 0:
+        return out
+    tiles = triton.cdiv(vocab_size, SAMPLE_BLOCK)
+    # A power of two, so the reduction compiles for few distinct chunk counts.
+    num_chunks = min(triton.next_power_of_2(triton.cdiv(PROGRAMS_PER_SM * num_sms_of(logits.device), batch)),
+                     triton.next_power_of_2(tiles))
+    chunk = triton.cdiv(tiles, num_chunks) * SAMPLE_BLOCK
+    part_val = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
+    part_idx = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
+    _sample_kernel[(batch, num_chunks)](logits, temperatures, part_val, part_idx, logits.stride(0), vocab_size,
+                                        chunk, num_chunks, seed, BLOCK=SAMPLE_BLOCK, num_warps=8)
+    _sample_reduce_kernel[(batch,)](part_val, part_idx, out, NUM_CHUNKS=num_chunks, num_warps=1)
+    return out
