@@ -133,12 +133,18 @@ class ModelRunner:
             return max(self.max_blocks_per_seq, CPU_KV_CACHE_BYTES // block_bytes)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
         self.warmup()
         free, total = torch.cuda.mem_get_info(self.device)
         stats = torch.cuda.memory_stats(self.device)
         activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
         usable = total * self.config.gpu_memory_utilization - (total - free) - activation_peak
-        return max(int(usable) // block_bytes - 1, 0)
+        num_blocks = max(int(usable) // block_bytes - 1, 0)
+        if self.rank == 0:
+            print(f"[ModelRunner] warm-up in {time.perf_counter() - start:.1f} s: activation peak "
+                  f"{activation_peak / 2 ** 30:.2f} GiB, room for {num_blocks} KV blocks of {self.block_size} tokens "
+                  f"({num_blocks * block_bytes / 2 ** 30:.1f} GiB)")
+        return num_blocks
 
     def capture_cudagraphs(self) -> None:
         start = time.perf_counter()
