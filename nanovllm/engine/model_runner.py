@@ -65,6 +65,10 @@ class ModelRunner:
             layer.backend = self.backend
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.num_kvcache_blocks = self.allocate_kv_cache()
+        if device.type == "cuda":
+            # Compiles the sampling kernels now rather than inside the first request.
+            self.sampler(torch.zeros(2, config.hf_config.vocab_size, dtype=config.dtype, device=device),
+                         torch.tensor([0.0, 1.0], device=device))
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraphs()

@@ -142,7 +142,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_cols)
 
 
-@triton.jit
+# A fresh seed every step must not pick a new specialisation (Triton specialises ints on % 16 and == 1).
+@triton.jit(do_not_specialize=["num_chunks", "seed"])
 def _sample_kernel(logits_ptr, temperatures_ptr, part_val_ptr, part_idx_ptr, stride, vocab_size, chunk, num_chunks,
                    seed, BLOCK: tl.constexpr):
     """One chunk of one row in one pass: the chunk's best score and its index. The score is the logit
@@ -177,17 +178,19 @@ def _sample_kernel(logits_ptr, temperatures_ptr, part_val_ptr, part_idx_ptr, str
     tl.store(part_idx_ptr + row * num_chunks + part, best_idx)
 
 
-@triton.jit
-def _sample_reduce_kernel(part_val_ptr, part_idx_ptr, out_ptr, NUM_CHUNKS: tl.constexpr):
+@triton.jit(do_not_specialize=["num_chunks"])
+def _sample_reduce_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
-    offs = tl.arange(0, NUM_CHUNKS)
-    val = tl.load(part_val_ptr + row * NUM_CHUNKS + offs)
-    idx = tl.load(part_idx_ptr + row * NUM_CHUNKS + offs)
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < num_chunks
+    val = tl.load(part_val_ptr + row * num_chunks + offs, mask=mask, other=float("-inf"))
+    idx = tl.load(part_idx_ptr + row * num_chunks + offs, mask=mask, other=0)
     best = tl.argmax(val, 0)  # the first chunk on ties, so the lowest token index wins as in torch
     tl.store(out_ptr + row, tl.sum(tl.where(offs == best, idx, 0), 0).to(tl.int64))
 
 
 SAMPLE_BLOCK = 2048
+MAX_SAMPLE_CHUNKS = 128
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
@@ -201,13 +204,11 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch
     if batch == 0:
         return out
     tiles = triton.cdiv(vocab_size, SAMPLE_BLOCK)
-    # A power of two, so the reduction compiles for few distinct chunk counts.
-    num_chunks = min(triton.next_power_of_2(triton.cdiv(PROGRAMS_PER_SM * num_sms_of(logits.device), batch)),
-                     triton.next_power_of_2(tiles))
+    num_chunks = min(triton.cdiv(PROGRAMS_PER_SM * num_sms_of(logits.device), batch), tiles, MAX_SAMPLE_CHUNKS)
     chunk = triton.cdiv(tiles, num_chunks) * SAMPLE_BLOCK
     part_val = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
     _sample_kernel[(batch, num_chunks)](logits, temperatures, part_val, part_idx, logits.stride(0), vocab_size,
                                         chunk, num_chunks, seed, BLOCK=SAMPLE_BLOCK, num_warps=8)
-    _sample_reduce_kernel[(batch,)](part_val, part_idx, out, NUM_CHUNKS=num_chunks, num_warps=1)
+    _sample_reduce_kernel[(batch,)](part_val, part_idx, out, num_chunks, BLOCK_C=MAX_SAMPLE_CHUNKS, num_warps=1)
     return out
