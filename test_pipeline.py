@@ -34,7 +34,7 @@ def test_micro_batches_cover_the_batch_in_order():
     assert PipelineScheduler(None, num_micro_batches=3).micro_batches(9) == [slice(0, 3), slice(3, 6), slice(6, 9)]
 
 
-def test_cpu_micro_batch_schedule_matches_sequential(checkpoint, prompts, capsys):
+def test_cpu_micro_batch_schedule_matches_sequential(checkpoint, prompts):
     sequential = tokens(LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE), prompts)
     llm = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, enable_pipeline=True, pipeline_force=True)
     assert llm.model_runner.pipeline is not None and not llm.model_runner.pipeline.uses_streams

@@ -4,12 +4,10 @@ On CUDA the checks run directly; on CPU they run with small sizes under the Trit
 """
 import sys
 
-import pytest
 import torch
 
-from triton_interpreter import check_in_interpreter, interpreter_main
+from triton_interpreter import interpreter_main, kernel_tests
 
-CUDA = torch.cuda.is_available()
 NUM_LAYERS = 2
 LAYER = 1
 
@@ -280,19 +278,7 @@ KINDS = {"store_kv": (store_kv_cases, run_store_kv), "decode": (decode_cases, ru
          "prefill": (prefill_cases, run_prefill), "backend": (lambda small: list(DTYPES), run_backend)}
 
 
-# ---------------------------------------------------------------------------------------------- pytest
-
-@pytest.mark.skipif(not CUDA, reason="needs CUDA; the CPU run is test_interpreter")
-@pytest.mark.parametrize("kind,case", [(kind, case) for kind, (cases, _) in KINDS.items() for case in cases(False)],
-                         ids=str)
-def test_cuda(kind, case):
-    KINDS[kind][1]("cuda", case)
-
-
-@pytest.mark.skipif(CUDA, reason="CUDA present: test_cuda runs the compiled kernels")
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_interpreter(kind):
-    check_in_interpreter(__file__, kind)
+test_cuda, test_interpreter = kernel_tests(KINDS, __file__)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,14 @@ checks run directly; on CPU they run with small sizes under the Triton interpret
 """
 import sys
 
-import pytest
 import torch
 from transformers import Qwen3Config
 
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
-from triton_interpreter import check_in_interpreter, interpreter_main
+from triton_interpreter import interpreter_main, kernel_tests
 
-CUDA = torch.cuda.is_available()
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_POSITIONS = 4096
 
@@ -135,17 +133,7 @@ KINDS = {"rms_norm": (rms_norm_cases, lambda device, c: check_rms_norm(device, D
          "sample": (sample_cases, lambda device, c: check_sample(device, DTYPES[c[0]], *c[1:]))}
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA; the CPU run is test_interpreter")
-@pytest.mark.parametrize("kind,case", [(kind, case) for kind, (cases, _) in KINDS.items() for case in cases(False)],
-                         ids=str)
-def test_cuda(kind, case):
-    KINDS[kind][1]("cuda", case)
-
-
-@pytest.mark.skipif(CUDA, reason="CUDA present: test_cuda runs the compiled kernels")
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_interpreter(kind):
-    check_in_interpreter(__file__, kind)
+test_cuda, test_interpreter = kernel_tests(KINDS, __file__)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Runs Triton kernel checks on CPU under the Triton interpreter, in a subprocess, because
 TRITON_INTERPRET must be set before triton is imported.
 
-A test file defines KINDS = {kind: (cases(small) -> list, run(device, case))}, calls
-check_in_interpreter(__file__, kind) from a test, and interpreter_main(KINDS, kind) from __main__.
+A test file defines KINDS = {kind: (cases(small) -> list, run(device, case))}, takes its tests from
+kernel_tests(KINDS, __file__), and calls interpreter_main(KINDS, kind) from __main__.
 """
 import importlib.util
 import os
@@ -17,7 +17,26 @@ ROOT = Path(__file__).resolve().parents[1]
 INTERPRETER_UNAVAILABLE = 77
 
 
-def check_in_interpreter(test_file: str, kind: str):
+def kernel_tests(kinds: dict, test_file: str):
+    """(test_cuda, test_interpreter): every case compiled on CUDA, or the small cases of each kind
+    under the interpreter on CPU."""
+    cuda = torch.cuda.is_available()
+
+    @pytest.mark.skipif(not cuda, reason="needs CUDA; the CPU run is test_interpreter")
+    @pytest.mark.parametrize("kind,case", [(kind, case) for kind, (cases, _) in kinds.items() for case in cases(False)],
+                             ids=str)
+    def test_cuda(kind, case):
+        kinds[kind][1]("cuda", case)
+
+    @pytest.mark.skipif(cuda, reason="CUDA present: test_cuda runs the compiled kernels")
+    @pytest.mark.parametrize("kind", list(kinds))
+    def test_interpreter(kind):
+        _check_in_interpreter(test_file, kind)
+
+    return test_cuda, test_interpreter
+
+
+def _check_in_interpreter(test_file: str, kind: str):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

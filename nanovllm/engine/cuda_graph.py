@@ -35,7 +35,7 @@ class DecodeGraphs:
         return Context(is_prefill=False, slot_mapping=self.slot_mapping[rows], context_lens=self.context_lens[rows],
                        block_tables=self.block_tables[rows])
 
-    def capture(self, variant: str, forward: DecodeForward, streams: tuple[torch.cuda.Stream, ...] = ()) -> None:
+    def capture(self, variant: str, forward: DecodeForward) -> None:
         """Captures forward(input_ids, positions) for every bucket, largest first so that smaller
         graphs reuse the pool. forward sets the attention context itself."""
         for batch in reversed(self.buckets):

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM, num_sms_of
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
@@ -197,7 +199,6 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch
     """Token ids [B] from logits [B, V]: greedy where temperatures[b] == 0, else a draw at that
     temperature; seed picks the random stream. Rows are cut into chunks so that small batches still
     fill the GPU."""
-    from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM, num_sms_of
     batch, vocab_size = logits.shape
     assert logits.stride(1) == 1 and batch * vocab_size < 2 ** 31
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
