@@ -5,7 +5,7 @@ import torch
 import green_ctx
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.pipeline_scheduler import PipelineScheduler
-from tests.conftest import BLOCK_SIZE, build_checkpoint, random_prompts
+from tests.helpers import BLOCK_SIZE, build_checkpoint, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,7 +2,7 @@
 import pytest
 
 from nanovllm import LLM
-from tests.conftest import build_checkpoint
+from tests.helpers import build_checkpoint
 
 
 def test_two_gpu_mode_is_rejected_with_a_clear_error(tmp_path):

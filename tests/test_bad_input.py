@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from conftest import BLOCK_SIZE, VOCAB_SIZE, random_prompts
+from tests.helpers import BLOCK_SIZE, VOCAB_SIZE, random_prompts
 from nanovllm import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

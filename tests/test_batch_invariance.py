@@ -1,7 +1,7 @@
 """Greedy tokens do not depend on how requests are batched, cached, preempted or chunked."""
 import pytest
 
-from conftest import BLOCK_SIZE, random_prompts
+from tests.helpers import BLOCK_SIZE, random_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.scheduler import Scheduler
 

@@ -1,5 +1,5 @@
 """BlockManager: chained hashing, reference counts of shared prefixes, reuse of freed cached blocks."""
-from conftest import check_consistent
+from tests.helpers import check_consistent
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams

@@ -5,7 +5,7 @@ from transformers import Qwen3ForCausalLM
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils.context import reset_context, set_context
-from conftest import BLOCK_SIZE, hf_greedy, random_prompts
+from tests.helpers import BLOCK_SIZE, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

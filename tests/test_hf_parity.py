@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, Qwen3ForCausalLM as HFQwen3ForCausalLM
 
-from conftest import BLOCK_SIZE, MAX_NEW_TOKENS, MODEL_VARIANTS, random_prompts
+from tests.helpers import BLOCK_SIZE, MAX_NEW_TOKENS, MODEL_VARIANTS, random_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import Context, reset_context, set_context

@@ -1,7 +1,7 @@
 """Sampling: temperature 0 is the argmax, temperature > 0 draws from softmax(logits / temperature)."""
 import torch
 
-from conftest import BLOCK_SIZE
+from tests.helpers import BLOCK_SIZE
 from nanovllm import LLM, SamplingParams
 from nanovllm.layers.sampler import Sampler
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from conftest import BLOCK_SIZE, check_consistent
+from tests.helpers import BLOCK_SIZE, check_consistent
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus

@@ -1,7 +1,7 @@
 """Many requests of random shapes through a small KV cache: all finish, once, in order, and nothing leaks."""
 import random
 
-from conftest import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE
+from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.scheduler import Scheduler
 

@@ -2,7 +2,7 @@
 import pytest
 import torch.distributed as dist
 
-from conftest import BLOCK_SIZE, random_prompts
+from tests.helpers import BLOCK_SIZE, random_prompts
 from nanovllm import LLM, SamplingParams
 
 pytestmark = pytest.mark.spawn

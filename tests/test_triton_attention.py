@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from triton_interpreter import interpreter_main, kernel_tests
+from tests.triton_interpreter import interpreter_main, kernel_tests
 
 NUM_LAYERS = 2
 LAYER = 1

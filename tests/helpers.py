@@ -1,0 +1,96 @@
+"""Test helpers: tiny random Qwen3 checkpoints written with transformers, and their greedy outputs.
+
+The checkpoints are small enough for CPU float32. A large initializer_range and a scaled-up final norm
+give wide gaps between the top logits, so that greedy decoding does not flip on rounding differences
+between batch shapes.
+"""
+import random
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+BLOCK_SIZE = 16
+VOCAB_SIZE = 512
+MAX_POSITIONS = 512
+TINY_EOS = 1
+MAX_NEW_TOKENS = 32
+
+# Seeds chosen so that no greedy step of the parity prompts has a near tie between the top two logits.
+MODEL_VARIANTS = {
+    "tied": dict(seed=0, tie_word_embeddings=True, num_hidden_layers=2),
+    "untied": dict(seed=1, tie_word_embeddings=False, num_hidden_layers=3),
+    "rope_theta": dict(seed=7, tie_word_embeddings=False, num_hidden_layers=2, rope_theta=1_000_000.0),
+    "rope_linear": dict(seed=3, tie_word_embeddings=True, num_hidden_layers=2,
+                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "rope_yarn": dict(seed=4, tie_word_embeddings=False, num_hidden_layers=2,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
+}
+
+
+# Mixed lengths: shorter than a block, exact multiples of the block size, and several blocks.
+PROMPT_LENGTHS = [3, 17, 16, 120, 64, 45, 7, 99]
+
+
+def qwen3_config(tie_word_embeddings: bool, num_hidden_layers: int, rope_theta: float = 10000.0,
+                 rope_scaling: dict | None = None, eos_token_id: int | None = None) -> Qwen3Config:
+    config = Qwen3Config(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POSITIONS,
+        initializer_range=0.2, tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-6,
+        bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None)
+    rope = dict(rope_scaling or {}, rope_theta=rope_theta)
+    rope.setdefault("rope_type", "default")
+    if hasattr(config, "rope_parameters"):  # transformers >= 5
+        config.rope_parameters = rope
+    else:
+        config.rope_theta = rope.pop("rope_theta")
+        config.rope_scaling = rope if rope["rope_type"] != "default" else None
+    return config
+
+
+def build_checkpoint(path, seed: int, **variant) -> None:
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(qwen3_config(**variant)).float().eval()
+    with torch.no_grad():
+        # Norm weights start at one; randomise them so that loading them wrongly changes the output,
+        # and scale the final norm up for larger gaps between the top logits.
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(3.0 if name == "model.norm.weight" else 1.0, 0.3)
+    model.save_pretrained(path)
+
+
+def random_prompts(lengths, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB_SIZE) for _ in range(n)] for n in lengths]
+
+
+def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of each prompt alone with transformers, never stopping early.
+
+    With no end-of-sequence token there is nothing to stop on, and nothing is suppressed either, which
+    is what ignore_eos=True does in nanovllm (min_new_tokens would instead forbid the eos token).
+    """
+    model = Qwen3ForCausalLM.from_pretrained(model_path).float().eval()
+    model.generation_config.eos_token_id = None
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt])
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=0)
+            outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+def check_consistent(bm, live) -> None:
+    """Reference counts, the free list and the hash map agree with the live sequences' block tables."""
+    refs = [0] * len(bm.blocks)
+    for seq in live:
+        assert len(set(seq.block_table)) == len(seq.block_table), "a block appears twice in one table"
+        for block_id in seq.block_table:
+            refs[block_id] += 1
+    assert [b.ref_count for b in bm.blocks] == refs
+    assert set(bm.free_block_ids) == {i for i, r in enumerate(refs) if r == 0}
+    for h, block_id in bm.hash_to_block_id.items():
+        assert bm.blocks[block_id].hash == h
