@@ -20,7 +20,7 @@ from nanovllm.engine.cuda_graph import DecodeGraphs, sequential_forward
 from nanovllm.engine.green_manager import GreenContextManager
 from nanovllm.engine.pipeline_scheduler import PipelineScheduler
 from nanovllm.engine.pipeline_stats import median_replay_ms
-from nanovllm.tools.make_model import ensure_model
+from nanovllm.tools.make_model import default_preset, ensure_model
 
 MODES = {
     "eager": {"enforce_eager": True},
@@ -92,7 +92,9 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def compare(args) -> list[dict]:
-    model = args.model or str(ensure_model("qwen3-0.6b"))
+    if not torch.cuda.is_available():
+        print("[bench] no CUDA device: these are CPU numbers, not comparable with the GPU figures in docs/benchmarks.md")
+    model = args.model or str(ensure_model(default_preset()))
     prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
     options = {"max_model_len": 2 * args.max_len + 16}
     rows = [run_mode(model, mode, prompts, params, options) for mode in args.compare.split(",")]
@@ -243,7 +245,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint directory (default: the qwen3-0.6b random-weight preset)")
+    parser.add_argument("--model", help="checkpoint directory (default: the qwen3-0.6b random-weight preset; tiny on CPU)")
     parser.add_argument("--compare", default="graph", help=f"comma-separated modes from {list(MODES)}")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)

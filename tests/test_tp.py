@@ -1,4 +1,8 @@
 """Tensor parallelism on CPU: two ranks over gloo, the second in a spawned process."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch.distributed as dist
 
@@ -32,3 +36,12 @@ def test_tp2_matches_tp1(model_dir):
     tp1 = generate(model_dir, prompts)
     assert tp2 == tp1
     assert all(len(t) == 16 for t in tp2)
+
+
+def test_script_without_main_guard_fails_with_the_reason(model_dir, tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"from nanovllm import LLM\nLLM({model_dir!r}, device='cpu', tensor_parallel_size=2)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode != 0
+    assert "__name__ == \"__main__\"" in proc.stderr and "rank 1 exited" in proc.stderr

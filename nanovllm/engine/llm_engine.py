@@ -1,5 +1,5 @@
 import os
-import time
+import threading
 import weakref
 from dataclasses import fields
 
@@ -33,6 +33,9 @@ class LLMEngine:
             # Stops the worker processes when this engine is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, TensorParallelGroup.close, self.tp_group)
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
+        # One step at a time: the runner's buffers and the forward context are not shareable.
+        self._lock = threading.RLock()
+        self._streamed: set[int] = set()  # ids from add_request() not yet finished
 
     @staticmethod
     def _load_tokenizer(path: str):
@@ -65,26 +68,41 @@ class LLMEngine:
         return token_ids
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
+        """Queues one request; returns its id, which step() reports its tokens under."""
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
         seq = Sequence(self.tokenize(prompt), sampling_params)
-        self.scheduler.add(seq)
+        with self._lock:
+            self.scheduler.add(seq)
+            self._streamed.add(seq.seq_id)
         return seq.seq_id
 
-    def step(self) -> tuple[list[tuple[int, list[int]]], int]:
-        """Runs one batch; returns the finished (seq_id, completion) pairs and the number of tokens
-        computed (positive for prefill, negative for decode, for throughput accounting)."""
-        seqs, is_prefill = self.scheduler.schedule()
-        if self.tp_group:
-            self.tp_group.broadcast("run", seqs, is_prefill)
-        token_ids = self.model_runner.run(seqs, is_prefill)
-        num_tokens = sum(seq.num_scheduled_tokens for seq in seqs) if is_prefill else -len(seqs)
-        self.scheduler.postprocess(seqs, token_ids)
-        return [(seq.seq_id, seq.completion_token_ids) for seq in seqs if seq.is_finished], num_tokens
+    def step(self) -> list[tuple[int, list[int], bool]]:
+        """Runs one batch; returns (request_id, new_token_ids, finished) for every request that
+        produced tokens in it."""
+        with self._lock:
+            seqs, is_prefill = self.scheduler.schedule()
+            if self.tp_group:
+                self.tp_group.broadcast("run", seqs, is_prefill)
+            token_ids = self.model_runner.run(seqs, is_prefill)
+            produced = self.scheduler.postprocess(seqs, token_ids)
+            self._streamed.difference_update(seq.seq_id for seq in produced if seq.is_finished)
+            return [(seq.seq_id, [seq.last_token], seq.is_finished) for seq in produced]
 
-    def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+    def has_unfinished_requests(self) -> bool:
+        return not self.scheduler.is_finished()
+
+    def abort_requests(self, request_ids) -> None:
+        """Drops unfinished requests and frees their KV blocks; unknown or finished ids are ignored."""
+        with self._lock:
+            self.scheduler.abort(set(request_ids))
+            self._streamed.difference_update(request_ids)
 
     def generate(self, prompts: list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams], use_tqdm: bool = True) -> list[dict]:
+        """Runs the prompts to completion and returns their outputs in prompt order. Calls from several
+        threads are serialised; if the call does not return normally (an exception, KeyboardInterrupt),
+        its requests are removed from the engine."""
         if not isinstance(prompts, (list, tuple)):
             raise TypeError("prompts must be a list of strings or a list of token-id lists")
         if isinstance(sampling_params, SamplingParams):
@@ -96,27 +114,37 @@ class LLMEngine:
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         # Check every prompt before queueing any, so that bad input leaves the engine untouched.
         seqs = [Sequence(self.tokenize(p), sp) for p, sp in zip(prompts, sampling_params)]
+        with self._lock:
+            if self._streamed:
+                raise RuntimeError("generate() cannot run while requests added with add_request() are unfinished: "
+                                   "call step() until has_unfinished_requests() is False, or abort_requests() them")
+            try:
+                self._run_to_completion(seqs, use_tqdm)
+            except BaseException:
+                self.scheduler.abort({seq.seq_id for seq in seqs})
+                raise
+        return [self._output(seq) for seq in seqs]
+
+    def _run_to_completion(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        by_id = {seq.seq_id: seq for seq in seqs}
         for seq in seqs:
             self.scheduler.add(seq)
-        outputs = {}
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
-        while not self.is_finished():
-            start = time.perf_counter()
-            finished, num_tokens = self.step()
-            rate = abs(num_tokens) / (time.perf_counter() - start)
-            if num_tokens > 0:
-                prefill_tps = rate
-            else:
-                decode_tps = rate
-            bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
-            for seq_id, token_ids in finished:
-                outputs[seq_id] = token_ids
-                bar.update(1)
+        # Counted in tokens, so that the bar moves with every step; a request that stops early
+        # takes its unused budget off the total.
+        budget = {seq.seq_id: min(seq.max_tokens, self.config.max_model_len - seq.num_prompt_tokens) for seq in seqs}
+        bar = tqdm(total=sum(budget.values()), desc="Generating", unit="tok", dynamic_ncols=True, disable=not use_tqdm)
+        done = 0
+        while self.has_unfinished_requests():
+            outputs = self.step()
+            for seq_id, _, finished in outputs:
+                if finished:
+                    done += 1
+                    bar.total -= budget[seq_id] - by_id[seq_id].num_completion_tokens
+            bar.set_postfix_str(f"{done}/{len(seqs)} requests", refresh=False)
+            bar.update(len(outputs))
         bar.close()
-        results = []
-        for seq in seqs:
-            token_ids = outputs[seq.seq_id]
-            text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
-            results.append({"text": text, "token_ids": token_ids})
-        return results
+
+    def _output(self, seq: Sequence) -> dict:
+        token_ids = seq.completion_token_ids
+        text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+        return {"text": text, "token_ids": token_ids}

@@ -74,9 +74,18 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+    def abort(self, seq_ids: set[int]) -> None:
+        """Removes these sequences wherever they are queued and frees their blocks."""
+        for queue in (self.waiting, self.running):
+            for seq in [s for s in queue if s.seq_id in seq_ids]:
+                queue.remove(seq)
+                self.block_manager.deallocate(seq)
+                seq.status = SequenceStatus.FINISHED
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Advances each scheduled sequence; token_ids[i] is seqs[i]'s next token, unused when its
-        prompt is not yet fully computed."""
+        prompt is not yet fully computed. Returns the sequences that gained a token."""
+        produced = []
         for seq, token_id in zip(seqs, token_ids):
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
@@ -84,8 +93,10 @@ class Scheduler:
             if seq.num_computed_tokens < seq.num_tokens:
                 continue
             seq.append_token(token_id)
+            produced.append(seq)
             if ((not seq.ignore_eos and token_id in self.eos_token_ids)
                     or seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
                 self.running.remove(seq)
+        return produced

@@ -294,6 +294,10 @@ def ensure_model(preset: str) -> Path:
     target = default_model_dir(preset)
     if target.is_dir():
         return target
+    config = hf_config(preset, DEFAULT_DTYPES[preset])
+    size = sum(math.prod(shape) for _, shape, _ in weight_specs(config)) * DTYPES[DEFAULT_DTYPES[preset]].itemsize
+    print(f"[make_model] first use of the '{preset}' preset: writing its random-weight checkpoint "
+          f"({size / 2 ** 30:.2f} GiB) to {target}; later runs reuse it", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a crash never leaves a half-written model at target.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
