@@ -31,9 +31,9 @@ def test_many_random_requests(tiny_model_dir, monkeypatch):
     step = llm.step
 
     def recording_step():
-        finished, num_tokens = step()
-        finished_ids.extend(seq_id for seq_id, _ in finished)
-        return finished, num_tokens
+        outputs = step()
+        finished_ids.extend(seq_id for seq_id, _, finished in outputs if finished)
+        return outputs
 
     monkeypatch.setattr(llm, "step", recording_step)
     prompts, params = make_requests(seed=5)
