@@ -17,10 +17,12 @@ from transformers import AutoConfig
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.cuda_graph import DecodeGraphs, sequential_forward
-from nanovllm.engine.green_manager import GreenContextManager
-from nanovllm.engine.pipeline_scheduler import PipelineScheduler
-from nanovllm.engine.pipeline_stats import median_replay_ms
+from nanovllm.pipeline.green_manager import GreenContextManager
+from nanovllm.pipeline.paths import pipeline_wins
+from nanovllm.pipeline.scheduler import PipelineScheduler
+from nanovllm.pipeline.stats import BucketTiming
 from nanovllm.tools.make_model import default_preset, ensure_model
+from nanovllm.utils.timing import median_replay_ms
 
 MODES = {
     "eager": {"enforce_eager": True},
@@ -47,13 +49,16 @@ def free_gpu() -> None:
 
 
 def run_mode(model: str, mode: str, prompts, params, options: dict) -> dict:
+    start = time.perf_counter()
     llm = LLM(model, **MODES[mode], **options)
+    startup = time.perf_counter() - start
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - start
     tokens = sum(p.max_tokens for p in params)
-    result = {"mode": mode, "output_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+    result = {"mode": mode, "startup_s": startup, "output_tokens": tokens, "seconds": seconds,
+              "tok_per_s": tokens / seconds}
     print(f"[bench] {mode}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s", flush=True)
     if llm.config.enable_pipeline:
         stats = llm.model_runner.get_pipeline_statistics()
@@ -109,7 +114,7 @@ def compare(args) -> list[dict]:
     print(f"\nworkload: {args.num_seqs} seqs, input/output lengths uniform in [{args.min_len}, {args.max_len}], "
           f"seed {args.seed}, ignore_eos; model {model}; device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     print("ratio: tok/s over the first mode's (for hf-transformers: nanovllm graph over transformers on the same seqs)")
-    print_table(rows, ["mode", "output_tokens", "seconds", "tok_per_s", "ratio"])
+    print_table(rows, ["mode", "startup_s", "output_tokens", "seconds", "tok_per_s", "ratio"])
     return rows
 
 
@@ -140,22 +145,24 @@ def sweep_preset(preset: str, args, batches: list[int], contexts: list[int], spl
     runner = llm.model_runner
     graphs = DecodeGraphs(batches, runner.max_blocks_per_seq, runner.device)
     stages = PipelineScheduler(runner.model)
-    graphs.capture("sequential", sequential_forward(runner.model, graphs))
-    for stage in ("attention_only", "ffn_only"):
-        fn = getattr(stages, stage)
-        graphs.capture(stage, lambda ids, pos, fn=fn: fn(ids, pos, graphs.context(ids.size(0))))
+
+    def capture(forward):
+        return graphs.capture(lambda ids, pos: forward(ids, pos, graphs.context(ids.size(0))))
+
+    variants = {"sequential": graphs.capture(sequential_forward(runner.model, graphs)),
+                "attention_only": capture(stages.attention_only), "ffn_only": capture(stages.ffn_only)}
     managers = []  # the partitions must outlive the graphs captured on their streams
     for attention, ffn in splits:
         green = GreenContextManager(runner.device, attention, ffn)
         managers.append(green)
-        pipe = PipelineScheduler(runner.model, green.get_attention_stream(), green.get_ffn_stream())
-        graphs.capture(f"pipe{attention}:{ffn}",
-                       lambda ids, pos, pipe=pipe: pipe.forward(ids, pos, graphs.context(ids.size(0))))
-    variants = [v for (v, b) in graphs.graphs if b == batches[0]]
+        streams = (green.get_attention_stream(), green.get_ffn_stream())
+        variants[f"pipe{attention}:{ffn}"] = capture(PipelineScheduler(runner.model, *streams, green.attention_sm_count).forward)
+        if args.whole_gpu_grids:  # attention kernels sized for all SMs while running on the partition
+            variants[f"pipe{attention}:{ffn}_whole_gpu_grid"] = capture(PipelineScheduler(runner.model, *streams).forward)
     rows = []
     for batch, context in tqdm([(b, c) for b in batches for c in contexts], desc=f"decode sweep {preset}"):
         graphs.load_synthetic(batch, context, runner.num_kvcache_blocks)
-        ms = median_replay_ms({v: lambda v=v: graphs.replay(v, batch) for v in variants}, repeats=args.repeats)
+        ms = median_replay_ms({v: g[batch].replay for v, g in variants.items()}, repeats=args.repeats)
         floor = step_floor_ms(llm, batch, context, bandwidth)
         # Each micro-batch of the pipeline reads every layer's weights itself.
         pipe_floor = step_floor_ms(llm, batch, context, bandwidth, weight_reads=len(stages.micro_batches(batch)))
@@ -163,10 +170,10 @@ def sweep_preset(preset: str, args, batches: list[int], contexts: list[int], spl
                "sequential_ms": ms["sequential"], "seq/floor": ms["sequential"] / floor, "pipe_floor_ms": pipe_floor,
                "attn_only_ms": ms["attention_only"], "ffn_only_ms": ms["ffn_only"],
                "overlap_bound": ms["sequential"] / max(ms["attention_only"], ms["ffn_only"])}
-        for attention, ffn in splits:
-            pipe_ms = ms[f"pipe{attention}:{ffn}"]
-            row[f"pipe{attention}:{ffn}_ms"] = pipe_ms
-            row[f"seq/pipe{attention}:{ffn}"] = ms["sequential"] / pipe_ms
+        for name in variants:
+            if name.startswith("pipe"):
+                row[f"{name}_ms"] = ms[name]
+                row[f"seq/{name}"] = ms["sequential"] / ms[name]
         rows.append(row)
     llm.exit()
     return rows
@@ -219,13 +226,13 @@ def attention_kernel_bench(args) -> list[dict]:
 
 
 def add_auto_column(rows: list[dict], splits: list[tuple[int, int]]) -> None:
-    """What enable_pipeline=True would run at each point, by the engine's rule: per batch, a split's
-    pipeline only where it beats the sequential graph at every context (here: every context swept)."""
+    """What enable_pipeline=True would run at each point, by the engine's rule applied to every
+    context swept at that batch."""
     for attention, ffn in splits:
         key = f"pipe{attention}:{ffn}_ms"
         for row in rows:
             same_batch = [r for r in rows if r["preset"] == row["preset"] and r["batch"] == row["batch"]]
-            pipelined = all(r[key] < r["sequential_ms"] for r in same_batch)
+            pipelined = pipeline_wins([BucketTiming(r["context"], r["sequential_ms"], r[key]) for r in same_batch])
             row[f"auto{attention}:{ffn}/seq"] = (row["sequential_ms"] / row[key]) if pipelined else 1.0
 
 
@@ -258,6 +265,8 @@ def main():
     parser.add_argument("--batches", default="1,8,64,256,512")
     parser.add_argument("--contexts", default="256,1024,4096")
     parser.add_argument("--sm-splits", default="", help="pipeline partitions to sweep, e.g. 56:64,48:72")
+    parser.add_argument("--whole-gpu-grids", action="store_true",
+                        help="also sweep each split with attention grids sized for the whole GPU")
     parser.add_argument("--sweep-memory", type=float, default=0.7, help="gpu_memory_utilization in the sweep")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json")

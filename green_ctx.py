@@ -28,25 +28,28 @@ def driver_version() -> int:
     return _call("cuDriverGetVersion")
 
 
-def round_sm_count(n: int, min_size: int, alignment: int) -> int:
-    n = max(n, min_size)
-    return -(-n // alignment) * alignment
+class SmCountError(ValueError):
+    """The requested groups do not fit the device once each is rounded up to whole units."""
+
+    def __init__(self, requested: list[int], sizes: list[int], available: int, unit: int):
+        super().__init__(f"SM groups {requested} round up to {sizes} (multiples of {unit}), {sum(sizes)} SMs; "
+                         f"the device can hand out at most {available}")
+        self.requested, self.sizes, self.available, self.unit = requested, sizes, available, unit
 
 
-def _granularity(resource, device_index: int) -> tuple[int, int]:
+def _granularity(resource, device_index: int) -> int:
+    """The size unit of a partition: SMs come in groups of this many (8 on Hopper)."""
     # Older bindings expose only smCount; then fall back to the documented per-architecture rules.
     min_size = getattr(resource.sm, "minSmPartitionSize", 0)
     alignment = getattr(resource.sm, "smCoscheduledAlignment", 0)
     if min_size and alignment:
-        return min_size, alignment
+        return max(min_size, alignment)
     major = torch.cuda.get_device_capability(device_index)[0]
-    if major >= 9:
-        return 8, 8
-    if major == 8:
-        return 4, 2
-    if major == 7:
-        return 2, 2
-    return 1, 1
+    return {9: 8, 8: 4, 7: 2}.get(min(major, 9), 1)
+
+
+def rounded_sm_counts(sm_counts: list[int], unit: int) -> list[int]:
+    return [-(-n // unit) * unit for n in sm_counts]
 
 
 def _open_device(device_index: int):
@@ -62,25 +65,12 @@ def _open_device(device_index: int):
     return dev, resource
 
 
-def device_sm_info(device_index: int) -> tuple[int, int, int]:
-    """(SMs that partitions can take, minimum partition size, partition alignment) of the device.
-
-    The first number is what one split into granularity-sized units yields (120 of 132 SMs on an
-    H100), which is less than the SM count when clusters leave SMs over.
-    """
-    _, resource = _open_device(device_index)
-    unit = max(_granularity(resource, device_index))
-    _, nb_units, _ = _call("cuDevSmResourceSplitByCount", resource.sm.smCount // unit, resource, 0, unit)
-    return (nb_units * unit, *_granularity(resource, device_index))
-
-
 class GreenPartitions:
     """Green contexts and their streams; they live until close()."""
 
-    def __init__(self, device_index: int, total_sm_count: int, requested: list[int]):
+    def __init__(self, device_index: int, unit: int):
         self.device_index = device_index
-        self.total_sm_count = total_sm_count
-        self.requested = list(requested)
+        self.unit = unit  # every group's size is a multiple of this
         self.sm_counts: list[int] = []
         self.streams: list[torch.cuda.Stream] = []
         self.remaining_sm_count = 0
@@ -130,26 +120,24 @@ def split_device(device_index: int, sm_counts: list[int], include_remaining: boo
 
     The driver cannot split a split's output again, so the device is split once into units of the
     architecture's granularity and each group is the union of consecutive units (a descriptor may
-    combine outputs of one split). `sm_counts` reports the actual sizes. With include_remaining,
-    the SMs left over also get a green context (`remaining_stream`).
+    combine outputs of one split). `sm_counts` reports the actual sizes; SmCountError says when they
+    do not fit. With include_remaining, the SMs left over also get a green context (`remaining_stream`).
     """
     if not sm_counts or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in sm_counts):
         raise ValueError(f"sm_counts must be a non-empty list of positive ints, got {sm_counts!r}")
     dev, resource = _open_device(device_index)
-    total = resource.sm.smCount
-    unit = max(_granularity(resource, device_index))
-    units, nb_units, remaining = _call("cuDevSmResourceSplitByCount", total // unit, resource, 0, unit)
+    unit = _granularity(resource, device_index)
+    units, nb_units, remaining = _call("cuDevSmResourceSplitByCount", resource.sm.smCount // unit, resource, 0, unit)
     units = list(units)[:nb_units]
-    wanted = [-(-n // unit) for n in sm_counts]
-    if sum(wanted) > len(units):
-        raise GreenContextError(f"cuDevSmResourceSplitByCount gave {len(units)} groups of {unit} SMs; "
-                                f"{sm_counts} needs {sum(wanted)} of them")
-    parts = GreenPartitions(device_index, total, sm_counts)
+    sizes = rounded_sm_counts(sm_counts, unit)
+    if sum(sizes) > len(units) * unit:
+        raise SmCountError(list(sm_counts), sizes, len(units) * unit, unit)
+    parts = GreenPartitions(device_index, unit)
     try:
         first = 0
-        for count in wanted:
-            group = units[first:first + count]
-            first += count
+        for size in sizes:
+            group = units[first:first + size // unit]
+            first += size // unit
             parts.streams.append(parts._add(dev, group))
             parts.sm_counts.append(sum(g.sm.smCount for g in group))
         leftover = units[first:] + ([remaining] if remaining.sm.smCount > 0 else [])

@@ -1,10 +1,13 @@
 """The attention/FFN decode pipeline: same tokens as the sequential forward, validation, fallback."""
+import gc
+
 import pytest
 import torch
 
 import green_ctx
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.pipeline_scheduler import PipelineScheduler
+from nanovllm.pipeline.scheduler import PipelineScheduler
+from nanovllm.utils.context import Context, get_context
 from tests.helpers import BLOCK_SIZE, build_checkpoint, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -37,7 +40,7 @@ def test_micro_batches_cover_the_batch_in_order():
 def test_cpu_micro_batch_schedule_matches_sequential(checkpoint, prompts):
     sequential = tokens(LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE), prompts)
     llm = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, enable_pipeline=True, pipeline_force=True)
-    assert llm.model_runner.pipeline is not None and not llm.model_runner.pipeline.uses_streams
+    assert llm.model_runner.pipeline is not None and not llm.model_runner.pipeline.scheduler.uses_streams
     assert tokens(llm, prompts) == sequential
     stats = llm.model_runner.get_pipeline_statistics()
     assert stats["enabled"] is True
@@ -90,13 +93,14 @@ def test_pipelined_graph_matches_sequential_graph_in_every_bucket(checkpoint, sp
     llm = gpu_llm(checkpoint, "float32", enable_pipeline=True, pipeline_force=True,
                   pipeline_attention_sm_count=split[0], pipeline_ffn_sm_count=split[1])
     runner = llm.model_runner
-    assert runner.pipeline is not None and runner.pipeline.uses_streams, "green contexts unavailable"
-    graphs = runner.graphs
+    assert runner.pipeline is not None and runner.pipeline.scheduler.uses_streams, "green contexts unavailable"
+    graphs, pipeline = runner.graphs, runner.pipeline
     for bucket in graphs.buckets:
         graphs.load_synthetic(bucket, 100, runner.num_kvcache_blocks)
         runner.kv_cache.normal_()
-        sequential = graphs.replay("sequential", bucket).clone()
-        pipelined = graphs.replay("pipeline", bucket).clone()
+        sequential = pipeline.sequential_graphs[bucket].replay().clone()
+        pipelined = pipeline.pipelined_graphs[bucket].replay().clone()
+        assert runner.decode_plan[bucket] is pipeline.pipelined_graphs[bucket]
         rel = (pipelined - sequential).norm() / sequential.norm()
         assert rel < 1e-5, f"bucket {bucket}: relative difference {rel}"
     prompts = random_prompts([5 + 11 * i % 80 for i in range(40)], seed=9)
@@ -119,17 +123,46 @@ def test_pipelined_graph_bfloat16_close_to_sequential(checkpoint):
 
 
 @needs_cuda
-def test_auto_mode_chooses_a_path_for_every_bucket(checkpoint):
+def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
     llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True)
-    stats = llm.model_runner.get_pipeline_statistics()
-    assert set(stats["path_per_bucket"]) == set(llm.model_runner.graphs.buckets)
-    assert {variant for variant, _ in llm.model_runner.graphs.graphs} == {"sequential", "pipeline"}
+    runner = llm.model_runner
+    stats = runner.get_pipeline_statistics()
+    assert set(stats["path_per_bucket"]) == set(runner.graphs.buckets)
     assert stats["avg_attention_time"] is None
     for bucket, path in stats["path_per_bucket"].items():
-        timing = stats["bucket_timings_ms"][bucket]
-        faster = all(timing[k.replace("sequential", "pipeline")] < t for k, t in timing.items()
-                     if k.startswith("sequential"))
+        timings = stats["bucket_timings_ms"][bucket]
+        assert len(timings) == 2 and all(t["attention_only_ms"] is None for t in timings)  # no stage graphs
+        faster = all(t["pipelined_ms"] < t["sequential_ms"] for t in timings)
         assert path == ("pipeline" if faster else "sequential")
+        chosen = runner.pipeline.pipelined_graphs if faster else runner.pipeline.sequential_graphs
+        assert runner.decode_plan[bucket] is chosen[bucket]
+    assert "decode paths timed in" in capsys.readouterr().out
+    llm.exit()
+    again = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True)
+    assert "path timing skipped" in capsys.readouterr().out
+    assert again.model_runner.get_pipeline_statistics()["path_per_bucket"] == stats["path_per_bucket"]
+    again.exit()
+
+
+@needs_cuda
+def test_engines_with_partitions_release_them(checkpoint, prompts):
+    """Five engines made and dropped in turn: no partitions, streams or graph memory left behind."""
+    def cycle():
+        llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True, pipeline_force=True)
+        tokens(llm, prompts[:2])
+        llm.exit()
+        del llm
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+    cycle()
+    free_after_first = torch.cuda.mem_get_info()[0]
+    for _ in range(4):
+        cycle()
+    leaked = free_after_first - torch.cuda.mem_get_info()[0]
+    assert leaked < 8 << 20, f"{leaked / 2 ** 20:.1f} MiB less free memory after four more engines"
 
 
 @needs_cuda
@@ -143,3 +176,30 @@ def test_green_context_failure_keeps_cuda_graphs(checkpoint, prompts, monkeypatc
     assert llm.model_runner.pipeline is None
     assert llm.model_runner.graphs is not None
     assert tokens(llm, prompts) == tokens(gpu_llm(checkpoint, "float32"), prompts)
+
+
+def test_micro_batch_attention_runs_with_the_partition_sm_count():
+    """Each micro-batch's attention context carries the attention partition's SM count, so that its
+    kernels size their grids for the partition rather than the whole GPU."""
+    seen = []
+
+    class Recorder:
+        num_layers = 2
+
+        def embed(self, ids):
+            return ids.float()[:, None]
+
+        def forward_attention(self, layer, positions, hidden, residual):
+            ctx = get_context()
+            seen.append((ctx.num_sms, ctx.context_lens.tolist()))
+            return hidden, hidden
+
+        def forward_ffn(self, layer, hidden, residual):
+            return hidden, residual
+
+        def norm(self, hidden, residual):
+            return hidden
+
+    ctx = Context(slot_mapping=torch.arange(5), context_lens=torch.arange(10, 15), block_tables=torch.zeros(5, 2))
+    PipelineScheduler(Recorder(), attention_sm_count=40).forward(torch.arange(5), torch.arange(5), ctx)
+    assert seen == [(40, [10, 11]), (40, [12, 13, 14])] * 2

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from nanovllm.attention.backend import BACKEND_NAMES
+from nanovllm.attention.selector import BACKEND_NAMES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,6 +57,8 @@ class Config:
                  "False: two-GPU prefill/decode disaggregation is not available in this version")
         self.device = self._resolve_device()
         self.hf_config = _load_hf_config(self.model)
+        if not getattr(self.hf_config, "head_dim", None):
+            self.hf_config.head_dim = self.hf_config.hidden_size // self.hf_config.num_attention_heads
         self.dtype = self._resolve_dtype()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self.eos_token_ids = _eos_token_ids(self.model, self.hf_config)

@@ -2,6 +2,7 @@
 import threading
 
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 from tests.helpers import BLOCK_SIZE, random_prompts
@@ -90,3 +91,11 @@ def test_threads_sharing_one_llm_get_their_own_tokens(engine):
         thread.join(timeout=120)
     assert not errors and results == expected
     assert_idle(engine)
+
+
+def test_constructing_an_llm_leaves_torch_global_state_as_it_was(model_dir):
+    from torch.overrides import _get_current_function_mode_stack
+    before = (list(_get_current_function_mode_stack()), torch.get_default_device(), torch.get_default_dtype())
+    llm = LLM(model_dir, device="cpu", dtype="float16", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=32)
+    assert (list(_get_current_function_mode_stack()), torch.get_default_device(), torch.get_default_dtype()) == before
+    llm.exit()

@@ -153,7 +153,7 @@ def test_every_request_finishes_once_with_the_right_tokens(model_dir, num_blocks
     seqs = [Sequence(p, sp) for p, sp in requests]
     runner = drive(scheduler, seqs, arrivals_per_step=5)
     for seq, (prompt, sp) in zip(seqs, requests):
-        assert seq.prompt_token_ids == prompt
+        assert seq.token_ids[:seq.num_prompt_tokens] == prompt
         assert seq.completion_token_ids == reference_completion(prompt, sp.max_tokens, sp.ignore_eos, max_model_len)
     stopped_by_eos = [s for s in seqs if not s.ignore_eos and s.completion_token_ids[-1] == FAKE_EOS]
     assert stopped_by_eos, "the workload should exercise stopping at the end-of-sequence token"

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from nanovllm.attention.backend import AttentionBackend
+from nanovllm.attention.base import AttentionBackend
 from nanovllm.utils.context import Context
 
 

@@ -1,18 +1,13 @@
-from nanovllm.attention.backend import AttentionBackend
+from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.triton_kernels import paged_decode, prefill_attention, store_kv
 from nanovllm.utils.context import Context
 
 
 class TritonBackend(AttentionBackend):
-    """Paged attention with the Triton kernels; decode is CUDA-graph capturable.
-
-    num_sms sizes the decode split count; set it when attention runs on a partition of the GPU.
-    """
+    """Paged attention with the Triton kernels; decode is CUDA-graph capturable and sizes its split
+    count for the SMs it runs on (ctx.num_sms)."""
 
     name = "triton"
-
-    def __init__(self, num_sms: int | None = None):
-        self.num_sms = num_sms
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         store_kv(k, v, k_cache, v_cache, slot_mapping)
@@ -24,4 +19,4 @@ class TritonBackend(AttentionBackend):
                                  block_tables=ctx.block_tables)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale):
-        return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, num_sms=self.num_sms)
+        return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, num_sms=ctx.num_sms)

@@ -12,9 +12,21 @@ def batch_buckets(max_batch: int) -> list[int]:
     return small + list(range(16, max_batch, 16)) + [max_batch]
 
 
+class CapturedGraph:
+    """One decode forward captured for one batch bucket; replay() returns its static output."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, output: torch.Tensor):
+        self.graph = graph
+        self.output = output
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output
+
+
 class DecodeGraphs:
-    """CUDA graphs of decode forwards, one per batch bucket and variant, sharing static inputs and one
-    memory pool. A batch replays the smallest bucket that holds it, its tail padded with slot -1."""
+    """Static inputs and one memory pool shared by every captured decode forward. A batch replays
+    the smallest bucket that holds it, its tail padded with slot -1."""
 
     def __init__(self, buckets: list[int], block_table_width: int, device: torch.device):
         self.buckets = sorted(buckets)
@@ -24,20 +36,19 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
         self.context_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.block_tables = torch.full((max_batch, block_table_width), -1, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def bucket_for(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def context(self, batch: int, start: int = 0) -> Context:
-        rows = slice(start, start + batch)
-        return Context(is_prefill=False, slot_mapping=self.slot_mapping[rows], context_lens=self.context_lens[rows],
-                       block_tables=self.block_tables[rows])
+    def context(self, batch: int) -> Context:
+        return Context(is_prefill=False, slot_mapping=self.slot_mapping[:batch], context_lens=self.context_lens[:batch],
+                       block_tables=self.block_tables[:batch])
 
-    def capture(self, variant: str, forward: DecodeForward) -> None:
+    def capture(self, forward: DecodeForward) -> dict[int, CapturedGraph]:
         """Captures forward(input_ids, positions) for every bucket, largest first so that smaller
         graphs reuse the pool. forward sets the attention context itself."""
+        graphs = {}
         for batch in reversed(self.buckets):
             args = (self.input_ids[:batch], self.positions[:batch])
             forward(*args)  # warm-up outside the graph: lazy initialisation and autotuning
@@ -45,9 +56,10 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, self.pool):
                 output = forward(*args)
             self.pool = graph.pool()
-            self.graphs[(variant, batch)] = (graph, output)
+            graphs[batch] = CapturedGraph(graph, output)
             torch.cuda.synchronize()
         reset_context()
+        return graphs
 
     def load(self, input_ids, positions, slot_mapping, context_lens, block_tables) -> int:
         """Copies a batch into the static inputs and returns the bucket to replay."""
@@ -72,11 +84,6 @@ class DecodeGraphs:
         self.slot_mapping[:bucket] = -1
         self.context_lens[:bucket] = context_len
         self.block_tables[:bucket] = torch.arange(bucket * width, device=self.block_tables.device).view(bucket, width) % num_blocks
-
-    def replay(self, variant: str, bucket: int) -> torch.Tensor:
-        graph, output = self.graphs[(variant, bucket)]
-        graph.replay()
-        return output
 
 
 def sequential_forward(model, graphs: DecodeGraphs) -> DecodeForward:

@@ -44,6 +44,8 @@ class LLMEngine:
         return AutoTokenizer.from_pretrained(path)
 
     def exit(self) -> None:
+        """Releases what the engine holds outside Python's memory: green partitions, worker processes."""
+        self.model_runner.close()
         if self.tp_group:
             self._finalizer()
             self.tp_group = None

@@ -4,16 +4,15 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from nanovllm.attention.backend import select_backend
+from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
-from nanovllm.engine.cuda_graph import DecodeGraphs, batch_buckets, sequential_forward
-from nanovllm.engine.green_manager import GreenContextManager, GreenContextUnavailable
-from nanovllm.engine.pipeline_scheduler import PipelineScheduler
-from nanovllm.engine.pipeline_stats import PipelineStatistics, median_replay_ms
+from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.pipeline.decode import DecodePipeline
+from nanovllm.pipeline.stats import PipelineStatistics
 from nanovllm.utils.context import Context, reset_context, set_context
 from nanovllm.utils.loader import load_model
 
@@ -21,15 +20,13 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @contextmanager
-def default_device_and_dtype(device: torch.device, dtype: torch.dtype):
-    old_device, old_dtype = torch.get_default_device(), torch.get_default_dtype()
-    torch.set_default_device(device)
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         yield
     finally:
-        torch.set_default_device(old_device)
-        torch.set_default_dtype(old_dtype)
+        torch.set_default_dtype(old)
 
 
 class ModelRunner:
@@ -41,58 +38,39 @@ class ModelRunner:
         self.rank = rank
         self.world_size = config.tensor_parallel_size
         self.block_size = config.kvcache_block_size
-        if self.world_size > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=dist_init_method,
-                                    world_size=self.world_size, rank=rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        self.backend = select_backend(config.attention_backend, device, self.block_size)
-        self.green = self._init_green_contexts() if config.enable_pipeline else None
-        with default_device_and_dtype(device, config.dtype):
-            self.model = Qwen3ForCausalLM(config.hf_config)
-        load_model(self.model, config.model)
-        self.pipeline = None
-        if self.green is not None:
-            self.pipeline = PipelineScheduler(self.model, self.green.get_attention_stream(), self.green.get_ffn_stream())
-        elif config.enable_pipeline and config.pipeline_force:
-            print("[ModelRunner] pipeline_force=True: running the micro-batch schedule on one stream, without partitions")
-            self.pipeline = PipelineScheduler(self.model)
-        self.pipeline_stats = PipelineStatistics(self.pipeline is not None, config.pipeline_enable_profiling,
-                                                 self._sm_counts())
-        self.sampler = Sampler()
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        for layer in self.attention_layers:
-            layer.backend = self.backend
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        self.num_kvcache_blocks = self.allocate_kv_cache()
+        self.join_devices(dist_init_method)
+        self.backend = select_backend(config.attention_backend, device, self.block_size)
+        self.model = self.load_model()
+        self.pipeline = DecodePipeline.create(config, device, self.model) if config.enable_pipeline else None
+        self.sampler = Sampler()
+        num_blocks = config.num_kvcache_blocks if config.num_kvcache_blocks != -1 else self.kv_blocks_that_fit()
+        self.num_kvcache_blocks = self.allocate_kv_cache(num_blocks)
+        self.graphs: DecodeGraphs | None = None
+        self.decode_plan: dict[int, CapturedGraph] = {}
         if device.type == "cuda":
-            # Compiles the sampling kernels now rather than inside the first request.
-            self.sampler(torch.zeros(2, config.hf_config.vocab_size, dtype=config.dtype, device=device),
-                         torch.tensor([0.0, 1.0], device=device))
-        self.graphs = None
-        if device.type == "cuda" and not config.enforce_eager:
-            self.capture_cudagraphs()
+            self.compile_sampler()
+            if not config.enforce_eager:
+                self.capture_cudagraphs()
 
     # ---- start-up -------------------------------------------------------------------------------
 
-    def _init_green_contexts(self) -> GreenContextManager | None:
-        attention, ffn = self.config.pipeline_attention_sm_count, self.config.pipeline_ffn_sm_count
-        print(f"[ModelRunner] Initializing pipeline with Attn={attention}, FFN={ffn} SMs")
-        try:
-            green = GreenContextManager(self.device, attention, ffn)
-        except GreenContextUnavailable as e:
-            print(f"[GreenContextManager] Failed to initialize Green Context: {e.reason}")
-            if not self.config.pipeline_force:
-                print("[ModelRunner] Falling back to sequential execution (with CUDA graphs where enabled)")
-            return None
-        print("[ModelRunner] Pipeline initialized successfully")
-        return green
+    def join_devices(self, dist_init_method: str | None) -> None:
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=dist_init_method,
+                                    world_size=self.world_size, rank=self.rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
-    def _sm_counts(self) -> dict:
-        if self.green is None:
-            return {"attention_sm_count": None, "ffn_sm_count": None, "remaining_sm_count": None}
-        return {"attention_sm_count": self.green.attention_sm_count, "ffn_sm_count": self.green.ffn_sm_count,
-                "remaining_sm_count": self.green.remaining_sm_count}
+    def load_model(self) -> Qwen3ForCausalLM:
+        # A scoped device context: the global default device would stay installed as a torch mode.
+        with torch.device(self.device), default_dtype(self.config.dtype):
+            model = Qwen3ForCausalLM(self.config.hf_config)
+        load_model(model, self.config.model)
+        for layer in model.modules():
+            if isinstance(layer, Attention):
+                layer.backend = self.backend
+        return model
 
     def warmup(self) -> None:
         """A prefill of a full token budget, so that the peak activation memory can be measured."""
@@ -107,15 +85,34 @@ class ModelRunner:
                                              positions.to(self.device))[cu[1:].long() - 1])
         reset_context()
 
-    def allocate_kv_cache(self) -> int:
+    def kv_block_shape(self) -> tuple[int, ...]:
         hf = self.config.hf_config
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        num_kv_heads = hf.num_key_value_heads // self.world_size
-        block_shape = (hf.num_hidden_layers, 2, self.block_size, num_kv_heads, head_dim)
-        block_bytes = torch.Size(block_shape).numel() * self.config.dtype.itemsize
-        num_blocks = self.config.num_kvcache_blocks
-        if num_blocks == -1:
-            num_blocks = self._blocks_that_fit(block_bytes)
+        return (hf.num_hidden_layers, 2, self.block_size, hf.num_key_value_heads // self.world_size, hf.head_dim)
+
+    def kv_block_bytes(self) -> int:
+        return torch.Size(self.kv_block_shape()).numel() * self.config.dtype.itemsize
+
+    def kv_blocks_that_fit(self) -> int:
+        """KV blocks that fit beside the weights and the activation peak of a warm-up prefill."""
+        if self.device.type == "cpu":
+            return max(self.max_blocks_per_seq, CPU_KV_CACHE_BYTES // self.kv_block_bytes())
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        self.warmup()
+        free, total = torch.cuda.mem_get_info(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+        usable = total * self.config.gpu_memory_utilization - (total - free) - activation_peak
+        num_blocks = max(int(usable) // self.kv_block_bytes() - 1, 0)
+        if self.rank == 0:
+            print(f"[ModelRunner] warm-up in {time.perf_counter() - start:.1f} s: activation peak "
+                  f"{activation_peak / 2 ** 30:.2f} GiB, room for {num_blocks} KV blocks of {self.block_size} tokens "
+                  f"({num_blocks * self.kv_block_bytes() / 2 ** 30:.1f} GiB)")
+        return num_blocks
+
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        """Allocates num_blocks KV blocks (the least of all ranks') and returns how many there are."""
         if self.world_size > 1:
             agreed = torch.tensor([num_blocks], device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -127,69 +124,36 @@ class ModelRunner:
         # One extra block absorbs the writes of padded slots (-1) that some backends do not skip.
         # Zeroed, because masked-out positions still enter softmax(scores) @ V with weight 0, and
         # 0 * NaN from uninitialised memory would poison the output.
-        self.kv_cache = torch.zeros((num_blocks + 1, *block_shape), dtype=self.config.dtype, device=self.device)
-        for i, layer in enumerate(self.attention_layers):
+        self.kv_cache = torch.zeros((num_blocks + 1, *self.kv_block_shape()), dtype=self.config.dtype,
+                                    device=self.device)
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
         return num_blocks
 
-    def _blocks_that_fit(self, block_bytes: int) -> int:
-        if self.device.type == "cpu":
-            return max(self.max_blocks_per_seq, CPU_KV_CACHE_BYTES // block_bytes)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
-        self.warmup()
-        free, total = torch.cuda.mem_get_info(self.device)
-        stats = torch.cuda.memory_stats(self.device)
-        activation_peak = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
-        usable = total * self.config.gpu_memory_utilization - (total - free) - activation_peak
-        num_blocks = max(int(usable) // block_bytes - 1, 0)
-        if self.rank == 0:
-            print(f"[ModelRunner] warm-up in {time.perf_counter() - start:.1f} s: activation peak "
-                  f"{activation_peak / 2 ** 30:.2f} GiB, room for {num_blocks} KV blocks of {self.block_size} tokens "
-                  f"({num_blocks * block_bytes / 2 ** 30:.1f} GiB)")
-        return num_blocks
+    def compile_sampler(self) -> None:
+        """Compiles the sampling kernels now rather than inside the first request."""
+        vocab_size = self.config.hf_config.vocab_size
+        self.sampler(torch.zeros(2, vocab_size, dtype=self.config.dtype, device=self.device),
+                     torch.tensor([0.0, 1.0], device=self.device))
 
     def capture_cudagraphs(self) -> None:
         start = time.perf_counter()
         max_batch = min(self.config.max_num_seqs, 512)
         self.graphs = DecodeGraphs(batch_buckets(max_batch), self.max_blocks_per_seq, self.device)
-        self.graphs.capture("sequential", sequential_forward(self.model, self.graphs))
-        variants = ["sequential"]
-        if self.pipeline is not None:
-            for variant in self._pipeline_variants():
-                stage = getattr(self.pipeline, "forward" if variant == "pipeline" else variant)
-                self.graphs.capture(variant, lambda ids, pos, stage=stage: stage(ids, pos, self.graphs.context(ids.size(0))))
-            variants.append("pipeline")
+        self.decode_plan = self.graphs.capture(sequential_forward(self.model, self.graphs))
         if self.rank == 0:
-            print(f"[ModelRunner] captured {len(self.graphs.buckets)} decode CUDA graphs per variant "
-                  f"{variants} (batch 1..{max_batch}) in {time.perf_counter() - start:.1f} s")
+            print(f"[ModelRunner] captured {len(self.graphs.buckets)} decode CUDA graphs (batch 1..{max_batch}) "
+                  f"in {time.perf_counter() - start:.1f} s")
         if self.pipeline is not None:
-            self.choose_decode_paths()
+            self.decode_plan = self.pipeline.plan(self.graphs, self.decode_plan, self.num_kvcache_blocks,
+                                                  self.backend.name)
 
-    def _pipeline_variants(self) -> tuple[str, ...]:
-        # The stage-only graphs exist for the statistics' per-stage times, so only with profiling.
-        return ("pipeline", "attention_only", "ffn_only") if self.config.pipeline_enable_profiling else ("pipeline",)
-
-    def choose_decode_paths(self) -> None:
-        """Times the sequential and the pipelined graph of every bucket at a short and a long context
-        and keeps the pipeline only where it wins at both (or everywhere, with pipeline_force)."""
-        start = time.perf_counter()
-        context_lens = sorted({min(256, self.config.max_model_len - 1), min(2048, self.config.max_model_len - 1)})
-        for bucket in self.graphs.buckets:
-            timings = {}
-            for context_len in context_lens:
-                self.graphs.load_synthetic(bucket, context_len, self.num_kvcache_blocks)
-                variants = ("sequential", *self._pipeline_variants())
-                medians = median_replay_ms({v: lambda v=v: self.graphs.replay(v, bucket) for v in variants})
-                timings.update({f"{v}@{context_len}": t for v, t in medians.items()})
-            wins = all(timings[f"pipeline@{n}"] < timings[f"sequential@{n}"] for n in context_lens)
-            path = "pipeline" if wins or self.config.pipeline_force else "sequential"
-            self.pipeline_stats.paths[bucket] = path
-            self.pipeline_stats.bucket_timings[bucket] = timings
-        pipelined = [b for b, p in self.pipeline_stats.paths.items() if p == "pipeline"]
-        print(f"[ModelRunner] decode path per batch bucket chosen in {time.perf_counter() - start:.1f} s: "
-              f"pipeline for {pipelined or 'none'}, sequential graph for the rest")
+    def close(self) -> None:
+        """Frees the graphs, then the green partitions they were captured on."""
+        self.graphs, self.decode_plan = None, {}
+        if self.pipeline is not None:
+            self.pipeline.close()
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -250,19 +214,20 @@ class ModelRunner:
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)
         if self.graphs is None or batch > self.graphs.buckets[-1]:
-            self.pipeline_stats.total_tokens += batch
-            if self.pipeline is not None and self.config.pipeline_force:
-                return self.pipeline.decode_token(input_ids, positions, ctx)
+            if self.pipeline is not None and self.pipeline.forced:
+                return self.pipeline.decode_eager(input_ids, positions, ctx)
             set_context(ctx)
             return self.model.compute_logits(self.model(input_ids, positions))
-        bucket = self.graphs.load(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
-        events = self.pipeline_stats.start_step()
-        hidden = self.graphs.replay(self.pipeline_stats.paths.get(bucket, "sequential"), bucket)
-        self.pipeline_stats.end_step(bucket, batch, events)
+        graph = self.decode_plan[self.graphs.load(input_ids, positions, ctx.slot_mapping, ctx.context_lens,
+                                                  ctx.block_tables)]
+        hidden = self.pipeline.replay(graph, batch) if self.pipeline is not None else graph.replay()
         return self.model.compute_logits(hidden[:batch])
 
+    def pipeline_statistics(self) -> PipelineStatistics:
+        return self.pipeline.statistics if self.pipeline is not None else PipelineStatistics(enabled=False)
+
     def get_pipeline_statistics(self) -> dict:
-        return self.pipeline_stats.as_dict()
+        return self.pipeline_statistics().as_dict()
 
     def print_pipeline_statistics(self) -> None:
-        self.pipeline_stats.print()
+        self.pipeline_statistics().print()

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from nanovllm.attention.backend import AttentionBackend
+from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import TorchBackend
 from nanovllm.utils.context import get_context
 

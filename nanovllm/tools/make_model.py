@@ -24,7 +24,6 @@ import base64
 import functools
 import json
 import math
-import os
 import shutil
 import tempfile
 from importlib import resources
@@ -33,6 +32,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from nanovllm.config import DTYPES
+from nanovllm.utils.cache import cache_root
 
 LOGIT_STD = 8.0
 MAX_SHARD_BYTES = 4 << 30
@@ -47,7 +49,6 @@ PRESETS = {
                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
 DEFAULT_DTYPES = {"tiny": "float32", "qwen3-0.6b": "bfloat16", "qwen3-8b": "bfloat16"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Qwen's pre-tokenizer: contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs, newlines, spaces.
@@ -279,9 +280,8 @@ def make_model(preset: str, out_dir, seed: int = 0, dtype: str | torch.dtype | N
 
 
 def default_model_dir(preset: str) -> Path:
-    """Where ensure_model keeps a preset: $NANOVLLM_CACHE (default ~/.cache/nanovllm)/models/<preset>-seed0."""
-    root = Path(os.environ.get("NANOVLLM_CACHE", "~/.cache/nanovllm")).expanduser()
-    return root / "models" / f"{preset}-seed0"
+    """Where ensure_model keeps a preset: <cache root>/models/<preset>-seed0."""
+    return cache_root() / "models" / f"{preset}-seed0"
 
 
 def default_preset() -> str:

@@ -1,3 +1,5 @@
+import weakref
+
 import torch
 
 try:
@@ -17,27 +19,13 @@ class GreenContextUnavailable(RuntimeError):
         self.reason = reason
 
 
-def check_sm_counts(attention_sm_count, ffn_sm_count, total_sm_count=None, min_size=1, alignment=1):
-    """Validate the user's SM counts; with the device's numbers, also that the rounded-up sizes fit."""
-    for name, n in (("pipeline_attention_sm_count", attention_sm_count), ("pipeline_ffn_sm_count", ffn_sm_count)):
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
-    if total_sm_count is None:
-        return
-    attn = green_ctx.round_sm_count(attention_sm_count, min_size, alignment)
-    ffn = green_ctx.round_sm_count(ffn_sm_count, min_size, alignment)
-    if attn + ffn > total_sm_count:
-        raise ValueError(
-            f"pipeline_attention_sm_count ({attention_sm_count} -> {attn}) + pipeline_ffn_sm_count "
-            f"({ffn_sm_count} -> {ffn}) = {attn + ffn} SMs after rounding up (minimum {min_size}, multiple of "
-            f"{alignment}); the allowed total is at most {total_sm_count} SMs on this device")
-
-
 class GreenContextManager:
-    """Two disjoint SM partitions of one GPU, one for attention and one for the FFN, each with its stream."""
+    """Two disjoint SM partitions of one GPU, one for attention and one for the FFN, each with its stream.
+
+    They are released by close(), or when the manager is collected.
+    """
 
     def __init__(self, device: torch.device, attention_sm_count: int, ffn_sm_count: int):
-        check_sm_counts(attention_sm_count, ffn_sm_count)
         device = torch.device(device)
         if device.type != "cuda":
             raise GreenContextUnavailable(f"device {device} is not a CUDA device")
@@ -51,19 +39,19 @@ class GreenContextManager:
             if version < MIN_DRIVER_VERSION:
                 raise GreenContextUnavailable(
                     f"the CUDA driver supports CUDA {version // 1000}.{version % 1000 // 10}; green contexts need 12.4+")
-            total, min_size, alignment = green_ctx.device_sm_info(index)
-        except GreenContextUnavailable:
-            raise
-        except RuntimeError as e:
-            raise GreenContextUnavailable(str(e)) from e
-        check_sm_counts(attention_sm_count, ffn_sm_count, total, min_size, alignment)
-        try:
-            self.partitions = green_ctx.split_device(index, [attention_sm_count, ffn_sm_count])
-        except RuntimeError as e:
+            partitions = green_ctx.split_device(index, [attention_sm_count, ffn_sm_count])
+        except green_ctx.SmCountError as e:
+            raise ValueError(
+                f"pipeline_attention_sm_count ({attention_sm_count} -> {e.sizes[0]}) + pipeline_ffn_sm_count "
+                f"({ffn_sm_count} -> {e.sizes[1]}) = {sum(e.sizes)} SMs after rounding up to multiples of "
+                f"{e.unit}; the allowed total is at most {e.available} SMs on this device") from None
+        except green_ctx.GreenContextError as e:
             raise GreenContextUnavailable(str(e)) from e
         self.device = torch.device("cuda", index)
-        self.attention_sm_count, self.ffn_sm_count = self.partitions.sm_counts
-        self.remaining_sm_count = self.partitions.remaining_sm_count
+        self.partitions = partitions
+        self.attention_sm_count, self.ffn_sm_count = partitions.sm_counts
+        self.remaining_sm_count = partitions.remaining_sm_count
+        self._release = weakref.finalize(self, partitions.close)
         print("[GreenContextManager] Initialized with SM allocation:")
         print(f"  - Attention: {self.attention_sm_count} SMs")
         print(f"  - FFN: {self.ffn_sm_count} SMs")
@@ -75,5 +63,6 @@ class GreenContextManager:
     def get_ffn_stream(self) -> torch.cuda.Stream:
         return self.partitions.streams[1]
 
-    def close(self):
-        self.partitions.close()
+    def close(self) -> None:
+        """Destroys the partitions' streams and contexts; graphs captured on them must be gone first."""
+        self._release()

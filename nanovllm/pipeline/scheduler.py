@@ -15,11 +15,14 @@ class PipelineScheduler:
     """
 
     def __init__(self, model, attention_stream: torch.cuda.Stream | None = None,
-                 ffn_stream: torch.cuda.Stream | None = None, num_micro_batches: int = 2):
+                 ffn_stream: torch.cuda.Stream | None = None, attention_sm_count: int | None = None,
+                 num_micro_batches: int = 2, statistics=None):
         self.model = model
         self.attention_stream = attention_stream
         self.ffn_stream = ffn_stream
+        self.attention_sm_count = attention_sm_count
         self.num_micro_batches = num_micro_batches
+        self.statistics = statistics
         # Tensors handed from one stream to the other. They stay referenced until the next step so
         # the allocator cannot give their memory to the producing stream while the other still reads.
         self.handed_over: list[torch.Tensor] = []
@@ -37,8 +40,7 @@ class PipelineScheduler:
         """Hidden states after the final norm, equal to the model's sequential forward."""
         self.handed_over = []
         parts = self.micro_batches(input_ids.size(0))
-        contexts = [Context(is_prefill=False, slot_mapping=ctx.slot_mapping[p], context_lens=ctx.context_lens[p],
-                            block_tables=ctx.block_tables[p]) for p in parts]
+        contexts = [ctx.decode_rows(part, self.attention_sm_count) for part in parts]
         main = torch.cuda.current_stream() if self.uses_streams else None
         if main is not None:
             self.attention_stream.wait_stream(main)
@@ -79,7 +81,13 @@ class PipelineScheduler:
         return out
 
     def decode_token(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Logits of one pipelined decode step, run eagerly."""
+        if self.statistics is not None:
+            self.statistics.total_tokens += input_ids.size(0)
         return self.model.compute_logits(self.forward(input_ids, positions, ctx))
+
+    def get_statistics(self) -> dict:
+        return self.statistics.as_dict()
 
     def _on(self, stream):
         return torch.cuda.stream(stream) if stream is not None else nullcontext()
@@ -96,4 +104,3 @@ class PipelineScheduler:
     def _wait(stream, event) -> None:
         if stream is not None and event is not None:
             stream.wait_event(event)
-

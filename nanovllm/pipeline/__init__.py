@@ -1,0 +1,1 @@
+"""The attention/FFN decode pipeline on green-context SM partitions; the runner uses it through DecodePipeline."""
