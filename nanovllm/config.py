@@ -1,3 +1,5 @@
+import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -7,6 +9,10 @@ from transformers import AutoConfig, PretrainedConfig
 from nanovllm.attention.selector import BACKEND_NAMES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Fields of config.json that size the model's weights: without them transformers would fill in the
+# sizes of some other model.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads")
 
 
 @dataclass
@@ -66,6 +72,8 @@ class Config:
             heads = (self.hf_config.num_attention_heads, self.hf_config.num_key_value_heads)
             _require(all(h % self.tensor_parallel_size == 0 for h in heads), "tensor_parallel_size",
                      f"a divisor of the head counts {heads}")
+            _require(self.hf_config.intermediate_size % self.tensor_parallel_size == 0, "tensor_parallel_size",
+                     f"a divisor of intermediate_size={self.hf_config.intermediate_size}")
 
     def _check_types(self):
         for f in fields(self):
@@ -126,21 +134,75 @@ def _load_hf_config(model: str) -> PretrainedConfig:
         raise ValueError(f"model directory {model!r} has no config.json")
     try:
         hf_config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers reports a malformed config with many kinds of exception
         raise ValueError(f"cannot read {model}/config.json: {e}") from None
     if hf_config.model_type != "qwen3":
         raise ValueError(f"{model}/config.json describes model_type {hf_config.model_type!r}; "
                          "nanovllm supports 'qwen3' (dense Qwen3) only")
+    _check_model_fields(os.path.join(model, "config.json"), hf_config)
     return hf_config
 
 
+def _check_model_fields(path: str, hf_config: PretrainedConfig) -> None:
+    """The fields the engine builds the model from, checked before any weight is allocated."""
+    with open(path) as f:
+        written = json.load(f)
+    for name in SIZE_FIELDS:
+        if name not in written:
+            raise ValueError(f"{path} has no {name}: it is needed to size the model's weights")
+
+    def check(name: str, value, ok: bool, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{path}: {name} must be {allowed}, got {value!r}")
+
+    for name in (*SIZE_FIELDS, "max_position_embeddings"):
+        value = getattr(hf_config, name, None)
+        check(name, value, _is_positive_int(value), "a positive integer")
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    check("num_key_value_heads", kv_heads, heads % kv_heads == 0, f"a divisor of num_attention_heads={heads}")
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim is None:  # derived, as transformers and the model do
+        head_dim = hf_config.hidden_size // heads
+    check("head_dim", head_dim, _is_positive_int(head_dim) and head_dim % 2 == 0,
+          "a positive even integer (hidden_size // num_attention_heads where unset)")
+    eps = getattr(hf_config, "rms_norm_eps", None)
+    check("rms_norm_eps", eps, isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf,
+          "a positive number")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _eos_token_ids(model: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
-    from transformers import GenerationConfig
-    eos = hf_config.eos_token_id
-    try:
-        eos = GenerationConfig.from_pretrained(model).eos_token_id or eos
-    except OSError:
-        pass
+    eos = _token_ids(hf_config.eos_token_id)
     if eos is None:
+        raise ValueError(f"{model}/config.json: eos_token_id must be a token id or a list of token ids, "
+                         f"got {hf_config.eos_token_id!r}")
+    return _generation_eos_token_ids(model) or eos
+
+
+def _generation_eos_token_ids(model: str) -> tuple[int, ...]:
+    """The end-of-sequence tokens of generation_config.json; () where it is absent or unreadable."""
+    from transformers import GenerationConfig
+    path = os.path.join(model, "generation_config.json")
+    if not os.path.isfile(path):
         return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    eos, problem = (), None
+    try:
+        value = GenerationConfig.from_pretrained(model).eos_token_id
+        eos = _token_ids(value)
+        if eos is None:
+            problem = f"eos_token_id {value!r} is not a token id or a list of token ids"
+    except (OSError, ValueError, TypeError) as e:
+        problem = str(e)
+    if problem:
+        print(f"[Config] ignoring {path} ({problem}): end-of-sequence tokens come from config.json only")
+        return ()
+    return eos
+
+
+def _token_ids(value) -> tuple[int, ...] | None:
+    """A token id or a list of them (or None, for none) as a tuple; None where value is neither."""
+    ids = () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    return ids if all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids) else None

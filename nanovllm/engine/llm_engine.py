@@ -39,9 +39,13 @@ class LLMEngine:
 
     @staticmethod
     def _load_tokenizer(path: str):
-        if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        present = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(path, f))]
+        if not present:
             return None
-        return AutoTokenizer.from_pretrained(path)
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # each tokenizer file format fails in its own way
+            raise ValueError(f"cannot read the tokenizer files {', '.join(present)} in {path}: {e!r}") from None
 
     def exit(self) -> None:
         """Releases what the engine holds outside Python's memory: green partitions, worker processes."""

@@ -118,9 +118,14 @@ class ModelRunner:
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
             num_blocks = int(agreed.item())
         if num_blocks < self.max_blocks_per_seq:
+            remedies = "lower max_model_len or max_num_batched_tokens, or raise gpu_memory_utilization"
+            if self.device.type == "cpu":
+                remedies = f"raise num_kvcache_blocks to at least {self.max_blocks_per_seq}, or lower max_model_len"
+            elif self.config.num_kvcache_blocks != -1:
+                remedies = f"raise num_kvcache_blocks to at least {self.max_blocks_per_seq}, or {remedies}"
             raise ValueError(f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, fewer than one "
                              f"sequence of max_model_len={self.config.max_model_len} needs ({self.max_blocks_per_seq}); "
-                             "lower max_model_len or max_num_batched_tokens, or raise gpu_memory_utilization")
+                             f"{remedies}")
         # One extra block absorbs the writes of padded slots (-1) that some backends do not skip.
         # Zeroed, because masked-out positions still enter softmax(scores) @ V with weight 0, and
         # 0 * NaN from uninitialised memory would poison the output.

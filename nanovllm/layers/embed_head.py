@@ -3,6 +3,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.utils.loader import check_shape
 from nanovllm.utils.parallel import tp_rank, tp_size
 
 
@@ -12,14 +13,17 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.num_embeddings = num_embeddings
         self.num_embeddings_per_rank = -(-num_embeddings // self.tp_size)
         self.vocab_start = self.tp_rank * self.num_embeddings_per_rank
         self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_rank, embedding_dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor):
+        check_shape(loaded_weight, (self.num_embeddings, param.size(1)))
         shard = loaded_weight[self.vocab_start:self.vocab_start + self.num_embeddings_per_rank]
         param.data[:shard.size(0)].copy_(shard)
+        param.data[shard.size(0):].zero_()  # the last rank's padding rows past the vocabulary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -33,10 +37,6 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection; with several ranks the full logits are gathered on rank 0 only."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int):
-        super().__init__(num_embeddings, embedding_dim)
-        self.num_embeddings = num_embeddings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         logits = F.linear(x, self.weight)

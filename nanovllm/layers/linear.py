@@ -3,6 +3,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.utils.loader import check_shape
 from nanovllm.utils.parallel import tp_rank, tp_size
 
 
@@ -23,10 +24,15 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor):
-        if self.tp_dim is not None and param.dim() > self.tp_dim:
-            shard = param.size(self.tp_dim)
-            loaded_weight = loaded_weight.narrow(self.tp_dim, self.tp_rank * shard, shard)
-        param.data.copy_(loaded_weight)
+        if self.tp_dim is None or param.dim() <= self.tp_dim:
+            check_shape(loaded_weight, param.shape)
+            param.data.copy_(loaded_weight)
+            return
+        shard = param.size(self.tp_dim)
+        full_shape = list(param.shape)
+        full_shape[self.tp_dim] = shard * self.tp_size
+        check_shape(loaded_weight, full_shape)
+        param.data.copy_(loaded_weight.narrow(self.tp_dim, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -48,6 +54,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
+        check_shape(loaded_weight, (self.output_sizes[shard_id], *param.shape[1:]))
         target = param.data.narrow(0, offset, size)
         target.copy_(loaded_weight.narrow(0, self.tp_rank * size, size))
 
@@ -64,6 +71,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard_id]
+        check_shape(loaded_weight, (size * self.tp_size, *param.shape[1:]))
         target = param.data.narrow(0, offset, size)
         target.copy_(loaded_weight.narrow(0, self.tp_rank * size, size))
 
