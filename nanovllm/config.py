@@ -63,8 +63,6 @@ class Config:
                  "False: two-GPU prefill/decode disaggregation is not available in this version")
         self.device = self._resolve_device()
         self.hf_config = _load_hf_config(self.model)
-        if not getattr(self.hf_config, "head_dim", None):
-            self.hf_config.head_dim = self.hf_config.hidden_size // self.hf_config.num_attention_heads
         self.dtype = self._resolve_dtype()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self.eos_token_ids = _eos_token_ids(self.model, self.hf_config)
@@ -160,10 +158,9 @@ def _check_model_fields(path: str, hf_config: PretrainedConfig) -> None:
         check(name, value, _is_positive_int(value), "a positive integer")
     heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
     check("num_key_value_heads", kv_heads, heads % kv_heads == 0, f"a divisor of num_attention_heads={heads}")
-    head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim is None:  # derived, as transformers and the model do
-        head_dim = hf_config.hidden_size // heads
-    check("head_dim", head_dim, _is_positive_int(head_dim) and head_dim % 2 == 0,
+    if getattr(hf_config, "head_dim", None) is None:  # derived as transformers does; set once for every reader
+        hf_config.head_dim = hf_config.hidden_size // heads
+    check("head_dim", hf_config.head_dim, _is_positive_int(hf_config.head_dim) and hf_config.head_dim % 2 == 0,
           "a positive even integer (hidden_size // num_attention_heads where unset)")
     eps = getattr(hf_config, "rms_norm_eps", None)
     check("rms_norm_eps", eps, isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf,
