@@ -132,7 +132,7 @@ def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkp
     assert stats["avg_attention_time"] is None
     for bucket, path in stats["path_per_bucket"].items():
         timings = stats["bucket_timings_ms"][bucket]
-        assert len(timings) == 2 and all(t["attention_only_ms"] is None for t in timings)  # no stage graphs
+        assert timings and all(t["attention_only_ms"] is None for t in timings)  # no stage graphs
         faster = all(t["pipelined_ms"] < t["sequential_ms"] for t in timings)
         assert path == ("pipeline" if faster else "sequential")
         chosen = runner.pipeline.pipelined_graphs if faster else runner.pipeline.sequential_graphs
@@ -147,7 +147,8 @@ def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkp
 
 @needs_cuda
 def test_engines_with_partitions_release_them(checkpoint, prompts):
-    """Five engines made and dropped in turn: no partitions, streams or graph memory left behind."""
+    """Five engines made and dropped in turn: no partitions, streams or graph memory left behind
+    (the partitions of one split are made once per process and reused)."""
     def cycle():
         llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True, pipeline_force=True)
         tokens(llm, prompts[:2])

@@ -40,7 +40,7 @@ def test_bfloat16_graph_replay_close_to_eager_in_every_bucket(model_dir, backend
         batch = max(1, bucket - 1)  # one padded row when the bucket allows it
         graphs.load_synthetic(bucket, 100, runner.num_kvcache_blocks)
         graphs.input_ids[:batch].random_(0, 512)
-        replayed = graphs.replay("sequential", bucket)[:batch].float()
+        replayed = runner.decode_plan[bucket].replay()[:batch].float()
         with torch.inference_mode():
             set_context(graphs.context(batch))
             eager = runner.model(graphs.input_ids[:batch], graphs.positions[:batch]).float()

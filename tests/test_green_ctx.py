@@ -63,19 +63,20 @@ def fake_driver(monkeypatch):
     if green_manager.green_ctx is None:
         pytest.skip("cuda-python not installed")
     gc = green_manager.green_ctx
-    closed = []
+    splits = []
 
     def split_device(index, counts):
+        splits.append((index, *counts))
         sizes = gc.rounded_sm_counts(counts, 8)
         if sum(sizes) > 120:  # an H100 hands out 15 units of 8 SMs
             raise gc.SmCountError(counts, sizes, 120, 8)
-        return SimpleNamespace(sm_counts=sizes, remaining_sm_count=132 - sum(sizes), streams=["attn", "ffn"],
-                               close=lambda: closed.append(index))
+        return SimpleNamespace(sm_counts=sizes, remaining_sm_count=132 - sum(sizes), streams=["attn", "ffn"])
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gc, "driver_version", lambda: 13000)
     monkeypatch.setattr(gc, "split_device", split_device)
-    return SimpleNamespace(gc=gc, closed=closed, monkeypatch=monkeypatch)
+    monkeypatch.setattr(green_manager, "_PARTITIONS", {})
+    return SimpleNamespace(gc=gc, splits=splits, monkeypatch=monkeypatch)
 
 
 def test_manager_prints_allocation(fake_driver, capsys):
@@ -88,8 +89,14 @@ def test_manager_prints_allocation(fake_driver, capsys):
     )
     assert (manager.attention_sm_count, manager.ffn_sm_count, manager.remaining_sm_count) == (16, 16, 100)
     assert manager.get_attention_stream() == "attn" and manager.get_ffn_stream() == "ffn"
-    manager.close()
-    assert fake_driver.closed == [0]
+
+
+def test_engines_asking_for_the_same_split_share_one(fake_driver):
+    first = GreenContextManager(torch.device("cuda:0"), 16, 16)
+    second = GreenContextManager(torch.device("cuda:0"), 16, 16)
+    other = GreenContextManager(torch.device("cuda:0"), 24, 16)
+    assert fake_driver.splits == [(0, 16, 16), (0, 24, 16)]
+    assert first.partitions is second.partitions and other.partitions is not first.partitions
 
 
 def test_manager_reports_rounded_sizes(fake_driver):
@@ -217,5 +224,3 @@ def test_manager_on_device(capsys):
     assert manager.attention_sm_count + manager.ffn_sm_count + manager.remaining_sm_count == total
     attn, ffn = manager.get_attention_stream(), manager.get_ffn_stream()
     assert attn.cuda_stream != ffn.cuda_stream
-    manager.close()
-    manager.close()

@@ -48,7 +48,7 @@ class LLMEngine:
             raise ValueError(f"cannot read the tokenizer files {', '.join(present)} in {path}: {e!r}") from None
 
     def exit(self) -> None:
-        """Releases what the engine holds outside Python's memory: green partitions, worker processes."""
+        """Releases the decode graphs and the worker processes; the engine cannot run afterwards."""
         self.model_runner.close()
         if self.tp_group:
             self._finalizer()

@@ -155,7 +155,7 @@ class ModelRunner:
                                                   self.backend.name)
 
     def close(self) -> None:
-        """Frees the graphs, then the green partitions they were captured on."""
+        """Frees the decode graphs and their memory pool."""
         self.graphs, self.decode_plan = None, {}
         if self.pipeline is not None:
             self.pipeline.close()

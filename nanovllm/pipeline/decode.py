@@ -110,7 +110,5 @@ class DecodePipeline:
         return lambda ids, pos: stage(ids, pos, graphs.context(ids.size(0)))
 
     def close(self) -> None:
-        """Drops the graphs, then the partitions they were captured on."""
+        """Drops the graphs; the partitions stay for the next engine (see green_manager)."""
         self.sequential_graphs, self.pipelined_graphs = {}, {}
-        if self.green is not None:
-            self.green.close()
