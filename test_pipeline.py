@@ -6,6 +6,7 @@ import torch
 
 import green_ctx
 from nanovllm import LLM, SamplingParams
+from nanovllm.pipeline import green_manager
 from nanovllm.pipeline.scheduler import PipelineScheduler
 from nanovllm.utils.context import Context, get_context
 from tests.helpers import BLOCK_SIZE, build_checkpoint, random_prompts
@@ -172,6 +173,7 @@ def test_green_context_failure_keeps_cuda_graphs(checkpoint, prompts, monkeypatc
         raise green_ctx.GreenContextError("cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED (simulated)")
 
     monkeypatch.setattr(green_ctx, "split_device", fail)
+    monkeypatch.setattr(green_manager, "_PARTITIONS", {})  # none made by earlier tests
     llm = gpu_llm(checkpoint, "float32", enable_pipeline=True)
     assert "Falling back to sequential execution" in capsys.readouterr().out
     assert llm.model_runner.pipeline is None
