@@ -21,6 +21,7 @@ from nanovllm.pipeline.green_manager import GreenContextManager
 from nanovllm.pipeline.paths import pipeline_wins
 from nanovllm.pipeline.scheduler import PipelineScheduler
 from nanovllm.pipeline.stats import BucketTiming
+from nanovllm.tools.floor import ScheduleFloor, copy_bytes_per_s, gemm_flops_per_s
 from nanovllm.tools.make_model import default_preset, ensure_model
 from nanovllm.utils.timing import median_replay_ms
 
@@ -48,18 +49,24 @@ def free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
-def run_mode(model: str, mode: str, prompts, params, options: dict) -> dict:
+def run_mode(model: str, mode: str, prompts, params, options: dict, ceilings: tuple[float, float] | None) -> dict:
+    """One engine of this mode on the workload. With the device's ceilings (copy bytes/s, matrix
+    FLOP/s), also the floor of the schedule it ran and the run's time over it."""
     start = time.perf_counter()
     llm = LLM(model, **MODES[mode], **options)
     startup = time.perf_counter() - start
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
+    floor = ScheduleFloor(llm, *ceilings) if ceilings else None
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - start
     tokens = sum(p.max_tokens for p in params)
     result = {"mode": mode, "startup_s": startup, "output_tokens": tokens, "seconds": seconds,
               "tok_per_s": tokens / seconds}
-    print(f"[bench] {mode}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s", flush=True)
+    if floor:
+        result.update({"floor_s": floor.seconds, "s/floor": seconds / floor.seconds})
+    print(f"[bench] {mode}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s"
+          + (f", {seconds / floor.seconds:.2f}x its floor of {floor.seconds:.2f} s" if floor else ""), flush=True)
     if llm.config.enable_pipeline:
         stats = llm.model_runner.get_pipeline_statistics()
         result["pipelined_buckets"] = sorted(b for b, p in stats["path_per_bucket"].items() if p == "pipeline")
@@ -102,10 +109,13 @@ def compare(args) -> list[dict]:
     model = args.model or str(ensure_model(default_preset()))
     prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
     options = {"max_model_len": 2 * args.max_len + 16}
-    rows = [run_mode(model, mode, prompts, params, options) for mode in args.compare.split(",")]
+    ceilings = (copy_bytes_per_s(), gemm_flops_per_s()) if torch.cuda.is_available() else None
+    if ceilings:
+        print(f"[bench] ceilings: copy {ceilings[0] / 1e12:.2f} TB/s (read + write), bf16 matrix {ceilings[1] / 1e12:.0f} TFLOP/s")
+    rows = [run_mode(model, mode, prompts, params, options, ceilings) for mode in args.compare.split(",")]
     if args.hf_peer:
         peer = slice(0, args.hf_peer)
-        ours = run_mode(model, "graph", prompts[peer], params[peer], options)
+        ours = run_mode(model, "graph", prompts[peer], params[peer], options, ceilings)
         ours["mode"] = f"graph-{args.hf_peer}seqs"
         rows += [ours, run_hf_peer(model, prompts[peer], params[peer])]
         rows[-1]["ratio"] = ours["tok_per_s"] / rows[-1]["tok_per_s"]
@@ -114,16 +124,9 @@ def compare(args) -> list[dict]:
     print(f"\nworkload: {args.num_seqs} seqs, input/output lengths uniform in [{args.min_len}, {args.max_len}], "
           f"seed {args.seed}, ignore_eos; model {model}; device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     print("ratio: tok/s over the first mode's (for hf-transformers: nanovllm graph over transformers on the same seqs)")
-    print_table(rows, ["mode", "startup_s", "output_tokens", "seconds", "tok_per_s", "ratio"])
+    print("s/floor: seconds over the floor of the schedule each run executed (bytes at the copy rate, FLOPs at the matrix rate, per step)")
+    print_table(rows, ["mode", "startup_s", "output_tokens", "seconds", "tok_per_s", "floor_s", "s/floor", "ratio"])
     return rows
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = median_replay_ms({"copy": lambda: dst.copy_(src)}, repeats=10)["copy"]
-    return 2 * (1 << 30) / (ms / 1e3)
 
 
 def step_floor_ms(llm: LLM, batch: int, context: int, bandwidth: float, weight_reads: int = 1) -> float:
@@ -180,7 +183,7 @@ def sweep_preset(preset: str, args, batches: list[int], contexts: list[int], spl
 
 
 def decode_sweep(args) -> list[dict]:
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bytes_per_s()
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -201,7 +204,7 @@ def attention_kernel_bench(args) -> list[dict]:
     block size 256, on random K/V spread over shuffled blocks: its K+V read rate against the copy rate.
     Each call is a CUDA graph replay, as in the engine, after L2 is overwritten."""
     from nanovllm.attention.triton_kernels import paged_decode
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bytes_per_s()
     heads, kv_heads, head_dim, block = 16, 8, 128, 256
     l2_flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
