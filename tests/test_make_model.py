@@ -98,12 +98,15 @@ def test_real_shapes():
     assert all(sum(torch.Size(s).numel() * 2 for _, s, _ in shard) <= mm.MAX_SHARD_BYTES for shard in shards)
 
 
-def test_ensure_model_builds_once(tmp_path, monkeypatch):
+def test_ensure_model_builds_once_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
     path = mm.ensure_model("tiny")
     assert path == tmp_path / "models" / "tiny-seed0" == mm.default_model_dir("tiny")
+    said = capsys.readouterr().out
+    assert "'tiny' preset" in said and str(path) in said and "GiB" in said
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert mm.ensure_model("tiny") == path
+    assert capsys.readouterr().out == ""
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-seed0"]
 
