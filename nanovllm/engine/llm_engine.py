@@ -32,7 +32,7 @@ class LLMEngine:
             self.tp_group.wait_ready()
             # Stops the worker processes when this engine is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, TensorParallelGroup.close, self.tp_group)
-        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
+        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks, self.tokenizer)
 
     @staticmethod
     def _load_tokenizer(path: str):
@@ -64,8 +64,18 @@ class LLMEngine:
             raise ValueError(f"token ids must be in [0, {vocab})")
         return token_ids
 
+    def _new_sequence(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
+        """The request as a sequence, after checking what SamplingParams cannot check alone."""
+        if sampling_params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer and {self.config.model} has no tokenizer files: "
+                             "leave stop empty (stop_token_ids work without one)")
+        vocab = self.config.hf_config.vocab_size
+        if any(t >= vocab for t in sampling_params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(sampling_params.stop_token_ids)}")
+        return Sequence(self.tokenize(prompt), sampling_params)
+
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
-        seq = Sequence(self.tokenize(prompt), sampling_params)
+        seq = self._new_sequence(prompt, sampling_params)
         self.scheduler.add(seq)
         return seq.seq_id
 
@@ -95,7 +105,7 @@ class LLMEngine:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         # Check every prompt before queueing any, so that bad input leaves the engine untouched.
-        seqs = [Sequence(self.tokenize(p), sp) for p, sp in zip(prompts, sampling_params)]
+        seqs = [self._new_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
         for seq in seqs:
             self.scheduler.add(seq)
         outputs = {}
@@ -117,6 +127,9 @@ class LLMEngine:
         results = []
         for seq in seqs:
             token_ids = outputs[seq.seq_id]
-            text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
-            results.append({"text": text, "token_ids": token_ids})
+            if seq.stop_strings is not None and seq.stop_strings.matched:
+                text = seq.stop_strings.text  # the stop string and what follows are left out
+            else:
+                text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+            results.append({"text": text, "token_ids": token_ids, "finish_reason": seq.finish_reason})
         return results

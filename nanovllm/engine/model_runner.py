@@ -10,6 +10,7 @@ from nanovllm.engine.cuda_graph import DecodeGraphs, batch_buckets, sequential_f
 from nanovllm.engine.green_manager import GreenContextManager, GreenContextUnavailable
 from nanovllm.engine.pipeline_scheduler import PipelineScheduler
 from nanovllm.engine.pipeline_stats import PipelineStatistics, median_replay_ms
+from nanovllm.engine.sampling_inputs import sampling_inputs
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
@@ -67,8 +68,7 @@ class ModelRunner:
         self.num_kvcache_blocks = self.allocate_kv_cache()
         if device.type == "cuda":
             # Compiles the sampling kernels now rather than inside the first request.
-            self.sampler(torch.zeros(2, config.hf_config.vocab_size, dtype=config.dtype, device=device),
-                         torch.tensor([0.0, 1.0], device=device))
+            self.sampler.warm_up(config.hf_config.vocab_size, config.dtype, device)
         self.graphs = None
         if device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraphs()
@@ -244,8 +244,7 @@ class ModelRunner:
         reset_context()
         if self.rank != 0:
             return None
-        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
-        return self.sampler(logits, temperatures).tolist()
+        return self.sampler(logits, sampling_inputs(seqs, self._to_device)).tolist()
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)
