@@ -63,7 +63,7 @@ def keep_top_tokens(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tenso
     top_k, top_p = inputs.top_k.unsqueeze(1), inputs.top_p.unsqueeze(1)
     kth = torch.where(top_k > 0, top.gather(1, top_k.clamp(1, width) - 1), float("-inf"))
     probs = torch.softmax(top.masked_fill(top < kth, float("-inf")), dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
+    mass_before = probs.cumsum(dim=-1).sub_(probs)
     num_kept = ((mass_before < top_p) & (top >= kth)).sum(dim=-1, keepdim=True)
     top_p_cut = torch.where(top_p < 1, top.gather(1, num_kept - 1), float("-inf"))
     min_p_cut = top[:, :1] + inputs.min_p.log().unsqueeze(1)
