@@ -4,6 +4,7 @@ python bench.py                                   # graph mode on the default wo
 python bench.py --compare eager,graph,pipeline,pipeline-forced --hf-peer 32
 python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
+python bench.py --sampler
 """
 import argparse
 import gc
@@ -17,12 +18,15 @@ from transformers import AutoConfig
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.cuda_graph import DecodeGraphs, sequential_forward
+from nanovllm.engine.sampling_inputs import sampling_inputs
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import Sampler
 from nanovllm.pipeline.green_manager import GreenContextManager
 from nanovllm.pipeline.paths import pipeline_wins
 from nanovllm.pipeline.scheduler import PipelineScheduler
 from nanovllm.pipeline.stats import BucketTiming
 from nanovllm.tools.floor import ScheduleFloor, copy_bytes_per_s, gemm_flops_per_s
-from nanovllm.tools.make_model import default_preset, ensure_model
+from nanovllm.tools.make_model import VOCAB_SIZE, default_preset, ensure_model
 from nanovllm.utils.timing import median_replay_ms
 
 MODES = {
@@ -228,6 +232,41 @@ def attention_kernel_bench(args) -> list[dict]:
     return rows
 
 
+SAMPLER_MODES = {
+    "plain": [SamplingParams(temperature=0.7)],
+    "greedy": [SamplingParams(temperature=0.0)],
+    "seeded": [SamplingParams(temperature=0.7, seed=0)],
+    "top_k50": [SamplingParams(temperature=0.7, top_k=50)],
+    "top_p0.9": [SamplingParams(temperature=0.7, top_p=0.9)],
+    "mixed": [SamplingParams(temperature=0.7), SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(temperature=0.7, top_k=50), SamplingParams(temperature=0.7, top_p=0.9)],
+}
+
+
+def sampler_bench(args) -> list[dict]:
+    """The sampler alone on bf16 logits over Qwen3's vocabulary, its inputs built beforehand. Plain,
+    greedy and seeded batches take the fused kernel; a batch with any top-k or top-p row cuts the
+    logits in torch first. Rows of a mixed batch cycle through the other modes' params."""
+    sampler = Sampler()
+    sampler.warm_up(VOCAB_SIZE, torch.bfloat16, torch.device("cuda"))
+
+    def to_cuda(values, dtype):
+        return torch.tensor(values, dtype=dtype, device="cuda")
+
+    rows = []
+    for batch in (1, 64, 256, 512):
+        logits = (torch.randn(batch, VOCAB_SIZE, device="cuda") * 3).bfloat16()
+        inputs = {mode: sampling_inputs([Sequence([0], params[i % len(params)]) for i in range(batch)], to_cuda)
+                  for mode, params in SAMPLER_MODES.items()}
+        ms = median_replay_ms({mode: lambda x=x: sampler(logits, x) for mode, x in inputs.items()},
+                              repeats=args.repeats)
+        rows.append({"batch": batch, **{f"{mode}_us": t * 1e3 for mode, t in ms.items()}})
+    print(f"\nsampler over {VOCAB_SIZE} tokens, median of {args.repeats} event-timed calls; "
+          f"device {torch.cuda.get_device_name()}")
+    print_table(rows, list(rows[0].keys()))
+    return rows
+
+
 def add_auto_column(rows: list[dict], splits: list[tuple[int, int]]) -> None:
     """What enable_pipeline=True would run at each point, by the engine's rule applied to every
     context swept at that batch."""
@@ -264,6 +303,7 @@ def main():
     parser.add_argument("--hf-peer", type=int, default=0, help="also run transformers' generate on this many seqs")
     parser.add_argument("--decode-sweep", action="store_true")
     parser.add_argument("--attention-kernel", action="store_true", help="time the Triton decode attention kernel")
+    parser.add_argument("--sampler", action="store_true", help="time the sampler alone per batch and option")
     parser.add_argument("--presets", default="qwen3-0.6b,qwen3-8b")
     parser.add_argument("--batches", default="1,8,64,256,512")
     parser.add_argument("--contexts", default="256,1024,4096")
@@ -278,10 +318,12 @@ def main():
     unknown = set(args.compare.split(",")) - set(MODES)
     if unknown:
         parser.error(f"unknown --compare modes {sorted(unknown)}; choose from {list(MODES)}")
-    if (args.decode_sweep or args.attention_kernel or args.hf_peer) and not torch.cuda.is_available():
-        parser.error("--decode-sweep, --attention-kernel and --hf-peer need a CUDA device")
+    if (args.decode_sweep or args.attention_kernel or args.sampler or args.hf_peer) and not torch.cuda.is_available():
+        parser.error("--decode-sweep, --attention-kernel, --sampler and --hf-peer need a CUDA device")
     if args.attention_kernel:
         rows = attention_kernel_bench(args)
+    elif args.sampler:
+        rows = sampler_bench(args)
     else:
         rows = decode_sweep(args) if args.decode_sweep else compare(args)
     if args.json:

@@ -1,4 +1,5 @@
 """Bad input is refused with an error naming the problem, and leaves the engine able to serve."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -64,10 +65,52 @@ def test_longest_allowed_prompt(llm):
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature="hot"), TypeError, "temperature"),
     (dict(ignore_eos="yes"), TypeError, "ignore_eos"),
+    (dict(top_k=-2), ValueError, "top_k"),
+    (dict(top_k=5.0), TypeError, "top_k"),
+    (dict(top_k=True), TypeError, "top_k"),
+    (dict(top_p=0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(top_p=float("nan")), ValueError, "top_p"),
+    (dict(top_p="0.9"), TypeError, "top_p"),
+    (dict(min_p=-0.1), ValueError, "min_p"),
+    (dict(min_p=2), ValueError, "min_p"),
+    (dict(min_p=None), TypeError, "min_p"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=2 ** 63), ValueError, "seed"),
+    (dict(seed=1.0), TypeError, "seed"),
+    (dict(seed="7"), TypeError, "seed"),
+    (dict(stop=""), ValueError, "stop"),
+    (dict(stop=["ok", ""]), ValueError, "stop"),
+    (dict(stop=[1]), TypeError, "stop"),
+    (dict(stop=b"end"), TypeError, "stop"),
+    (dict(stop_token_ids=[-1]), ValueError, "stop_token_ids"),
+    (dict(stop_token_ids=7), TypeError, "stop_token_ids"),
+    (dict(stop_token_ids=[1.0]), TypeError, "stop_token_ids"),
+    (dict(stop_token_ids=[False]), TypeError, "stop_token_ids"),
 ])
 def test_bad_sampling_params(kwargs, error, match):
     with pytest.raises(error, match=match):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_are_immutable_and_normalised():
+    sp = SamplingParams(max_tokens=4, stop="end", stop_token_ids=[3, 4])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sp.max_tokens = 0
+    with pytest.raises(ValueError, match="max_tokens"):
+        dataclasses.replace(sp, max_tokens=0)
+    assert sp.stop == ("end",) and sp.stop_token_ids == (3, 4)
+    assert SamplingParams(stop=None, stop_token_ids=None) == SamplingParams()
+
+
+def test_sampling_params_the_model_cannot_serve(llm, expected):
+    with pytest.raises(ValueError, match="stop"):  # the test checkpoints have no tokenizer files
+        llm.generate(VALID_PROMPTS, [GREEDY, dataclasses.replace(GREEDY, stop="\n")], use_tqdm=False)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate(VALID_PROMPTS, dataclasses.replace(GREEDY, stop_token_ids=[VOCAB_SIZE]), use_tqdm=False)
+    with pytest.raises(ValueError, match="stop"):
+        llm.add_request(VALID_PROMPTS[0], dataclasses.replace(GREEDY, stop=["a"]))
+    assert_still_serves(llm, expected)
 
 
 def test_bad_sampling_params_arguments_to_generate(llm, expected):

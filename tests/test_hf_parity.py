@@ -94,6 +94,8 @@ def test_eos_stops_generation_unless_ignored(model_dirs, hf_outputs, prompts, tm
     stopped = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
     for out, ref in zip(stopped, expected_full):
         assert out["token_ids"] == (ref[:ref.index(eos) + 1] if eos in ref else ref)
+        assert out["finish_reason"] == ("stop" if eos in ref else "length")
     assert len(stopped[0]["token_ids"]) <= 11
     ignored = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in ignored] == expected_full
+    assert all(o["finish_reason"] == "length" for o in ignored)

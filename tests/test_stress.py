@@ -48,9 +48,10 @@ def test_many_random_requests(tiny_model_dir, monkeypatch):
         assert out["text"] == ""  # no tokenizer files
         limit = min(sp.max_tokens, MAX_MODEL_LEN - len(prompt))
         if sp.ignore_eos or TINY_EOS not in tokens:
-            assert len(tokens) == limit
+            assert len(tokens) == limit and out["finish_reason"] == "length"
         else:
             assert tokens.index(TINY_EOS) == len(tokens) - 1 and len(tokens) <= limit
+            assert out["finish_reason"] == "stop"
     bm = llm.scheduler.block_manager
     assert bm.num_free_blocks == len(bm.blocks) == 60
     assert all(b.ref_count == 0 for b in bm.blocks)

@@ -5,6 +5,7 @@ The reference is the same layer run on CPU tensors, which takes the unfused torc
 checks run directly; on CPU they run with small sizes under the Triton interpreter.
 """
 import sys
+from contextlib import contextmanager
 
 import torch
 from transformers import Qwen3Config
@@ -83,26 +84,78 @@ def check_silu_and_mul(device, dtype, rows, n):
     assert_close(silu_and_mul(x.to(device)), SiluAndMul()(x), dtype)
 
 
-def check_sample(device, dtype, vocab_size):
-    """Greedy rows give the argmax (the first one on ties, also across tiles); the other rows follow
-    softmax(logits / temperature)."""
+@contextmanager
+def small_grid(device):
+    """The interpreter runs one program at a time: on CPU, sample() plans its grid for a device of two
+    SMs, so that rows still span several chunks of several tiles with a handful of programs."""
+    from nanovllm.layers import triton_ops
+    if device != "cpu":
+        yield
+        return
+    num_sms_of = triton_ops.num_sms_of
+    triton_ops.num_sms_of = lambda device: 2
+    try:
+        yield
+    finally:
+        triton_ops.num_sms_of = num_sms_of
+
+
+def check_sample(device, dtype, vocab_size, block, draws):
+    with small_grid(device):
+        check_sample_greedy_and_seeded(device, dtype, vocab_size, block)
+        if draws:
+            check_sample_frequencies(device, dtype, block, draws)
+
+
+def sample_on(device, block, logits, temperatures, seed, row_seeds=None):
     from nanovllm.layers.triton_ops import sample
+    row_seeds = None if row_seeds is None else row_seeds.to(device)
+    return sample(logits.to(device), temperatures.to(device), seed, row_seeds, block=block).cpu()
+
+
+def check_sample_greedy_and_seeded(device, dtype, vocab_size, block):
+    """Greedy rows give the argmax, the first one on ties within a chunk and across chunks (a row
+    alone is cut into more chunks than in a batch). A seeded row draws the same token alone, in a
+    batch and under another step seed, and leaves the other rows' draws as they were."""
     gen = torch.Generator().manual_seed(vocab_size)
-    logits = (torch.randn(16, vocab_size, generator=gen) * 3).to(dtype)
-    logits[0, 10] = logits[0, -1] = logits[0].max() + 1
-    temperatures = torch.tensor([0.0, 1.0, 0.0, 0.5] * 4)
-    tokens = sample(logits.to(device), temperatures.to(device), seed=vocab_size).cpu()
+    logits = (torch.randn(8, vocab_size, generator=gen) * 3).to(dtype)
+    logits[0, [10, block + 10, vocab_size - 1]] = logits[0].max() + 1
+    temperatures = torch.tensor([0.0, 1.0, 0.0, 0.5] * 2)
     greedy = temperatures == 0
-    assert tokens[0] == 10
-    assert torch.equal(tokens[greedy], logits.float().argmax(-1)[greedy])
-    assert not torch.equal(tokens[~greedy], logits.float().argmax(-1)[~greedy])
+    argmax = logits.float().argmax(-1)
+    tokens = sample_on(device, block, logits, temperatures, seed=vocab_size)
+    assert argmax[0] == 10 and tokens[0] == 10
+    assert sample_on(device, block, logits[:1], temperatures[:1], seed=1).item() == 10
+    assert torch.equal(tokens[greedy], argmax[greedy])
+    assert not torch.equal(tokens[~greedy], argmax[~greedy])
+
+    row_seeds = torch.tensor([[-1, 5, 7, 2 ** 62 + 3, -1, -1, 5, 5],
+                              [0, 0, 3, 9, 0, 0, 0, 1]]).T.contiguous()
+    seeded = sample_on(device, block, logits, temperatures, seed=vocab_size, row_seeds=row_seeds)
+    unseeded = row_seeds[:, 0] < 0
+    assert torch.equal(seeded[unseeded], tokens[unseeded])
+    assert torch.equal(seeded[greedy], argmax[greedy])
+    for row in (~greedy & ~unseeded).nonzero().flatten().tolist():
+        alone = sample_on(device, block, logits[row:row + 1], temperatures[row:row + 1], seed=vocab_size + 1,
+                          row_seeds=row_seeds[row:row + 1])
+        assert alone.item() == seeded[row], row
+
+
+def check_sample_frequencies(device, dtype, block, draws):
+    """Each group of `draws` rows follows softmax(logits / temperature): two temperatures from the
+    step's stream, and seeded rows (one seed at many token indices, many seeds at one index)."""
     small = torch.tensor([2.0, 1.0, 0.0, -1.0]).to(dtype)
-    # About 4 standard deviations of a frequency; the interpreter affords fewer draws.
-    n, tolerance = (20000, 0.015) if device == "cuda" else (1000, 0.06)
-    for i, temperature in enumerate((0.5, 1.0, 2.0)):
-        draws = sample(small.repeat(n, 1).to(device), torch.full((n,), temperature, device=device), seed=i).cpu()
-        frequencies = torch.bincount(draws, minlength=4) / n
-        assert (frequencies - torch.softmax(small.float() / temperature, -1)).abs().max() < tolerance
+    temperatures = torch.tensor([0.5, 2.0, 1.0]).repeat_interleave(draws)
+    row_seeds = torch.full((3 * draws, 2), -1)
+    half = draws // 2
+    row_seeds[2 * draws:, 0] = torch.cat([torch.full((half,), 42), torch.arange(draws - half) * 7919])
+    row_seeds[2 * draws:, 1] = torch.cat([torch.arange(half), torch.full((draws - half,), 5)])
+    tokens = sample_on(device, block, small.repeat(3 * draws, 1), temperatures, seed=draws, row_seeds=row_seeds)
+    tolerance = 4 * 0.5 / draws ** 0.5  # four standard deviations of a frequency at most
+    for group, temperature in enumerate((0.5, 2.0, 1.0)):
+        frequencies = torch.bincount(tokens[group * draws:(group + 1) * draws], minlength=4) / draws
+        expected = torch.softmax(small.float() / temperature, -1)
+        assert (frequencies - expected).abs().max() < tolerance, (temperature, frequencies, expected)
 
 
 def rms_norm_cases(small):
@@ -123,8 +176,10 @@ def silu_and_mul_cases(small):
 
 
 def sample_cases(small):
-    cases = [("fp32", 50), ("bf16", 5000)]
-    return cases if small else cases + [("bf16", 151936), ("fp32", 4097)]
+    # (dtype, vocabulary, tile width, draws per frequency group); the interpreter affords few draws.
+    cases = [("fp32", 160, 16, 200), ("bf16", 100, 32, 0)]
+    return cases if small else cases + [("bf16", 151936, 2048, 20000), ("fp32", 4097, 2048, 0),
+                                        ("bf16", 5000, 2048, 0)]
 
 
 KINDS = {"rms_norm": (rms_norm_cases, lambda device, c: check_rms_norm(device, DTYPES[c[0]], *c[1:])),

@@ -84,6 +84,24 @@ def _patch_interpreter_bf16_rounding():
     interpreter.InterpreterBuilder.cast_impl = patched
 
 
+def _patch_interpreter_device_calls():
+    """The interpreter patches triton.language again on every call of a @triton.jit function from a
+    kernel (one tl.rand4x makes four), which costs more than the arithmetic. Those patches are never
+    undone, so patching on the first call of each function is enough."""
+    from triton.runtime import interpreter
+
+    call = interpreter.InterpretedFunction.__call__
+    patched = set()
+
+    def call_once_patched(self, *args, **kwargs):
+        if self.fn not in patched:
+            patched.add(self.fn)
+            return call(self, *args, **kwargs)
+        return self.rewrite()(*args, **kwargs)
+
+    interpreter.InterpretedFunction.__call__ = call_once_patched
+
+
 def interpreter_main(kinds: dict, kind: str):
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -99,6 +117,7 @@ def interpreter_main(kinds: dict, kind: str):
         assert torch.equal(x, torch.arange(16.0))
         _patch_interpreter_bf16_dot()
         _patch_interpreter_bf16_rounding()
+        _patch_interpreter_device_calls()
     except Exception as e:  # any failure here means the interpreter itself is unusable
         print(f"{type(e).__name__}: {e}")
         sys.exit(INTERPRETER_UNAVAILABLE)

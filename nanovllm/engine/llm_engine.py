@@ -32,7 +32,7 @@ class LLMEngine:
             self.tp_group.wait_ready()
             # Stops the worker processes when this engine is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, TensorParallelGroup.close, self.tp_group)
-        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
+        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks, self.tokenizer)
         # One step at a time: the runner's buffers and the forward context are not shareable.
         self._lock = threading.RLock()
         self._streamed: set[int] = set()  # ids from add_request() not yet finished
@@ -73,11 +73,21 @@ class LLMEngine:
             raise ValueError(f"token ids must be in [0, {vocab})")
         return token_ids
 
+    def _new_sequence(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
+        """The request as a sequence, after checking what SamplingParams cannot check alone."""
+        if sampling_params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer and {self.config.model} has no tokenizer files: "
+                             "leave stop empty (stop_token_ids work without one)")
+        vocab = self.config.hf_config.vocab_size
+        if any(t >= vocab for t in sampling_params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(sampling_params.stop_token_ids)}")
+        return Sequence(self.tokenize(prompt), sampling_params)
+
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         """Queues one request; returns its id, which step() reports its tokens under."""
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        seq = Sequence(self.tokenize(prompt), sampling_params)
+        seq = self._new_sequence(prompt, sampling_params)
         with self._lock:
             self.scheduler.add(seq)
             self._streamed.add(seq.seq_id)
@@ -119,7 +129,7 @@ class LLMEngine:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         # Check every prompt before queueing any, so that bad input leaves the engine untouched.
-        seqs = [Sequence(self.tokenize(p), sp) for p, sp in zip(prompts, sampling_params)]
+        seqs = [self._new_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
         with self._lock:
             if self._streamed:
                 raise RuntimeError("generate() cannot run while requests added with add_request() are unfinished: "
@@ -152,5 +162,8 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> dict:
         token_ids = seq.completion_token_ids
-        text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
-        return {"text": text, "token_ids": token_ids}
+        if seq.stop_strings is not None and seq.stop_strings.matched:
+            text = seq.stop_strings.text  # the stop string and what follows are left out
+        else:
+            text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+        return {"text": text, "token_ids": token_ids, "finish_reason": seq.finish_reason}

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
+from nanovllm.engine.sampling_inputs import sampling_inputs
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
@@ -49,7 +50,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.decode_plan: dict[int, CapturedGraph] = {}
         if device.type == "cuda":
-            self.compile_sampler()
+            # Compiles the sampling kernels now rather than inside the first request.
+            self.sampler.warm_up(config.hf_config.vocab_size, config.dtype, device)
             if not config.enforce_eager:
                 self.capture_cudagraphs()
 
@@ -136,12 +138,6 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
         return num_blocks
 
-    def compile_sampler(self) -> None:
-        """Compiles the sampling kernels now rather than inside the first request."""
-        vocab_size = self.config.hf_config.vocab_size
-        self.sampler(torch.zeros(2, vocab_size, dtype=self.config.dtype, device=self.device),
-                     torch.tensor([0.0, 1.0], device=self.device))
-
     def capture_cudagraphs(self) -> None:
         start = time.perf_counter()
         max_batch = min(self.config.max_num_seqs, 512)
@@ -213,8 +209,7 @@ class ModelRunner:
         reset_context()
         if self.rank != 0:
             return None
-        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
-        return self.sampler(logits, temperatures).tolist()
+        return self.sampler(logits, sampling_inputs(seqs, self._to_device)).tolist()
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)

@@ -9,7 +9,8 @@ class Scheduler:
     """Continuous batching: prefill first (chunked when over the token budget), then decode;
     a sequence that finds no free block for its next token preempts the newest running one."""
 
-    def __init__(self, config: Config, num_kvcache_blocks: int):
+    def __init__(self, config: Config, num_kvcache_blocks: int, tokenizer=None):
+        self.tokenizer = tokenizer  # for stop strings
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
@@ -94,9 +95,21 @@ class Scheduler:
                 continue
             seq.append_token(token_id)
             produced.append(seq)
-            if ((not seq.ignore_eos and token_id in self.eos_token_ids)
-                    or seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = self._finish_reason(seq, token_id)
+            if seq.finish_reason is not None:
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
                 self.running.remove(seq)
         return produced
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        """The reason seq is finished after token_id, if it is: "stop" for an end-of-sequence token
+        (unless ignore_eos), a stop token or a stop string, checked in that order and before
+        "length" (max_tokens or max_model_len), as vLLM does."""
+        if (not seq.ignore_eos and token_id in self.eos_token_ids) or token_id in seq.stop_token_ids:
+            return "stop"
+        if seq.stop_strings is not None and seq.stop_strings.update(self.tokenizer, seq.token_ids):
+            return "stop"
+        if seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None

@@ -1,6 +1,7 @@
 from enum import Enum, auto
 from itertools import count
 
+from nanovllm.engine.stop_strings import StopStrings
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -27,6 +28,16 @@ class Sequence:
         self.temperature = sampling_params.temperature
         self.max_tokens = sampling_params.max_tokens
         self.ignore_eos = sampling_params.ignore_eos
+        # Greedy sequences ignore the cuts and the seed. top_k -1 and 0 both keep all tokens: 0 here.
+        sampled = sampling_params.temperature > 0
+        self.top_k = max(sampling_params.top_k, 0) if sampled else 0
+        self.top_p = sampling_params.top_p if sampled else 1.0
+        self.min_p = sampling_params.min_p if sampled else 0.0
+        self.cuts_tokens = bool(self.top_k or self.top_p < 1 or self.min_p)
+        self.seed = sampling_params.seed if sampled else None
+        self.stop_token_ids = sampling_params.stop_token_ids
+        self.stop_strings = StopStrings(sampling_params.stop, self.num_prompt_tokens) if sampling_params.stop else None
+        self.finish_reason: str | None = None
 
     @property
     def num_tokens(self) -> int:

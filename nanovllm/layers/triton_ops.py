@@ -146,8 +146,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 # A fresh seed every step must not pick a new specialisation (Triton specialises ints on % 16 and == 1).
 @triton.jit(do_not_specialize=["num_chunks", "seed"])
-def _sample_kernel(logits_ptr, temperatures_ptr, part_val_ptr, part_idx_ptr, stride, vocab_size, chunk, num_chunks,
-                   seed, BLOCK: tl.constexpr):
+def _sample_kernel(logits_ptr, temperatures_ptr, row_seeds_ptr, part_val_ptr, part_idx_ptr, stride, vocab_size, chunk,
+                   num_chunks, seed, SEEDED: tl.constexpr, BLOCK: tl.constexpr):
     """One chunk of one row in one pass: the chunk's best score and its index. The score is the logit
     where the temperature is 0, otherwise logit / T + G with Gumbel noise G = -log(-log(U)): the
     argmax of the latter over the row is a draw from softmax(logits / T)."""
@@ -157,6 +157,17 @@ def _sample_kernel(logits_ptr, temperatures_ptr, part_val_ptr, part_idx_ptr, str
     greedy = temperature == 0.0
     inv_t = 1.0 / tl.maximum(temperature, 1e-5)
     tiles_per_row = tl.cdiv(vocab_size, BLOCK)
+    # Four uniforms per Philox call. A row draws from the step's seed with counters of its own, or,
+    # with a seed of its own, from that seed with the token index as the counter's high word: then
+    # its noise depends on neither the batch nor the step. Unseeded rows get the same counters
+    # either way, so a seeded row in the batch changes nothing for them.
+    key = seed
+    row_counter = row * tiles_per_row * (BLOCK // 4)
+    if SEEDED:
+        row_seed = tl.load(row_seeds_ptr + 2 * row)
+        own = row_seed >= 0
+        key = tl.where(own, row_seed, seed)
+        row_counter = tl.where(own, tl.load(row_seeds_ptr + 2 * row + 1) << 32, row_counter.to(tl.int64))
     best_val = tl.full([], float("-inf"), tl.float32)
     best_idx = tl.zeros([], tl.int32)
     lo = part * chunk
@@ -166,9 +177,8 @@ def _sample_kernel(logits_ptr, temperatures_ptr, part_val_ptr, part_idx_ptr, str
         mask = cols < hi
         score = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if not greedy:
-            # Four uniforms per Philox call; each (row, tile) has its own counters.
-            counters = (row * tiles_per_row + start // BLOCK) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-            u0, u1, u2, u3 = tl.rand4x(seed, counters)
+            counters = row_counter + (start // BLOCK) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+            u0, u1, u2, u3 = tl.rand4x(key, counters)
             u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
             score = tl.where(mask, score * inv_t - tl.log(-tl.log(u)), float("-inf"))
         tile_max = tl.max(score, 0)
@@ -195,21 +205,28 @@ SAMPLE_BLOCK = 2048
 MAX_SAMPLE_CHUNKS = 128
 
 
-def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, row_seeds: torch.Tensor | None = None,
+           block: int = SAMPLE_BLOCK) -> torch.Tensor:
     """Token ids [B] from logits [B, V]: greedy where temperatures[b] == 0, else a draw at that
-    temperature; seed picks the random stream. Rows are cut into chunks so that small batches still
-    fill the GPU."""
+    temperature; seed picks the step's random stream. row_seeds [B, 2] int64, where given, holds per
+    row a request seed (-1: none, the row draws from the step's stream) and the index of the token
+    being drawn; a seeded row's draw depends only on those two and its logits. Rows are cut into
+    chunks so that small batches still fill the GPU; block is the tile width (a power of two >= 16)."""
     batch, vocab_size = logits.shape
     assert logits.stride(1) == 1 and batch * vocab_size < 2 ** 31
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
         return out
-    tiles = triton.cdiv(vocab_size, SAMPLE_BLOCK)
+    tiles = triton.cdiv(vocab_size, block)
     num_chunks = min(triton.cdiv(PROGRAMS_PER_SM * num_sms_of(logits.device), batch), tiles, MAX_SAMPLE_CHUNKS)
-    chunk = triton.cdiv(tiles, num_chunks) * SAMPLE_BLOCK
+    chunk = triton.cdiv(tiles, num_chunks) * block
     part_val = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
-    _sample_kernel[(batch, num_chunks)](logits, temperatures, part_val, part_idx, logits.stride(0), vocab_size,
-                                        chunk, num_chunks, seed, BLOCK=SAMPLE_BLOCK, num_warps=8)
+    seeded = row_seeds is not None
+    if seeded:
+        assert row_seeds.shape == (batch, 2) and row_seeds.dtype == torch.int64 and row_seeds.is_contiguous()
+    _sample_kernel[(batch, num_chunks)](logits, temperatures, row_seeds if seeded else temperatures, part_val,
+                                        part_idx, logits.stride(0), vocab_size, chunk, num_chunks, seed,
+                                        SEEDED=seeded, BLOCK=block, num_warps=8)
     _sample_reduce_kernel[(batch,)](part_val, part_idx, out, num_chunks, BLOCK_C=MAX_SAMPLE_CHUNKS, num_warps=1)
     return out
