@@ -45,3 +45,18 @@ def test_script_without_main_guard_fails_with_the_reason(model_dir, tmp_path):
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert proc.returncode != 0
     assert "__name__ == \"__main__\"" in proc.stderr and "rank 1 exited" in proc.stderr
+
+
+def test_broken_checkpoint_under_tp_leaves_no_process_group(model_dir, tmp_path):
+    """A load that fails on every rank raises the loader's error and cleans up the workers and the group."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.0.self_attn.q_proj.weight"]
+    save_file(weights, broken / "model.safetensors")
+    with pytest.raises(ValueError, match="q_proj"):
+        LLM(str(broken), device="cpu", tensor_parallel_size=2, kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=48)
+    assert not dist.is_initialized()
+    assert len(generate(model_dir, random_prompts([5], seed=3))[0]) == 16

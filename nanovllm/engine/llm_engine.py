@@ -27,9 +27,14 @@ class LLMEngine:
         self.config = config
         self.tokenizer = self._load_tokenizer(config.model)
         self.tp_group = TensorParallelGroup(config) if config.tensor_parallel_size > 1 else None
-        self.model_runner = ModelRunner(config, config.device, 0, self.tp_group and self.tp_group.init_method)
-        if self.tp_group:
-            self.tp_group.wait_ready()
+        try:
+            self.model_runner = ModelRunner(config, config.device, 0, self.tp_group and self.tp_group.init_method)
+            if self.tp_group:
+                self.tp_group.wait_ready()
+        except BaseException:
+            if self.tp_group:  # the workers and the process group would outlive the failed engine
+                self.tp_group.close()
+            raise
             # Stops the worker processes when this engine is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, TensorParallelGroup.close, self.tp_group)
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks, self.tokenizer)

@@ -74,6 +74,9 @@ class TensorParallelGroup:
                 conn.send(("exit", ()))
         for process in self.processes:
             process.join(timeout=30)
+            if process.is_alive():  # stuck in a collective that rank 0 left
+                process.terminate()
+                process.join()
         # Rank 0 lives in this process: without this, later engines here would see a TP group.
         if dist.is_initialized():
             dist.destroy_process_group()
