@@ -26,6 +26,15 @@ class LLMEngine:
         config = Config(model, device=device, dtype=dtype, **options)
         self.config = config
         self.tokenizer = self._load_tokenizer(config.model)
+        self.tp_group = None
+        self._build(config)
+        # One step at a time: the runner's buffers and the forward context are not shareable.
+        self._lock = threading.RLock()
+        self._streamed: set[int] = set()  # ids from add_request() not yet finished
+
+    def _build(self, config: Config) -> None:
+        """Builds the runners and the scheduler; an engine with another execution model overrides this
+        and step(), and keeps the request-level API above them."""
         self.tp_group = TensorParallelGroup(config) if config.tensor_parallel_size > 1 else None
         self.model_runner = ModelRunner(config, config.device, 0, self.tp_group and self.tp_group.init_method)
         if self.tp_group:
@@ -33,9 +42,6 @@ class LLMEngine:
             # Stops the worker processes when this engine is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, TensorParallelGroup.close, self.tp_group)
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
-        # One step at a time: the runner's buffers and the forward context are not shareable.
-        self._lock = threading.RLock()
-        self._streamed: set[int] = set()  # ids from add_request() not yet finished
 
     @staticmethod
     def _load_tokenizer(path: str):
@@ -121,7 +127,7 @@ class LLMEngine:
             try:
                 self._run_to_completion(seqs, use_tqdm)
             except BaseException:
-                self.scheduler.abort({seq.seq_id for seq in seqs})
+                self.abort_requests([seq.seq_id for seq in seqs])
                 raise
         return [self._output(seq) for seq in seqs]
 
@@ -141,7 +147,7 @@ class LLMEngine:
                     done += 1
                     bar.total -= budget[seq_id] - by_id[seq_id].num_completion_tokens
             bar.set_postfix_str(f"{done}/{len(seqs)} requests", refresh=False)
-            bar.update(len(outputs))
+            bar.update(sum(len(new_token_ids) for _, new_token_ids, _ in outputs))
         bar.close()
 
     def _output(self, seq: Sequence) -> dict:

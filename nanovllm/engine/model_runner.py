@@ -50,7 +50,7 @@ class ModelRunner:
         self.green = self._init_green_contexts() if config.enable_pipeline else None
         with default_device_and_dtype(device, config.dtype):
             self.model = Qwen3ForCausalLM(config.hf_config)
-        load_model(self.model, config.model)
+        self.load_weights()
         self.pipeline = None
         if self.green is not None:
             self.pipeline = PipelineScheduler(self.model, self.green.get_attention_stream(), self.green.get_ffn_stream())
@@ -74,6 +74,9 @@ class ModelRunner:
             self.capture_cudagraphs()
 
     # ---- start-up -------------------------------------------------------------------------------
+
+    def load_weights(self) -> None:
+        load_model(self.model, self.config.model)
 
     def _init_green_contexts(self) -> GreenContextManager | None:
         attention, ffn = self.config.pipeline_attention_sm_count, self.config.pipeline_ffn_sm_count
@@ -233,8 +236,14 @@ class ModelRunner:
         t = torch.tensor(values, dtype=dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        token_ids = self.sample(seqs, is_prefill)
+        return None if token_ids is None else token_ids.tolist()
+
+    @torch.inference_mode()
+    def sample(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor | None:
+        """Launches a batch and returns its sampled token ids on the device without waiting for them
+        (None on ranks > 0); its work goes to the current stream."""
         if is_prefill:
             input_ids, positions, ctx, last_indices = self.prepare_prefill(seqs)
             set_context(ctx)
@@ -245,7 +254,7 @@ class ModelRunner:
         if self.rank != 0:
             return None
         temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
-        return self.sampler(logits, temperatures).tolist()
+        return self.sampler(logits, temperatures)
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)

@@ -82,6 +82,11 @@ class Scheduler:
                 self.block_manager.deallocate(seq)
                 seq.status = SequenceStatus.FINISHED
 
+    def reached_stop(self, seq: Sequence) -> bool:
+        """Whether seq is done after its last token: end of sequence, max_tokens or max_model_len."""
+        return ((not seq.ignore_eos and seq.last_token in self.eos_token_ids)
+                or seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len)
+
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Advances each scheduled sequence; token_ids[i] is seqs[i]'s next token, unused when its
         prompt is not yet fully computed. Returns the sequences that gained a token."""
@@ -94,8 +99,7 @@ class Scheduler:
                 continue
             seq.append_token(token_id)
             produced.append(seq)
-            if ((not seq.ignore_eos and token_id in self.eos_token_ids)
-                    or seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            if self.reached_stop(seq):
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
                 self.running.remove(seq)

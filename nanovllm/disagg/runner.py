@@ -1,0 +1,52 @@
+import torch
+
+from nanovllm.config import Config
+from nanovllm.disagg.streams import StreamTimer, use_streams
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.sequence import Sequence
+
+
+class PendingTokens:
+    """A launched batch's sampled token ids on their way to pinned host memory: ready() polls,
+    result() waits."""
+
+    def __init__(self, token_ids: torch.Tensor, timer: StreamTimer):
+        if token_ids.is_cuda:
+            self.host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self.host.copy_(token_ids, non_blocking=True)
+        else:
+            self.host = token_ids
+        timer.stop()
+        self.timer = timer
+
+    def ready(self) -> bool:
+        return self.timer.done()
+
+    def result(self) -> list[int]:
+        self.timer.wait()
+        return self.host.tolist()
+
+
+class RoleRunner(ModelRunner):
+    """A ModelRunner that serves one role of the PD engine. Its batches go to its own stream and are
+    launched without waiting for their tokens. With weights_from (both roles on one device) it uses
+    that runner's weight tensors instead of loading a second copy."""
+
+    def __init__(self, config: Config, device: torch.device, role: str, weights_from: ModelRunner | None = None):
+        self.role = role
+        self.weights_from = weights_from
+        super().__init__(config, device)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def load_weights(self) -> None:
+        if self.weights_from is None:
+            super().load_weights()
+            return
+        source = dict(self.weights_from.model.named_parameters())
+        for name, param in self.model.named_parameters():
+            param.data = source[name].data
+
+    def launch(self, seqs: list[Sequence], is_prefill: bool) -> PendingTokens:
+        with use_streams(self.stream):
+            timer = StreamTimer(self.stream)
+            return PendingTokens(self.sample(seqs, is_prefill), timer)
