@@ -48,6 +48,12 @@ def assert_idle(llm):
         assert bm.num_free_blocks == len(bm.blocks)
 
 
+def assert_shared_weights(llm):
+    """On one device the decode runner uses the prefill runner's weight tensors."""
+    pairs = list(zip(llm.prefill_runner.model.parameters(), llm.decode_runner.model.parameters(), strict=True))
+    assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+
+
 class Holder:
     def __init__(self, block_table):
         self.block_table = block_table
@@ -103,6 +109,7 @@ def test_greedy_tokens_match_the_single_runner_engine(model_dir, expected, monke
     preempted = count_preemptions(monkeypatch)
     llm = pd_llm(model_dir, **options)
     assert isinstance(llm, PDEngine)
+    assert_shared_weights(llm)
     step = llm.step
     monkeypatch.setattr(llm, "step", lambda: (step(), check_invariants(llm))[0])
     assert tokens(llm, mixed_prompts()) == expected
@@ -336,9 +343,7 @@ def test_same_device_mode_on_one_gpu_matches_the_single_runner_engine(model_dir,
     assert llm.decode_runner.graphs is not None and llm.prefill_runner.graphs is None
     assert llm.prefill_runner.device == llm.decode_runner.device
     assert llm.kv_transfer.mode == "device-local"
-    # Same device: the decode runner uses the prefill runner's weight tensors.
-    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(llm.prefill_runner.model.parameters(),
-                                                            llm.decode_runner.model.parameters()))
+    assert_shared_weights(llm)
     assert tokens(llm, mixed_prompts()) == cuda_expected
     assert_idle(llm)
     if options:

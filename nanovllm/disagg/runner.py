@@ -36,7 +36,11 @@ class RoleRunner(ModelRunner):
         self.role = role
         self.weights_from = weights_from
         super().__init__(config, device)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device)
+            # The cache was zeroed on the default stream, which this runner's stream does not wait for.
+            torch.cuda.synchronize(device)
 
     def load_weights(self) -> None:
         if self.weights_from is None:
