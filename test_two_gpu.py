@@ -12,7 +12,7 @@ from nanovllm.disagg import PDEngine
 from nanovllm.disagg.kv_transfer import KVTransfer, block_runs
 from nanovllm.engine.scheduler import Scheduler
 from tests.helpers import (BLOCK_SIZE, MODEL_VARIANTS, TINY_EOS, VOCAB_SIZE, build_checkpoint, check_consistent,
-                           random_prompts)
+                           random_prompts, stream_to_completion)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 MAX_MODEL_LEN = 160
@@ -172,15 +172,7 @@ def pd_engine(model_dir):
 def test_streaming_api_reports_every_token_once(pd_engine, expected):
     prompts = mixed_prompts()
     ids = [pd_engine.add_request(p, GREEDY) for p in prompts]
-    streamed, finished = {i: [] for i in ids}, []
-    while pd_engine.has_unfinished_requests():
-        for request_id, new_tokens, done in pd_engine.step():
-            assert request_id not in finished, "a request reported tokens after it finished"
-            streamed[request_id] += new_tokens
-            if done:
-                finished.append(request_id)
-    assert sorted(finished) == sorted(ids)
-    assert [streamed[i] for i in ids] == expected
+    assert stream_to_completion(pd_engine, ids) == expected
     assert_idle(pd_engine)
 
 

@@ -74,12 +74,8 @@ class PDScheduler(Scheduler):
         (sequence, its prefill blocks) for the KV copy."""
         produced, handover = [], []
         for seq, token_id in zip(seqs, token_ids):
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
-            self.prefill_manager.hash_computed_blocks(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
+            if not self.advance(seq, token_id, self.prefill_manager):
                 continue
-            seq.append_token(token_id)
             produced.append(seq)
             self.prefilling.remove(seq)
             prefill_blocks, seq.block_table = seq.block_table, self.reserved.pop(seq.seq_id)

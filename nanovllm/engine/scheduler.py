@@ -87,17 +87,25 @@ class Scheduler:
         return ((not seq.ignore_eos and seq.last_token in self.eos_token_ids)
                 or seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len)
 
+    @staticmethod
+    def advance(seq: Sequence, token_id: int, block_manager: BlockManager) -> bool:
+        """Counts seq's scheduled tokens as computed in block_manager's cache; once all its tokens
+        are, appends token_id and returns True."""
+        seq.num_computed_tokens += seq.num_scheduled_tokens
+        seq.num_scheduled_tokens = 0
+        block_manager.hash_computed_blocks(seq)
+        if seq.num_computed_tokens < seq.num_tokens:
+            return False
+        seq.append_token(token_id)
+        return True
+
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Advances each scheduled sequence; token_ids[i] is seqs[i]'s next token, unused when its
         prompt is not yet fully computed. Returns the sequences that gained a token."""
         produced = []
         for seq, token_id in zip(seqs, token_ids):
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
-            self.block_manager.hash_computed_blocks(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
+            if not self.advance(seq, token_id, self.block_manager):
                 continue
-            seq.append_token(token_id)
             produced.append(seq)
             if self.reached_stop(seq):
                 seq.status = SequenceStatus.FINISHED
