@@ -126,6 +126,12 @@ def test_greedy_tokens_match_the_single_runner_engine(model_dir, expected, monke
         assert prefilled < sum(len(p) for p in mixed_prompts())
 
 
+def test_pipeline_option_applies_to_the_decode_runner(model_dir, expected):
+    llm = pd_llm(model_dir, enable_pipeline=True, pipeline_force=True)
+    assert llm.decode_runner.pipeline is not None and llm.prefill_runner.pipeline is None
+    assert tokens(llm, mixed_prompts()) == expected
+
+
 def test_many_requests_through_tiny_caches_finish_once_in_order(tiny_model_dir, monkeypatch):
     preempted = count_preemptions(monkeypatch)
     llm = pd_llm(tiny_model_dir, num_kvcache_blocks=BLOCKS_PER_SEQ + 2, prefill_num_kvcache_blocks=BLOCKS_PER_SEQ,
