@@ -126,6 +126,51 @@ def test_greedy_tokens_match_the_single_runner_engine(model_dir, expected, monke
         assert prefilled < sum(len(p) for p in mixed_prompts())
 
 
+class HeldPrefill:
+    """A launched prefill that reports itself unfinished until the test releases it."""
+
+    def __init__(self, pending):
+        self.pending, self.timer, self.released = pending, pending.timer, False
+
+    def ready(self):
+        return self.released and self.pending.ready()
+
+    def result(self):
+        return self.pending.result()
+
+
+def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected, monkeypatch):
+    llm = pd_llm(model_dir)
+    prompts, streamed = mixed_prompts(), {}
+
+    def step():
+        for request_id, new_tokens, _ in llm.step():
+            streamed.setdefault(request_id, []).extend(new_tokens)
+
+    first = llm.add_request(prompts[0], GREEDY)
+    step()
+    assert list(llm.scheduler.running) and streamed[first] == expected[0][:1]
+    held, launch = [], llm.prefill_runner.launch
+
+    def held_launch(*args, **kwargs):
+        held.append(HeldPrefill(launch(*args, **kwargs)))
+        return held[-1]
+
+    monkeypatch.setattr(llm.prefill_runner, "launch", held_launch)
+    second = llm.add_request(prompts[3], GREEDY)
+    for n in range(2, 6):
+        step()
+        assert len(held) == 1 and llm.scheduler.prefilling, "one prefill in flight, not collected"
+        assert len(streamed[first]) == n and second not in streamed, "the decode side kept stepping"
+    held[0].released = True
+    while llm.has_unfinished_requests():
+        step()
+    assert (streamed[first], streamed[second]) == (expected[0], expected[3])
+    stats = llm.get_pd_statistics()
+    assert stats["decode_step_ms_beside_prefill"] > 0 and stats["decode_step_ms_alone"] > 0
+    assert_idle(llm)
+
+
 def test_pipeline_option_applies_to_the_decode_runner(model_dir, expected):
     llm = pd_llm(model_dir, enable_pipeline=True, pipeline_force=True)
     assert llm.decode_runner.pipeline is not None and llm.prefill_runner.pipeline is None
@@ -343,6 +388,8 @@ def test_same_device_mode_on_one_gpu_matches_the_single_runner_engine(model_dir,
     assert llm.kv_transfer.mode == "device-local"
     assert_shared_weights(llm)
     assert tokens(llm, mixed_prompts()) == cuda_expected
+    assert_idle(llm)
+    assert tokens(llm, mixed_prompts()) == cuda_expected  # now with prefix-cache hits
     assert_idle(llm)
     if options:
         assert preempted
