@@ -28,9 +28,10 @@ class PendingTokens:
 
 
 class RoleRunner(ModelRunner):
-    """A ModelRunner that serves one role of the PD engine. Its batches go to its own stream and are
-    launched without waiting for their tokens. With weights_from (both roles on one device) it uses
-    that runner's weight tensors instead of loading a second copy."""
+    """A ModelRunner that serves one role ("prefill" or "decode") of the PD engine. Its batches go to
+    its own stream (a high-priority one for decode) and are launched without waiting for their
+    tokens. With weights_from (both roles on one device) it uses that runner's weight tensors instead
+    of loading a second copy."""
 
     def __init__(self, config: Config, device: torch.device, role: str, weights_from: ModelRunner | None = None):
         self.role = role
@@ -38,7 +39,9 @@ class RoleRunner(ModelRunner):
         super().__init__(config, device)
         self.stream = None
         if device.type == "cuda":
-            self.stream = torch.cuda.Stream(device)
+            # On a shared device, decode kernels get SMs ahead of prefill kernels as blocks retire
+            # (a graph replay takes the priority of the stream it is launched on).
+            self.stream = torch.cuda.Stream(device, priority=-1 if role == "decode" else 0)
             # The cache was zeroed on the default stream, which this runner's stream does not wait for.
             torch.cuda.synchronize(device)
 
