@@ -11,10 +11,14 @@ from nanovllm.engine.sequence import Sequence
 
 
 def prefill_cache_blocks(config: Config) -> int:
-    """The prefill cache holds the prompts in flight and the prefix cache: room for two full prefill
-    batches (one computing while the previous one's KV is copied out), each at least one longest prompt."""
+    """The prefill cache holds the prompts in flight and the prefix cache. On a GPU of its own it takes
+    the rest of that GPU (-1: sized from memory), all of it useful as prefix cache. Sharing a device,
+    it has room for two full prefill batches (one computing while the previous one's KV is copied
+    out), each at least one longest prompt, and the decode cache gets the rest."""
     if config.prefill_num_kvcache_blocks != -1:
         return config.prefill_num_kvcache_blocks
+    if config.prefill_device != config.decode_device:
+        return -1
     block = config.kvcache_block_size
     return 2 * -(-max(config.max_num_batched_tokens, config.max_model_len) // block)
 
