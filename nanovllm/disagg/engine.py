@@ -55,7 +55,8 @@ class PDEngine(LLMEngine):
         self.stats = PDStatistics(config.prefill_device, config.decode_device, self.kv_transfer.mode)
         self._prefill: tuple[list[Sequence], PendingTokens] | None = None  # the prefill batch in flight
         self._transfers: list[tuple[list[Sequence], Transfer]] = []  # handoffs in flight, oldest first
-        # Tokens collected outside step() (abort_requests waits for work in flight), reported by the next step().
+        # Tokens not yet returned by step(): collected by abort_requests (which waits for the work in
+        # flight) or by a step() that raised half-way.
         self._collected: dict[int, tuple[Sequence, list[int]]] = {}
         same = " (same-device mode)" if config.prefill_device == config.decode_device else ""
         for runner, duty in ((self.prefill_runner, "prompts in flight and the prefix cache"),
@@ -69,11 +70,13 @@ class PDEngine(LLMEngine):
         """Launches a prefill if one is admissible and none is in flight, runs a decode step beside it,
         then collects whatever has completed. With nothing to decode it waits for the work in flight."""
         with self._lock:
-            produced, self._collected = self._collected, {}
+            # Collected into self._collected, so that an exception half-way loses no token.
+            produced = self._collected
             self._launch_prefill()
             if not self._decode(produced):
                 self._wait_for_work()
             self._collect(produced, wait=False)
+            self._collected = {}
             self._streamed.difference_update(i for i, (seq, _) in produced.items() if seq.is_finished)
             return [(seq_id, tokens, seq.is_finished) for seq_id, (seq, tokens) in produced.items()]
 
@@ -131,8 +134,8 @@ class PDEngine(LLMEngine):
             token_ids = pending.result()
             self._prefill = None
             self.stats.record_prefill(num_tokens, pending.timer.seconds())
-            finished, handover = self.scheduler.finish_prefill(seqs, token_ids)
-            self._report(finished, produced)
+            gained, handover = self.scheduler.finish_prefill(seqs, token_ids)
+            self._report(gained, produced)
             if handover:
                 src = [b for _, blocks in handover for b in blocks]
                 dst = [b for seq, _ in handover for b in seq.block_table]
