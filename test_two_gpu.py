@@ -126,37 +126,54 @@ def test_greedy_tokens_match_the_single_runner_engine(model_dir, expected, monke
         assert prefilled < sum(len(p) for p in mixed_prompts())
 
 
-class HeldPrefill:
-    """A launched prefill that reports itself unfinished until the test releases it."""
+class Held:
+    """Launched work (a prefill's tokens, a KV transfer) that reports itself unfinished until the test
+    releases it."""
 
-    def __init__(self, pending):
-        self.pending, self.timer, self.released = pending, pending.timer, False
+    def __init__(self, work):
+        self.work, self.released = work, False
+
+    def __getattr__(self, name):
+        return getattr(self.work, name)
 
     def ready(self):
-        return self.released and self.pending.ready()
+        return self.released and self.work.ready()
 
-    def result(self):
-        return self.pending.result()
+    def done(self):
+        return self.released and self.work.done()
 
 
-def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected, monkeypatch):
-    llm = pd_llm(model_dir)
-    prompts, streamed = mixed_prompts(), {}
+def hold(monkeypatch, owner, method: str) -> list[Held]:
+    """Makes owner.method return its work held; returns the list of held work."""
+    held, original = [], getattr(owner, method)
+
+    def held_call(*args, **kwargs):
+        held.append(Held(original(*args, **kwargs)))
+        return held[-1]
+
+    monkeypatch.setattr(owner, method, held_call)
+    return held
+
+
+def streaming(llm):
+    """step() that gathers each request's tokens into the returned dict."""
+    streamed = {}
 
     def step():
         for request_id, new_tokens, _ in llm.step():
             streamed.setdefault(request_id, []).extend(new_tokens)
 
+    return streamed, step
+
+
+def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected, monkeypatch):
+    llm = pd_llm(model_dir)
+    prompts = mixed_prompts()
+    streamed, step = streaming(llm)
     first = llm.add_request(prompts[0], GREEDY)
     step()
     assert list(llm.scheduler.running) and streamed[first] == expected[0][:1]
-    held, launch = [], llm.prefill_runner.launch
-
-    def held_launch(*args, **kwargs):
-        held.append(HeldPrefill(launch(*args, **kwargs)))
-        return held[-1]
-
-    monkeypatch.setattr(llm.prefill_runner, "launch", held_launch)
+    held = hold(monkeypatch, llm.prefill_runner, "launch")
     second = llm.add_request(prompts[3], GREEDY)
     for n in range(2, 6):
         step()
@@ -168,6 +185,30 @@ def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected, monk
     assert (streamed[first], streamed[second]) == (expected[0], expected[3])
     stats = llm.get_pd_statistics()
     assert stats["decode_step_ms_beside_prefill"] > 0 and stats["decode_step_ms_alone"] > 0
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "transfer"])
+def test_abort_while_work_is_in_flight(model_dir, expected, monkeypatch, stage):
+    llm = pd_llm(model_dir)
+    prompts = mixed_prompts()
+    streamed, step = streaming(llm)
+    first = llm.add_request(prompts[0], GREEDY)
+    step()
+    held = hold(monkeypatch, *((llm.prefill_runner, "launch") if stage == "prefill" else (llm.kv_transfer, "start")))
+    second = llm.add_request(prompts[3], GREEDY)
+    step()
+    assert held and (llm.scheduler.prefilling if stage == "prefill" else llm.scheduler.transferring)
+    first_tokens_of_second = streamed.get(second, [])
+    assert first_tokens_of_second == ([] if stage == "prefill" else expected[3][:1])
+    llm.abort_requests([second])
+    check_invariants(llm)
+    for work in held:  # the launched work completes after the abort
+        work.released = True
+    while llm.has_unfinished_requests():
+        step()
+    assert streamed[first] == expected[0]
+    assert streamed.get(second, []) == first_tokens_of_second, "nothing reported after the abort"
     assert_idle(llm)
 
 
