@@ -268,7 +268,7 @@ def test_streaming_api_reports_every_token_once(pd_engine, expected):
     assert_idle(pd_engine)
 
 
-def test_abort_in_every_state_frees_both_caches(pd_engine, expected):
+def test_abort_of_waiting_and_decoding_requests_frees_both_caches(pd_engine, expected):
     prompts = mixed_prompts()
     ids = [pd_engine.add_request(p, GREEDY) for p in prompts]
     streamed = {i: [] for i in ids}
