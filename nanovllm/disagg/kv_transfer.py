@@ -44,6 +44,7 @@ class KVTransfer:
     copies go to copy streams of their own, ordered after the prefill that wrote the blocks by its
     event, so that they overlap the next prefill and the decode steps. Between GPUs they are peer
     copies where the devices have peer access, and otherwise staged through pinned host memory.
+    `staged` forces (True) or forbids (False) the staging; None decides by peer access.
     """
 
     def __init__(self, src: torch.Tensor, dst: torch.Tensor, staged: bool | None = None):
