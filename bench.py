@@ -5,11 +5,13 @@ python bench.py --compare eager,graph,pipeline,pipeline-forced --hf-peer 32
 python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 python bench.py --sampler
+python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu [--workload prefill-heavy]
 """
 import argparse
 import gc
 import json
 import time
+from collections import deque
 from random import Random
 
 import torch
@@ -34,17 +36,51 @@ MODES = {
     "graph": {},
     "pipeline": {"enable_pipeline": True},
     "pipeline-forced": {"enable_pipeline": True, "pipeline_force": True},
+    "two-gpu": {"enable_two_gpu_pd": True},
 }
+WORKLOADS = ("default", "prefill-heavy")
+
+
+def mode_options(mode: str) -> dict:
+    """The LLM options of a mode; two-gpu takes GPUs 0 and 1, or runs same-device mode on one device."""
+    options = dict(MODES[mode])
+    if mode == "two-gpu":
+        decode_device = 1 if torch.cuda.device_count() >= 2 else 0
+        if decode_device == 0:
+            print("[bench] two-gpu: fewer than 2 GPUs here, running same-device mode (both runners on one device)")
+        options.update(prefill_device_id=0, decode_device_id=decode_device)
+    return options
+
+
+def new_llm(model: str, mode: str, options: dict) -> LLM:
+    llm = LLM(model, **mode_options(mode), **options)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    return llm
+
+
+def request_lengths(args) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(prompt, output) length ranges of the workload."""
+    if args.workload == "prefill-heavy":
+        return (1000, 4000), (50, 200)
+    return (args.min_len, args.max_len), (args.min_len, args.max_len)
+
+
+def random_request(rng: Random, args, vocab_size: int) -> tuple[list[int], SamplingParams]:
+    (min_in, max_in), (min_out, max_out) = request_lengths(args)
+    top = min(10000, vocab_size - 1)
+    prompt = [rng.randint(0, top) for _ in range(rng.randint(min_in, max_in))]
+    return prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(min_out, max_out))
 
 
 def workload(args, vocab_size: int) -> tuple[list[list[int]], list[SamplingParams]]:
     rng = Random(args.seed)
-    top = min(10000, vocab_size - 1)
-    prompts = [[rng.randint(0, top) for _ in range(rng.randint(args.min_len, args.max_len))]
-               for _ in range(args.num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(args.min_len, args.max_len))
-              for _ in range(args.num_seqs)]
-    return prompts, params
+    requests = [random_request(rng, args, vocab_size) for _ in range(args.num_seqs)]
+    return [prompt for prompt, _ in requests], [params for _, params in requests]
+
+
+def max_model_len(args) -> int:
+    (_, max_in), (_, max_out) = request_lengths(args)
+    return max_in + max_out + 16
 
 
 def free_gpu() -> None:
@@ -55,12 +91,12 @@ def free_gpu() -> None:
 
 def run_mode(model: str, mode: str, prompts, params, options: dict, ceilings: tuple[float, float] | None) -> dict:
     """One engine of this mode on the workload. With the device's ceilings (copy bytes/s, matrix
-    FLOP/s), also the floor of the schedule it ran and the run's time over it."""
+    FLOP/s), also the floor of the schedule it ran and the run's time over it (single-device modes)."""
     start = time.perf_counter()
-    llm = LLM(model, **MODES[mode], **options)
+    llm = new_llm(model, mode, options)
     startup = time.perf_counter() - start
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
-    floor = ScheduleFloor(llm, *ceilings) if ceilings else None
+    devices = {runner.device for runner in llm.runners}
+    floor = ScheduleFloor(llm, *ceilings) if ceilings and len(devices) == 1 else None
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - start
@@ -72,8 +108,11 @@ def run_mode(model: str, mode: str, prompts, params, options: dict, ceilings: tu
     print(f"[bench] {mode}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s"
           + (f", {seconds / floor.seconds:.2f}x its floor of {floor.seconds:.2f} s" if floor else ""), flush=True)
     if llm.config.enable_pipeline:
-        stats = llm.model_runner.get_pipeline_statistics()
+        stats = llm.runners[-1].get_pipeline_statistics()  # the decode runner
         result["pipelined_buckets"] = sorted(b for b, p in stats["path_per_bucket"].items() if p == "pipeline")
+    if llm.config.enable_two_gpu_pd:
+        llm.print_pd_statistics()
+        result["pd_statistics"] = llm.get_pd_statistics()
     llm.exit()
     del llm
     free_gpu()
@@ -112,7 +151,7 @@ def compare(args) -> list[dict]:
         print("[bench] no CUDA device: these are CPU numbers, not comparable with the GPU figures in docs/benchmarks.md")
     model = args.model or str(ensure_model(default_preset()))
     prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
-    options = {"max_model_len": 2 * args.max_len + 16}
+    options = {"max_model_len": max_model_len(args)}
     ceilings = (copy_bytes_per_s(), gemm_flops_per_s()) if torch.cuda.is_available() else None
     if ceilings:
         print(f"[bench] ceilings: copy {ceilings[0] / 1e12:.2f} TB/s (read + write), bf16 matrix {ceilings[1] / 1e12:.0f} TFLOP/s")
@@ -125,11 +164,94 @@ def compare(args) -> list[dict]:
         rows[-1]["ratio"] = ours["tok_per_s"] / rows[-1]["tok_per_s"]
     for row in rows[:len(args.compare.split(","))]:
         row["ratio"] = row["tok_per_s"] / rows[0]["tok_per_s"]
-    print(f"\nworkload: {args.num_seqs} seqs, input/output lengths uniform in [{args.min_len}, {args.max_len}], "
-          f"seed {args.seed}, ignore_eos; model {model}; device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    print(f"\nworkload: {args.num_seqs} seqs, {describe_workload(args)}; model {model}; device {device_name()}")
     print("ratio: tok/s over the first mode's (for hf-transformers: nanovllm graph over transformers on the same seqs)")
     print("s/floor: seconds over the floor of the schedule each run executed (bytes at the copy rate, FLOPs at the matrix rate, per step)")
     print_table(rows, ["mode", "startup_s", "output_tokens", "seconds", "tok_per_s", "floor_s", "s/floor", "ratio"])
+    return rows
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def describe_workload(args) -> str:
+    (min_in, max_in), (min_out, max_out) = request_lengths(args)
+    return (f"{args.workload} workload: input lengths uniform in [{min_in}, {max_in}], output lengths in "
+            f"[{min_out}, {max_out}], seed {args.seed}, ignore_eos")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def poisson_arrivals(args, rate: float, vocab_size: int) -> list[tuple[float, list[int], SamplingParams]]:
+    """Requests arriving at `rate` per second for args.duration seconds, seeded by args.seed."""
+    rng = Random(args.seed)
+    arrivals, t = [], rng.expovariate(rate)
+    while t < args.duration:
+        arrivals.append((t, *random_request(rng, args, vocab_size)))
+        t += rng.expovariate(rate)
+    return arrivals
+
+
+def replay(llm: LLM, arrivals) -> dict:
+    """Feeds the arrivals through the streaming API in real time; every time is taken when step()
+    returns the tokens. TTFT counts from the scheduled arrival, so it includes any queueing."""
+    pending, arrival, last_seen = deque(arrivals), {}, {}
+    ttft, itl, num_tokens, completed = [], [], 0, 0
+    start = time.perf_counter()
+    while pending or llm.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while pending and pending[0][0] <= now:
+            at, prompt, params = pending.popleft()
+            arrival[llm.add_request(prompt, params)] = at
+        if not llm.has_unfinished_requests():
+            time.sleep(pending[0][0] - now)
+            continue
+        outputs = llm.step()
+        now = time.perf_counter() - start
+        for request_id, new_token_ids, finished in outputs:
+            num_tokens += len(new_token_ids)
+            if request_id in last_seen:
+                itl += [(now - last_seen[request_id]) / len(new_token_ids)] * len(new_token_ids)
+            else:
+                ttft.append(now - arrival[request_id])
+                itl += [0.0] * (len(new_token_ids) - 1)
+            last_seen[request_id] = now
+            completed += finished
+    seconds = time.perf_counter() - start
+    ms = [1e3 * v for v in itl]
+    return {"requests": len(arrivals), "seconds": seconds, "req_per_s": completed / seconds,
+            "tok_per_s": num_tokens / seconds, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+            "itl_p50_ms": percentile(ms, 0.5), "itl_p99_ms": percentile(ms, 0.99), "itl_max_ms": max(ms, default=None)}
+
+
+def online(args) -> list[dict]:
+    """Poisson arrivals at each rate through each mode's engine, in process."""
+    model = args.model or str(ensure_model(default_preset()))
+    vocab_size = AutoConfig.from_pretrained(model).vocab_size
+    rates = [float(r) for r in args.rates.split(",")]
+    rows = []
+    for mode in args.compare.split(","):
+        llm = new_llm(model, mode, {"max_model_len": max_model_len(args)})
+        for rate in rates:
+            row = {"mode": mode, "rate": rate, **replay(llm, poisson_arrivals(args, rate, vocab_size))}
+            print(f"[bench] {mode} at {rate:g} req/s: {row['req_per_s']:.2f} req/s, {row['tok_per_s']:.0f} tok/s, "
+                  f"ITL p99 {row['itl_p99_ms'] or 0:.1f} ms", flush=True)
+            rows.append(row)
+        if llm.config.enable_two_gpu_pd:
+            llm.print_pd_statistics()
+        llm.exit()
+        del llm
+        free_gpu()
+    print(f"\nonline: Poisson arrivals for {args.duration:g} s per rate, {describe_workload(args)}; model {model}; "
+          f"device {device_name()}")
+    print_table(rows, ["mode", "rate", "requests", "req_per_s", "tok_per_s", "ttft_p50_s", "ttft_p99_s",
+                       "itl_p50_ms", "itl_p99_ms", "itl_max_ms"])
     return rows
 
 
@@ -282,12 +404,31 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if "rate" in rows[0]:
+        plot_online(plt, rows, path)
+        return
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r.get('preset', r.get('mode'))} b{r.get('batch', '')} c{r.get('context', '')}" for r in rows]
     key = "seq/floor" if "seq/floor" in rows[0] else "tok_per_s"
     ax.bar(range(len(rows)), [r[key] for r in rows])
     ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
     ax.set_ylabel(key)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_online(plt, rows: list[dict], path: str) -> None:
+    """ITL p99 and output tok/s against the arrival rate, one line per mode."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        for ax, key in zip(axes, ("itl_p99_ms", "tok_per_s")):
+            ax.plot([r["rate"] for r in mine], [r[key] for r in mine], marker="o", label=mode)
+    for ax, key in zip(axes, ("inter-token latency p99 (ms)", "output tok/s")):
+        ax.set_xscale("log")
+        ax.set_xlabel("arrival rate (requests/s)")
+        ax.set_ylabel(key)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
 
@@ -300,6 +441,11 @@ def main():
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workload", default="default", choices=WORKLOADS,
+                        help="prefill-heavy: prompts of 1000-4000 tokens, outputs of 50-200")
+    parser.add_argument("--online", action="store_true", help="replay Poisson arrivals through the streaming API")
+    parser.add_argument("--rates", default="2,8,32", help="arrival rates (requests/s) for --online")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate for --online")
     parser.add_argument("--hf-peer", type=int, default=0, help="also run transformers' generate on this many seqs")
     parser.add_argument("--decode-sweep", action="store_true")
     parser.add_argument("--attention-kernel", action="store_true", help="time the Triton decode attention kernel")
@@ -324,6 +470,8 @@ def main():
         rows = attention_kernel_bench(args)
     elif args.sampler:
         rows = sampler_bench(args)
+    elif args.online:
+        rows = online(args)
     else:
         rows = decode_sweep(args) if args.decode_sweep else compare(args)
     if args.json:

@@ -1,11 +1,446 @@
-"""Two-GPU prefill/decode disaggregation is not available yet: the option must be rejected clearly."""
+"""Prefill/decode disaggregation (enable_two_gpu_pd): the same tokens as the single-runner engine,
+back-pressure without deadlock or lost requests, the KV handoff, the streaming API, statistics and bad
+configurations. On CPU and on one GPU both runners share the device (same-device mode); the tests that
+need two GPUs skip on fewer."""
+import random
+
 import pytest
+import torch
 
-from nanovllm import LLM
-from tests.helpers import build_checkpoint
+from nanovllm import LLM, SamplingParams
+from nanovllm.disagg import PDEngine
+from nanovllm.disagg.kv_transfer import KVTransfer, block_runs
+from nanovllm.engine.scheduler import Scheduler
+from tests.conftest import model_dir, model_dirs, tiny_model_dir  # noqa: F401 (the suite's checkpoint fixtures)
+from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, check_consistent, random_prompts, stream_to_completion
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+MAX_MODEL_LEN = 160
+BLOCKS_PER_SEQ = MAX_MODEL_LEN // BLOCK_SIZE
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                    reason=f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
 
 
-def test_two_gpu_mode_is_rejected_with_a_clear_error(tmp_path):
-    build_checkpoint(tmp_path, seed=0, tie_word_embeddings=True, num_hidden_layers=1)
-    with pytest.raises(ValueError, match="enable_two_gpu_pd"):
-        LLM(str(tmp_path), device="cpu", enable_two_gpu_pd=True)
+def pd_llm(model_dir, device="cpu", prefill_device_id=0, decode_device_id=0, **options):
+    options = {"kvcache_block_size": BLOCK_SIZE, "max_model_len": MAX_MODEL_LEN, "num_kvcache_blocks": 64, **options}
+    return LLM(model_dir, device=device, enable_two_gpu_pd=True, prefill_device_id=prefill_device_id,
+               decode_device_id=decode_device_id, **options)
+
+
+def tokens(llm, prompts, params=GREEDY):
+    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def mixed_prompts():
+    """Mixed lengths, and prompts that share a prefix of full blocks with an earlier one."""
+    prompts = random_prompts([3, 17, 16, 120, 64, 45, 7, 99], seed=1234)
+    return prompts + [prompts[3][:48] + [5, 6, 7], prompts[3] + [9], prompts[4][:32]]
+
+
+def assert_idle(llm):
+    """No request left and every block free on both sides, with consistent block managers."""
+    scheduler = llm.scheduler
+    assert not llm.has_unfinished_requests()
+    assert not scheduler.prefilling and not scheduler.transferring and not scheduler.reserved
+    for bm in (scheduler.prefill_manager, scheduler.block_manager):
+        check_consistent(bm, [])
+        assert bm.num_free_blocks == len(bm.blocks)
+
+
+def assert_shared_weights(llm):
+    """On one device the decode runner uses the prefill runner's weight tensors."""
+    pairs = list(zip(llm.prefill_runner.model.parameters(), llm.decode_runner.model.parameters(), strict=True))
+    assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+
+
+class Holder:
+    def __init__(self, block_table):
+        self.block_table = block_table
+
+
+def check_invariants(llm):
+    """Every admitted prompt holds its decode blocks; both block managers agree with their users."""
+    s = llm.scheduler
+    for seq in s.prefilling:
+        assert len(s.reserved[seq.seq_id]) == s.block_manager.num_blocks_for(seq.num_tokens)
+    assert s.num_admitted() <= s.max_num_seqs
+    check_consistent(s.prefill_manager, s.prefilling + [Holder(blocks) for _, blocks in s.transferring.values()])
+    check_consistent(s.block_manager, list(s.running) + [seq for seq, _ in s.transferring.values()]
+                     + [Holder(blocks) for blocks in s.reserved.values()])
+
+
+def count_preemptions(monkeypatch) -> list:
+    preempted = []
+    original = Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq.seq_id), original(self, seq)))
+    return preempted
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    """The single-runner engine's greedy tokens for mixed_prompts()."""
+    llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
+    return tokens(llm, mixed_prompts())
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(max_num_batched_tokens=40),  # chunked prefill
+    dict(num_kvcache_blocks=BLOCKS_PER_SEQ, prefill_num_kvcache_blocks=BLOCKS_PER_SEQ),  # preemption, back-pressure
+    dict(num_kvcache_blocks=BLOCKS_PER_SEQ + 3, max_num_batched_tokens=24, max_num_seqs=3),
+], ids=["default", "chunked", "tiny-caches", "tiny-chunked"])
+def test_greedy_tokens_match_the_single_runner_engine(model_dir, expected, monkeypatch, options):
+    preempted = count_preemptions(monkeypatch)
+    llm = pd_llm(model_dir, **options)
+    assert isinstance(llm, PDEngine)
+    assert_shared_weights(llm)
+    step = llm.step
+    monkeypatch.setattr(llm, "step", lambda: (step(), check_invariants(llm))[0])
+    assert tokens(llm, mixed_prompts()) == expected
+    assert_idle(llm)
+    first = llm.get_pd_statistics()
+    if options.get("num_kvcache_blocks") == BLOCKS_PER_SEQ:
+        assert preempted, "a decode cache of one sequence forces preemption"
+        assert first["prefill_wait_for_decode_room_s"] > 0
+    # Run again: the prompts now hit the prefill side's prefix cache, and the answer is the same.
+    assert tokens(llm, mixed_prompts()) == expected
+    assert_idle(llm)
+    prefilled = llm.get_pd_statistics()["prefill_tokens"] - first["prefill_tokens"]
+    if "prefill_num_kvcache_blocks" not in options:
+        assert prefilled < sum(len(p) for p in mixed_prompts())
+
+
+class Held:
+    """Launched work (a prefill's tokens, a KV transfer) that reports itself unfinished until the test
+    releases it."""
+
+    def __init__(self, work):
+        self.work, self.released = work, False
+
+    def __getattr__(self, name):
+        return getattr(self.work, name)
+
+    def ready(self):
+        return self.released and self.work.ready()
+
+    def done(self):
+        return self.released and self.work.done()
+
+
+def hold(monkeypatch, owner, method: str) -> list[Held]:
+    """Makes owner.method return its work held; returns the list of held work."""
+    held, original = [], getattr(owner, method)
+
+    def held_call(*args, **kwargs):
+        held.append(Held(original(*args, **kwargs)))
+        return held[-1]
+
+    monkeypatch.setattr(owner, method, held_call)
+    return held
+
+
+def streaming(llm):
+    """step() that gathers each request's tokens into the returned dict."""
+    streamed = {}
+
+    def step():
+        for request_id, new_tokens, _ in llm.step():
+            streamed.setdefault(request_id, []).extend(new_tokens)
+
+    return streamed, step
+
+
+def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected, monkeypatch):
+    llm = pd_llm(model_dir)
+    prompts = mixed_prompts()
+    streamed, step = streaming(llm)
+    first = llm.add_request(prompts[0], GREEDY)
+    step()
+    assert list(llm.scheduler.running) and streamed[first] == expected[0][:1]
+    held = hold(monkeypatch, llm.prefill_runner, "launch")
+    second = llm.add_request(prompts[3], GREEDY)
+    for n in range(2, 6):
+        step()
+        assert len(held) == 1 and llm.scheduler.prefilling, "one prefill in flight, not collected"
+        assert len(streamed[first]) == n and second not in streamed, "the decode side kept stepping"
+    held[0].released = True
+    while llm.has_unfinished_requests():
+        step()
+    assert (streamed[first], streamed[second]) == (expected[0], expected[3])
+    stats = llm.get_pd_statistics()
+    assert stats["decode_step_ms_beside_prefill"] > 0 and stats["decode_step_ms_alone"] > 0
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "transfer"])
+def test_abort_while_work_is_in_flight(model_dir, expected, monkeypatch, stage):
+    llm = pd_llm(model_dir)
+    prompts = mixed_prompts()
+    streamed, step = streaming(llm)
+    first = llm.add_request(prompts[0], GREEDY)
+    step()
+    held = hold(monkeypatch, *((llm.prefill_runner, "launch") if stage == "prefill" else (llm.kv_transfer, "start")))
+    second = llm.add_request(prompts[3], GREEDY)
+    step()
+    assert held and (llm.scheduler.prefilling if stage == "prefill" else llm.scheduler.transferring)
+    first_tokens_of_second = streamed.get(second, [])
+    assert first_tokens_of_second == ([] if stage == "prefill" else expected[3][:1])
+    llm.abort_requests([second])
+    check_invariants(llm)
+    for work in held:  # the launched work completes after the abort
+        work.released = True
+    while llm.has_unfinished_requests():
+        step()
+    assert streamed[first] == expected[0]
+    assert streamed.get(second, []) == first_tokens_of_second, "nothing reported after the abort"
+    assert_idle(llm)
+
+
+def test_pipeline_option_applies_to_the_decode_runner(model_dir, expected):
+    llm = pd_llm(model_dir, enable_pipeline=True, pipeline_force=True)
+    assert llm.decode_runner.pipeline is not None and llm.prefill_runner.pipeline is None
+    assert tokens(llm, mixed_prompts()) == expected
+
+
+def test_many_requests_through_tiny_caches_finish_once_in_order(tiny_model_dir, monkeypatch):
+    preempted = count_preemptions(monkeypatch)
+    llm = pd_llm(tiny_model_dir, num_kvcache_blocks=BLOCKS_PER_SEQ + 2, prefill_num_kvcache_blocks=BLOCKS_PER_SEQ,
+                 max_num_batched_tokens=64, max_num_seqs=16)
+    rng = random.Random(7)
+    stem = [rng.randrange(2, VOCAB_SIZE) for _ in range(60)]
+    prompts = [(stem[:rng.randrange(60)] if rng.random() < 0.4 else [])
+               + [rng.randrange(2, VOCAB_SIZE) for _ in range(rng.randrange(1, 90))] for _ in range(60)]
+    params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randrange(1, 40),
+                             ignore_eos=rng.random() < 0.5) for _ in prompts]
+    finished = []
+    step = llm.step
+
+    def checked_step():
+        outputs = step()
+        check_invariants(llm)
+        finished.extend(i for i, _, done in outputs if done)
+        return outputs
+
+    monkeypatch.setattr(llm, "step", checked_step)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(finished) == len(set(finished)) == len(prompts), "each request finishes exactly once"
+    assert preempted
+    for out, prompt, sp in zip(outputs, prompts, params):
+        limit = min(sp.max_tokens, MAX_MODEL_LEN - len(prompt))
+        if sp.ignore_eos or TINY_EOS not in out["token_ids"]:
+            assert len(out["token_ids"]) == limit
+        else:
+            assert out["token_ids"].index(TINY_EOS) == len(out["token_ids"]) - 1
+    assert_idle(llm)
+    # In prompt order: the greedy ones, run again on the single-runner engine, agree.
+    greedy = [i for i, sp in enumerate(params) if sp.temperature == 0][:10]
+    single = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
+                 num_kvcache_blocks=64)
+    again = single.generate([prompts[i] for i in greedy], [params[i] for i in greedy], use_tqdm=False)
+    assert [o["token_ids"] for o in again] == [outputs[i]["token_ids"] for i in greedy]
+
+
+@pytest.fixture(scope="module")
+def pd_engine(model_dir):
+    return pd_llm(model_dir, num_kvcache_blocks=BLOCKS_PER_SEQ * 2, max_num_batched_tokens=64)
+
+
+def test_streaming_api_reports_every_token_once(pd_engine, expected):
+    prompts = mixed_prompts()
+    ids = [pd_engine.add_request(p, GREEDY) for p in prompts]
+    assert stream_to_completion(pd_engine, ids) == expected
+    assert_idle(pd_engine)
+
+
+def test_abort_of_waiting_and_decoding_requests_frees_both_caches(pd_engine, expected):
+    prompts = mixed_prompts()
+    ids = [pd_engine.add_request(p, GREEDY) for p in prompts]
+    streamed = {i: [] for i in ids}
+    for _ in range(3):
+        for request_id, new_tokens, _ in pd_engine.step():
+            streamed[request_id] += new_tokens
+    s = pd_engine.scheduler
+    assert s.waiting and s.running, "requests in several states when aborted"
+    aborted = set(ids[::2])
+    pd_engine.abort_requests(aborted)
+    check_invariants(pd_engine)
+    while pd_engine.has_unfinished_requests():
+        for request_id, new_tokens, _ in pd_engine.step():
+            assert request_id not in aborted
+            streamed[request_id] += new_tokens
+    for i, request_id in enumerate(ids):
+        if request_id not in aborted:
+            assert streamed[request_id] == expected[i]
+    assert_idle(pd_engine)
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("runner", ["prefill_runner", "decode_runner"])
+def test_interrupted_generate_removes_its_requests(pd_engine, expected, monkeypatch, interrupt, runner):
+    target = getattr(pd_engine, runner)
+    launch, calls = target.launch, []
+
+    def failing_launch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise interrupt("stopped mid-generate")
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(target, "launch", failing_launch)
+    with pytest.raises(interrupt):
+        pd_engine.generate(mixed_prompts(), GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    assert_idle(pd_engine)
+    assert tokens(pd_engine, mixed_prompts()) == expected
+
+
+def test_statistics_count_the_work(model_dir, capsys):
+    llm = pd_llm(model_dir, num_kvcache_blocks=64, prefill_num_kvcache_blocks=64)
+    prompts = random_prompts([5, 40, 17, 33], seed=3)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (1, 6, 9, 4)]
+    tokens(llm, prompts, params)
+    stats = llm.get_pd_statistics()
+    assert stats["prefill_tokens"] == sum(len(p) for p in prompts)
+    assert stats["prefill_batches"] >= 1 and stats["prefill_time_s"] > 0
+    assert stats["decode_tokens"] == sum(sp.max_tokens - 1 for sp in params)
+    assert stats["decode_steps"] == max(sp.max_tokens for sp in params) - 1
+    assert stats["decode_time_s"] > 0 and stats["decode_step_ms_alone"] > 0
+    # The one-token request finishes at its prefill and is never handed over.
+    handed_over = [p for p, sp in zip(prompts, params) if sp.max_tokens > 1]
+    assert stats["kv_transfers"] == len(handed_over)
+    kv_cache = llm.prefill_runner.kv_cache
+    block_bytes = kv_cache[0].numel() * kv_cache.element_size()
+    assert stats["kv_transfer_bytes"] == sum(-(-len(p) // BLOCK_SIZE) for p in handed_over) * block_bytes
+    assert 1 <= stats["kv_transfer_copies"] <= sum(-(-len(p) // BLOCK_SIZE) for p in handed_over)
+    assert stats["kv_transfer_gb_per_s"] > 0
+    assert stats["prefill_wait_for_decode_room_s"] == 0 and stats["decode_idle_s"] >= 0
+    assert (stats["prefill_device"], stats["decode_device"], stats["kv_transfer_mode"]) == ("cpu", "cpu", "device-local")
+    llm.print_pd_statistics()
+    out = capsys.readouterr().out
+    assert "[PD Statistics]" in out and f"{stats['prefill_tokens']} tokens" in out
+
+
+def test_block_runs_group_blocks_consecutive_on_both_sides():
+    assert block_runs([4, 5, 6, 9, 10, 2], [0, 1, 2, 3, 7, 8]) == [(4, 0, 3), (9, 3, 1), (10, 7, 1), (2, 8, 1)]
+    assert block_runs([], []) == []
+    with pytest.raises(ValueError):
+        block_runs([1, 2], [3])
+
+
+def random_caches(device, src_blocks=12, dst_blocks=10, dtype=torch.float32):
+    shape = (2, 2, BLOCK_SIZE, 2, 8)  # layers, K/V, block size, kv heads, head dim
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randn((src_blocks + 1, *shape), generator=generator).to(device, dtype)
+    dst = torch.randn((dst_blocks + 1, *shape), generator=generator).to(device, dtype)
+    return src, dst
+
+
+def check_transfer(src, dst, staged):
+    before = dst.clone()
+    transfer = KVTransfer(src, dst, staged=staged)
+    src_blocks, dst_blocks = [3, 4, 5, 0, 11, 7], [6, 7, 8, 2, 1, 0]
+    handle = transfer.start(src_blocks, dst_blocks)
+    handle.wait()
+    assert handle.done()
+    for s, d in zip(src_blocks, dst_blocks):
+        assert torch.equal(dst[d].cpu(), src[s].cpu())
+    untouched = [b for b in range(dst.size(0)) if b not in dst_blocks]
+    assert torch.equal(dst[untouched].cpu(), before[untouched].cpu())
+    assert handle.num_bytes == len(src_blocks) * src[0].numel() * src.element_size()
+    assert handle.num_copies == (2 if staged else 1) * 4
+    assert handle.seconds() >= 0
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_kv_transfer_copies_blocks_on_cpu(staged):
+    check_transfer(*random_caches("cpu"), staged)
+
+
+def test_kv_transfer_rejects_caches_of_different_shapes():
+    src, _ = random_caches("cpu")
+    with pytest.raises(ValueError, match="block shape"):
+        KVTransfer(src, torch.zeros(4, 3, 2, BLOCK_SIZE, 2, 8))
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(tensor_parallel_size=2), "enable_two_gpu_pd"),
+    (dict(decode_device_id=1), "decode_device_id"),  # the CPU is one device
+    (dict(prefill_device_id=5), "prefill_device_id"),
+    (dict(prefill_device_id=-1), "prefill_device_id"),
+    (dict(decode_device_id=-2), "decode_device_id"),
+    (dict(prefill_num_kvcache_blocks=3), "prefill_num_kvcache_blocks"),
+    (dict(prefill_num_kvcache_blocks=0), "prefill_num_kvcache_blocks"),
+    (dict(num_kvcache_blocks=3), "num_kvcache_blocks"),
+    (dict(device="cuda:0"), "device"),
+])
+def test_bad_configurations(model_dir, pd_engine, expected, options, match):
+    with pytest.raises(ValueError, match=match):
+        pd_llm(model_dir, **options)
+    assert tokens(pd_engine, mixed_prompts()) == expected
+
+
+def test_prefill_cache_size_needs_the_pd_mode(model_dir):
+    with pytest.raises(ValueError, match="prefill_num_kvcache_blocks"):
+        LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, prefill_num_kvcache_blocks=64)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="checks the error on machines with fewer than 2 GPUs")
+def test_default_decode_device_needs_a_second_gpu(model_dir):
+    with pytest.raises(ValueError, match="decode_device_id"):
+        LLM(model_dir, kvcache_block_size=BLOCK_SIZE, enable_two_gpu_pd=True)
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_expected(model_dir):
+    """The single-runner engine on CUDA in float32, with decode CUDA graphs."""
+    llm = LLM(model_dir, device="cuda", dtype="float32", kvcache_block_size=BLOCK_SIZE,
+              max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
+    assert llm.model_runner.graphs is not None
+    return tokens(llm, mixed_prompts())
+
+
+@needs_cuda
+@pytest.mark.parametrize("options", [dict(), dict(num_kvcache_blocks=BLOCKS_PER_SEQ, max_num_batched_tokens=40)],
+                         ids=["default", "tiny-chunked"])
+def test_same_device_mode_on_one_gpu_matches_the_single_runner_engine(model_dir, cuda_expected, monkeypatch, options):
+    preempted = count_preemptions(monkeypatch)
+    llm = pd_llm(model_dir, device=None, dtype="float32", **{"num_kvcache_blocks": 64, **options})
+    assert llm.decode_runner.graphs is not None and llm.prefill_runner.graphs is None
+    assert llm.prefill_runner.device == llm.decode_runner.device
+    assert llm.kv_transfer.mode == "device-local"
+    assert_shared_weights(llm)
+    assert tokens(llm, mixed_prompts()) == cuda_expected
+    assert_idle(llm)
+    assert tokens(llm, mixed_prompts()) == cuda_expected  # now with prefix-cache hits
+    assert_idle(llm)
+    if options:
+        assert preempted
+    assert llm.get_pd_statistics()["kv_transfer_gb_per_s"] > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("staged", [False, True])
+def test_kv_transfer_copies_blocks_on_a_gpu(staged):
+    check_transfer(*random_caches("cuda", dtype=torch.bfloat16), staged)
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("staged", [False, True])
+def test_kv_transfer_between_two_gpus(staged):
+    src, _ = random_caches("cuda:0")
+    _, dst = random_caches("cuda:1")
+    check_transfer(src, dst, staged)
+
+
+@needs_two_gpus
+def test_two_gpus_match_the_single_runner_engine(model_dir, cuda_expected):
+    llm = pd_llm(model_dir, device=None, dtype="float32", prefill_device_id=0, decode_device_id=1,
+                 num_kvcache_blocks=BLOCKS_PER_SEQ + 2, max_num_batched_tokens=40)
+    assert (str(llm.prefill_runner.device), str(llm.decode_runner.device)) == ("cuda:0", "cuda:1")
+    assert llm.kv_transfer.mode in ("peer-to-peer", "staged through pinned host memory")
+    assert tokens(llm, mixed_prompts()) == cuda_expected
+    assert_idle(llm)

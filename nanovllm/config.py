@@ -37,8 +37,12 @@ class Config:
     enable_two_gpu_pd: bool = False
     prefill_device_id: int = 0
     decode_device_id: int = 1
+    prefill_num_kvcache_blocks: int = -1
     hf_config: PretrainedConfig = field(init=False, repr=False)
     eos_token_ids: tuple[int, ...] = field(init=False, default=())
+    # With enable_two_gpu_pd: the devices of the prefill and the decode runner.
+    prefill_device: torch.device | None = field(init=False, default=None)
+    decode_device: torch.device | None = field(init=False, default=None)
 
     def __post_init__(self):
         self._check_types()
@@ -59,12 +63,25 @@ class Config:
                  "False when tensor_parallel_size > 1 (the pipeline is single-GPU)")
         _require(self.prefill_device_id >= 0, "prefill_device_id", "an integer >= 0")
         _require(self.decode_device_id >= 0, "decode_device_id", "an integer >= 0")
-        _require(not self.enable_two_gpu_pd, "enable_two_gpu_pd",
-                 "False: two-GPU prefill/decode disaggregation is not available in this version")
+        _require(not (self.enable_two_gpu_pd and self.tensor_parallel_size > 1), "enable_two_gpu_pd",
+                 "False when tensor_parallel_size > 1 (prefill/decode disaggregation runs one GPU per role)")
+        _require(self.prefill_num_kvcache_blocks == -1 or (self.enable_two_gpu_pd and self.prefill_num_kvcache_blocks >= 1),
+                 "prefill_num_kvcache_blocks", "-1 (sized for its role) or, with enable_two_gpu_pd=True, an integer >= 1")
+        if self.enable_two_gpu_pd:
+            self._check_pd_device()
         self.device = self._resolve_device()
+        if self.enable_two_gpu_pd:
+            self.prefill_device, self.decode_device = self._resolve_pd_devices()
+            self.device = self.decode_device
         self.hf_config = _load_hf_config(self.model)
         self.dtype = self._resolve_dtype()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        blocks_per_seq = -(-self.max_model_len // self.kvcache_block_size)
+        for option in ("num_kvcache_blocks", "prefill_num_kvcache_blocks"):
+            blocks = getattr(self, option)
+            _require(blocks == -1 or blocks >= blocks_per_seq, option,
+                     f"-1 or at least the {blocks_per_seq} KV cache blocks of one max_model_len={self.max_model_len} "
+                     f"sequence: raise {option} to at least {blocks_per_seq}, or lower max_model_len")
         self.eos_token_ids = _eos_token_ids(self.model, self.hf_config)
         if self.tensor_parallel_size > 1:
             heads = (self.hf_config.num_attention_heads, self.hf_config.num_key_value_heads)
@@ -105,6 +122,25 @@ class Config:
             _require(device.index < torch.cuda.device_count(), "device",
                      f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         return device
+
+    def _check_pd_device(self) -> None:
+        device = self.device
+        if isinstance(device, (str, torch.device)) and str(device) not in ("cpu", "cuda"):
+            raise ValueError(f"device must be None, 'cuda' or 'cpu' with enable_two_gpu_pd=True (the runners' GPUs "
+                             f"are prefill_device_id and decode_device_id), got {device!r}")
+
+    def _resolve_pd_devices(self) -> tuple[torch.device, torch.device]:
+        """The CPU counts as one device: both runners run on it, so both ids must be 0."""
+        if self.device.type == "cpu":
+            count, why = 1, "on CPU both runners share the one device"
+        else:
+            count = torch.cuda.device_count()
+            why = f"this machine has {count} CUDA device{'s' if count > 1 else ''}"
+        for option in ("prefill_device_id", "decode_device_id"):
+            _require(getattr(self, option) < count, option, f"an integer in [0, {count - 1}] ({why})")
+        if self.device.type == "cpu":
+            return self.device, self.device
+        return torch.device("cuda", self.prefill_device_id), torch.device("cuda", self.decode_device_id)
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.dtype is None:

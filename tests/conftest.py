@@ -2,8 +2,8 @@
 import pytest
 
 from nanovllm import LLM
-from tests.helpers import (BLOCK_SIZE, MAX_NEW_TOKENS, MODEL_VARIANTS, PROMPT_LENGTHS, TINY_EOS, build_checkpoint,
-                           hf_greedy, random_prompts)
+from tests.helpers import (BLOCK_SIZE, MAX_NEW_TOKENS, MODEL_VARIANTS, PROMPT_LENGTHS, TINY_EOS_VARIANT,
+                           build_checkpoint, hf_greedy, random_prompts)
 
 
 def pytest_configure(config):
@@ -34,7 +34,7 @@ def model_dir(model_dirs):
 def tiny_model_dir(tmp_path_factory):
     """One layer and an end-of-sequence token, for tests that run many requests."""
     path = tmp_path_factory.mktemp("qwen3_tiny")
-    build_checkpoint(path, seed=101, tie_word_embeddings=True, num_hidden_layers=1, eos_token_id=TINY_EOS)
+    build_checkpoint(path, **TINY_EOS_VARIANT)
     return str(path)
 
 

@@ -28,6 +28,8 @@ MODEL_VARIANTS = {
 
 
 # Mixed lengths: shorter than a block, exact multiples of the block size, and several blocks.
+# One layer and an end-of-sequence token, for tests that run many requests.
+TINY_EOS_VARIANT = dict(seed=101, tie_word_embeddings=True, num_hidden_layers=1, eos_token_id=TINY_EOS)
 PROMPT_LENGTHS = [3, 17, 16, 120, 64, 45, 7, 99]
 
 
@@ -94,3 +96,17 @@ def check_consistent(bm, live) -> None:
     assert set(bm.free_block_ids) == {i for i, r in enumerate(refs) if r == 0}
     for h, block_id in bm.hash_to_block_id.items():
         assert bm.blocks[block_id].hash == h
+
+
+def stream_to_completion(llm, request_ids: list[int]) -> list[list[int]]:
+    """Steps llm until it is idle and returns each request's streamed tokens, checking that every
+    request finishes exactly once and reports nothing after it finished."""
+    streamed, finished = {i: [] for i in request_ids}, []
+    while llm.has_unfinished_requests():
+        for request_id, new_tokens, done in llm.step():
+            assert request_id not in finished, "a request reported tokens after it finished"
+            streamed[request_id] += new_tokens
+            if done:
+                finished.append(request_id)
+    assert sorted(finished) == sorted(request_ids)
+    return [streamed[i] for i in request_ids]

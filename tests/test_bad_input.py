@@ -135,7 +135,8 @@ def test_bad_sampling_params_arguments_to_generate(llm, expected):
     (dict(tensor_parallel_size=0), ValueError, "tensor_parallel_size"),
     (dict(tensor_parallel_size=3), ValueError, "tensor_parallel_size"),  # 4 heads / 2 kv heads
     (dict(enable_pipeline=True, tensor_parallel_size=2), ValueError, "enable_pipeline"),
-    (dict(enable_two_gpu_pd=True), ValueError, "enable_two_gpu_pd"),
+    (dict(enable_two_gpu_pd=True, tensor_parallel_size=2), ValueError, "enable_two_gpu_pd"),
+    (dict(enable_two_gpu_pd=True), ValueError, "decode_device_id"),  # the CPU is one device
     (dict(attention_backend="magic"), ValueError, "attention_backend"),
     (dict(attention_backend="triton"), ValueError, "attention_backend"),  # needs CUDA
     (dict(num_kvcache_blocks=0), ValueError, "num_kvcache_blocks"),

@@ -83,12 +83,22 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
-    def deallocate(self, seq: Sequence) -> None:
-        for block_id in reversed(seq.block_table):
+    def allocate_blocks(self, num_blocks: int) -> list[int] | None:
+        """Takes num_blocks fresh blocks outside any sequence's table; None when fewer are free."""
+        if num_blocks > self.num_free_blocks:
+            return None
+        return [self._take_free_block() for _ in range(num_blocks)]
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        """Drops one reference to each block, the last one first, so that a table's tail is reused first."""
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
+
+    def deallocate(self, seq: Sequence) -> None:
+        self.free_blocks(seq.block_table)
         seq.block_table.clear()
         seq.num_cached_tokens = seq.num_computed_tokens = 0
 

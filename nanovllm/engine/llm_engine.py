@@ -26,6 +26,15 @@ class LLMEngine:
         config = Config(model, device=device, dtype=dtype, **options)
         self.config = config
         self.tokenizer = self._load_tokenizer(config.model)
+        self.tp_group = None
+        self._build(config)
+        # One step at a time: the runner's buffers and the forward context are not shareable.
+        self._lock = threading.RLock()
+        self._streamed: set[int] = set()  # ids from add_request() not yet finished
+
+    def _build(self, config: Config) -> None:
+        """Builds the runners and the scheduler; an engine with another execution model overrides this
+        and step(), and keeps the request-level API above them."""
         self.tp_group = TensorParallelGroup(config) if config.tensor_parallel_size > 1 else None
         try:
             self.model_runner = ModelRunner(config, config.device, 0, self.tp_group and self.tp_group.init_method)
@@ -35,12 +44,10 @@ class LLMEngine:
             if self.tp_group:  # the workers and the process group would outlive the failed engine
                 self.tp_group.close()
             raise
+        if self.tp_group:
             # Stops the worker processes when this engine is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, TensorParallelGroup.close, self.tp_group)
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks, self.tokenizer)
-        # One step at a time: the runner's buffers and the forward context are not shareable.
-        self._lock = threading.RLock()
-        self._streamed: set[int] = set()  # ids from add_request() not yet finished
 
     @staticmethod
     def _load_tokenizer(path: str):
@@ -52,9 +59,15 @@ class LLMEngine:
         except Exception as e:  # each tokenizer file format fails in its own way
             raise ValueError(f"cannot read the tokenizer files {', '.join(present)} in {path}: {e!r}") from None
 
+    @property
+    def runners(self) -> list[ModelRunner]:
+        """This process's model runners; the one that decodes comes last."""
+        return [self.model_runner]
+
     def exit(self) -> None:
         """Releases the decode graphs and the worker processes; the engine cannot run afterwards."""
-        self.model_runner.close()
+        for runner in self.runners:
+            runner.close()
         if self.tp_group:
             self._finalizer()
             self.tp_group = None
@@ -142,7 +155,7 @@ class LLMEngine:
             try:
                 self._run_to_completion(seqs, use_tqdm)
             except BaseException:
-                self.scheduler.abort({seq.seq_id for seq in seqs})
+                self.abort_requests([seq.seq_id for seq in seqs])
                 raise
         return [self._output(seq) for seq in seqs]
 
@@ -162,7 +175,7 @@ class LLMEngine:
                     done += 1
                     bar.total -= budget[seq_id] - by_id[seq_id].num_completion_tokens
             bar.set_postfix_str(f"{done}/{len(seqs)} requests", refresh=False)
-            bar.update(len(outputs))
+            bar.update(sum(len(new_token_ids) for _, new_token_ids, _ in outputs))
         bar.close()
 
     def _output(self, seq: Sequence) -> dict:

@@ -68,11 +68,14 @@ class ModelRunner:
         # A scoped device context: the global default device would stay installed as a torch mode.
         with torch.device(self.device), default_dtype(self.config.dtype):
             model = Qwen3ForCausalLM(self.config.hf_config)
-        load_model(model, self.config.model)
+        self.load_weights(model)
         for layer in model.modules():
             if isinstance(layer, Attention):
                 layer.backend = self.backend
         return model
+
+    def load_weights(self, model: Qwen3ForCausalLM) -> None:
+        load_model(model, self.config.model)
 
     def warmup(self) -> None:
         """A prefill of a full token budget, so that the peak activation memory can be measured."""
@@ -119,15 +122,10 @@ class ModelRunner:
             agreed = torch.tensor([num_blocks], device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
             num_blocks = int(agreed.item())
-        if num_blocks < self.max_blocks_per_seq:
-            remedies = "lower max_model_len or max_num_batched_tokens, or raise gpu_memory_utilization"
-            if self.device.type == "cpu":
-                remedies = f"raise num_kvcache_blocks to at least {self.max_blocks_per_seq}, or lower max_model_len"
-            elif self.config.num_kvcache_blocks != -1:
-                remedies = f"raise num_kvcache_blocks to at least {self.max_blocks_per_seq}, or {remedies}"
+        if num_blocks < self.max_blocks_per_seq:  # sized from memory: options were checked in Config
             raise ValueError(f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, fewer than one "
                              f"sequence of max_model_len={self.config.max_model_len} needs ({self.max_blocks_per_seq}); "
-                             f"{remedies}")
+                             "lower max_model_len or max_num_batched_tokens, or raise gpu_memory_utilization")
         # One extra block absorbs the writes of padded slots (-1) that some backends do not skip.
         # Zeroed, because masked-out positions still enter softmax(scores) @ V with weight 0, and
         # 0 * NaN from uninitialised memory would poison the output.
@@ -198,8 +196,14 @@ class ModelRunner:
         t = torch.tensor(values, dtype=dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        token_ids = self.sample(seqs, is_prefill)
+        return None if token_ids is None else token_ids.tolist()
+
+    @torch.inference_mode()
+    def sample(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor | None:
+        """Launches a batch and returns its sampled token ids on the device without waiting for them
+        (None on ranks > 0); its work goes to the current stream."""
         if is_prefill:
             input_ids, positions, ctx, last_indices = self.prepare_prefill(seqs)
             set_context(ctx)
@@ -209,7 +213,7 @@ class ModelRunner:
         reset_context()
         if self.rank != 0:
             return None
-        return self.sampler(logits, sampling_inputs(seqs, self._to_device)).tolist()
+        return self.sampler(logits, sampling_inputs(seqs, self._to_device))
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)

@@ -83,33 +83,41 @@ class Scheduler:
                 self.block_manager.deallocate(seq)
                 seq.status = SequenceStatus.FINISHED
 
+    @staticmethod
+    def advance(seq: Sequence, token_id: int, block_manager: BlockManager) -> bool:
+        """Counts seq's scheduled tokens as computed in block_manager's cache; once all its tokens
+        are, appends token_id and returns True."""
+        seq.num_computed_tokens += seq.num_scheduled_tokens
+        seq.num_scheduled_tokens = 0
+        block_manager.hash_computed_blocks(seq)
+        if seq.num_computed_tokens < seq.num_tokens:
+            return False
+        seq.append_token(token_id)
+        return True
+
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Advances each scheduled sequence; token_ids[i] is seqs[i]'s next token, unused when its
         prompt is not yet fully computed. Returns the sequences that gained a token."""
         produced = []
         for seq, token_id in zip(seqs, token_ids):
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
-            self.block_manager.hash_computed_blocks(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
+            if not self.advance(seq, token_id, self.block_manager):
                 continue
-            seq.append_token(token_id)
             produced.append(seq)
-            seq.finish_reason = self._finish_reason(seq, token_id)
-            if seq.finish_reason is not None:
+            if self.stopped(seq):
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
                 self.running.remove(seq)
         return produced
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        """The reason seq is finished after token_id, if it is: "stop" for an end-of-sequence token
-        (unless ignore_eos), a stop token or a stop string, checked in that order and before
-        "length" (max_tokens or max_model_len), as vLLM does."""
+    def stopped(self, seq: Sequence) -> bool:
+        """Whether seq is done after its last token; sets its finish_reason: "stop" for an
+        end-of-sequence token (unless ignore_eos), a stop token or a stop string, checked in that
+        order and before "length" (max_tokens or max_model_len), as vLLM does."""
+        token_id = seq.last_token
         if (not seq.ignore_eos and token_id in self.eos_token_ids) or token_id in seq.stop_token_ids:
-            return "stop"
-        if seq.stop_strings is not None and seq.stop_strings.update(self.tokenizer, seq.token_ids):
-            return "stop"
-        if seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+            seq.finish_reason = "stop"
+        elif seq.stop_strings is not None and seq.stop_strings.update(self.tokenizer, seq.token_ids):
+            seq.finish_reason = "stop"
+        elif seq.num_completion_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None

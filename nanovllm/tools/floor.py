@@ -7,12 +7,12 @@ from nanovllm.utils.timing import median_replay_ms
 
 
 class ScheduleFloor:
-    """Attach to an engine; every batch its runner runs adds that step's floor: the larger of the
+    """Attach to an engine; every batch its runners launch adds that step's floor: the larger of the
     fewest bytes it must move (all weights once, the K/V it reads and writes) over the copy rate,
     and its FLOPs (weights and attention) over the matrix rate."""
 
     def __init__(self, llm, copy_bytes_per_s: float, flops_per_s: float):
-        runner = llm.model_runner
+        runner = llm.runners[-1]
         hf = llm.config.hf_config
         self.copy_rate, self.flop_rate = copy_bytes_per_s, flops_per_s
         params = list(runner.model.parameters())  # a tied lm_head counts once
@@ -26,13 +26,17 @@ class ScheduleFloor:
         # Per query-key pair: q·k and p·v, 2 FLOPs per head dimension each, in every layer and head.
         self.attention_flops_per_pair = 4 * hf.num_hidden_layers * hf.num_attention_heads * hf.head_dim
         self.seconds = 0.0
-        run = runner.run
+        for each in llm.runners:
+            self._observe(each)
 
-        def observed_run(seqs: list[Sequence], is_prefill: bool):
+    def _observe(self, runner) -> None:
+        sample = runner.sample
+
+        def observed_sample(seqs: list[Sequence], is_prefill: bool):
             self.seconds += self.step_seconds(seqs, is_prefill)
-            return run(seqs, is_prefill)
+            return sample(seqs, is_prefill)
 
-        runner.run = observed_run
+        runner.sample = observed_sample
 
     def step_seconds(self, seqs: list[Sequence], is_prefill: bool) -> float:
         new_tokens = sum(seq.num_scheduled_tokens for seq in seqs)

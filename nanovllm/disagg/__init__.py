@@ -1,0 +1,5 @@
+"""Prefill/decode disaggregation: a prefill runner and a decode runner kept busy at once, with the KV of
+finished prefills handed over asynchronously. See docs/architecture.md."""
+from nanovllm.disagg.engine import PDEngine
+
+__all__ = ["PDEngine"]

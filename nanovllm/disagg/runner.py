@@ -1,0 +1,59 @@
+import torch
+
+from nanovllm.config import Config
+from nanovllm.disagg.streams import StreamTimer, use_streams
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.sequence import Sequence
+
+
+class PendingTokens:
+    """A launched batch's sampled token ids on their way to pinned host memory: ready() polls,
+    result() waits."""
+
+    def __init__(self, token_ids: torch.Tensor, timer: StreamTimer):
+        if token_ids.is_cuda:
+            self.host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self.host.copy_(token_ids, non_blocking=True)
+        else:
+            self.host = token_ids
+        timer.stop()
+        self.timer = timer
+
+    def ready(self) -> bool:
+        return self.timer.done()
+
+    def result(self) -> list[int]:
+        self.timer.wait()
+        return self.host.tolist()
+
+
+class RoleRunner(ModelRunner):
+    """A ModelRunner that serves one role ("prefill" or "decode") of the PD engine. Its batches go to
+    its own stream (a high-priority one for decode) and are launched without waiting for their
+    tokens. With weights_from (both roles on one device) it uses that runner's weight tensors instead
+    of loading a second copy."""
+
+    def __init__(self, config: Config, device: torch.device, role: str, weights_from: ModelRunner | None = None):
+        self.role = role
+        self.weights_from = weights_from
+        super().__init__(config, device)
+        self.stream = None
+        if device.type == "cuda":
+            # On a shared device, decode kernels get SMs ahead of prefill kernels as blocks retire
+            # (a graph replay takes the priority of the stream it is launched on).
+            self.stream = torch.cuda.Stream(device, priority=-1 if role == "decode" else 0)
+            # The cache was zeroed on the default stream, which this runner's stream does not wait for.
+            torch.cuda.synchronize(device)
+
+    def load_weights(self, model) -> None:
+        if self.weights_from is None:
+            super().load_weights(model)
+            return
+        source = dict(self.weights_from.model.named_parameters())
+        for name, param in model.named_parameters():
+            param.data = source[name].data
+
+    def launch(self, seqs: list[Sequence], is_prefill: bool) -> PendingTokens:
+        with use_streams(self.stream):
+            timer = StreamTimer(self.stream)
+            return PendingTokens(self.sample(seqs, is_prefill), timer)
