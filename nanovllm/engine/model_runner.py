@@ -7,7 +7,8 @@ import torch.distributed as dist
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sampled_tokens import SampledTokens
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
@@ -44,6 +45,9 @@ class ModelRunner:
         self.model = self.load_model()
         self.pipeline = DecodePipeline.create(config, device, self.model) if config.enable_pipeline else None
         self.sampler = Sampler()
+        # Async scheduling: the last step's sampled tokens on the device, and each sequence's row in them.
+        self.sampled: torch.Tensor | None = None
+        self.sampled_rows: dict[int, int] = {}
         num_blocks = config.num_kvcache_blocks if config.num_kvcache_blocks != -1 else self.kv_blocks_that_fit()
         self.num_kvcache_blocks = self.allocate_kv_cache(num_blocks)
         self.graphs: DecodeGraphs | None = None
@@ -196,7 +200,18 @@ class ModelRunner:
                       slot_mapping=self._to_device([self._slots(s, [p])[0] for s, p in zip(seqs, positions)], torch.int64),
                       context_lens=self._to_device([seq.num_tokens for seq in seqs], torch.int32),
                       block_tables=self._block_tables(seqs).to(self.device))
-        return self._to_device([seq.last_token for seq in seqs], torch.int64), self._to_device(positions, torch.int64), ctx
+        input_ids = self._to_device([seq.last_token for seq in seqs], torch.int64)
+        if self.config.async_scheduling:
+            input_ids = self._with_sampled_tokens(seqs, input_ids)
+        return input_ids, self._to_device(positions, torch.int64), ctx
+
+    def _with_sampled_tokens(self, seqs: list[Sequence], input_ids: torch.Tensor) -> torch.Tensor:
+        """A PENDING_TOKEN stands for the token that the previous step sampled for that sequence."""
+        rows = [self.sampled_rows[seq.seq_id] if seq.last_token == PENDING_TOKEN else -1 for seq in seqs]
+        if max(rows) < 0:
+            return input_ids
+        rows = self._to_device(rows, torch.int64)
+        return torch.where(rows >= 0, self.sampled[rows.clamp(min=0)], input_ids)
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -211,10 +226,24 @@ class ModelRunner:
         else:
             logits = self.decode_logits(*self.prepare_decode(seqs))
         reset_context()
+        if self.config.async_scheduling:
+            return self.sample_ahead(seqs, logits)
         if self.rank != 0:
             return None
         temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
         return self.sampler(logits, temperatures).tolist()
+
+    def sample_ahead(self, seqs: list[Sequence], logits: torch.Tensor | None) -> SampledTokens | None:
+        """Samples without waiting for the device; the tokens stay there as the next step's inputs
+        (every rank gets them from rank 0) and reach the host through the returned SampledTokens."""
+        if self.rank == 0:
+            sampled = self.sampler(logits, self._to_device([seq.temperature for seq in seqs], torch.float32))
+        else:
+            sampled = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(sampled, 0)
+        self.sampled, self.sampled_rows = sampled, {seq.seq_id: row for row, seq in enumerate(seqs)}
+        return SampledTokens(sampled) if self.rank == 0 else None
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)
