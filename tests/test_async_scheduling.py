@@ -1,0 +1,186 @@
+"""Async scheduling (the host plans step N while step N-1 runs, and learns its tokens one step later)
+gives the synchronous engine's tokens, in every scheduling situation."""
+import random
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import PENDING_TOKEN
+from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, random_prompts
+
+MAX_MODEL_LEN = 96
+
+
+def workload() -> tuple[list[list[int]], list[SamplingParams]]:
+    """Greedy requests that stop at the end-of-sequence token (prompts 0, 3 and 6), at max_tokens (1
+    included) or at max_model_len (prompt 7), with shared prefixes and a duplicate prompt."""
+    prompts = random_prompts([5, 40, 17, 3, 60, 33, 8, 90, 21, 12], seed=3)
+    prompts += [prompts[7][:48] + prompts[4][:5], prompts[1]]
+    max_tokens = [20, 1, 16, 10, 24, 2, 40, 30, 16, 1, 12, 16]
+    ignore_eos = [False, False, True, False, False, True, False, False, True, False, False, False]
+    return prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=i) for n, i in zip(max_tokens, ignore_eos)]
+
+
+class Recorder:
+    """What the engine did: decode steps launched before their inputs were known, preemptions,
+    prefill chunks cut short and prefix-cache hits."""
+
+    def __init__(self, llm: LLM, monkeypatch):
+        self.ran_ahead = self.preempted = self.chunks = self.cached_tokens = 0
+        run, allocate = llm.model_runner.run, llm.scheduler.block_manager.allocate
+        preempt = llm.scheduler._preempt
+
+        def observed_run(seqs, is_prefill):
+            self.ran_ahead += sum(seq.last_token == PENDING_TOKEN for seq in seqs)
+            self.chunks += is_prefill and any(s.scheduled_positions.stop < s.num_tokens for s in seqs)
+            return run(seqs, is_prefill)
+
+        def observed_allocate(seq):
+            placed = allocate(seq)
+            self.cached_tokens += placed and seq.num_cached_tokens
+            return placed
+
+        def observed_preempt(seq):
+            self.preempted += 1
+            preempt(seq)
+
+        monkeypatch.setattr(llm.model_runner, "run", observed_run)
+        monkeypatch.setattr(llm.scheduler.block_manager, "allocate", observed_allocate)
+        monkeypatch.setattr(llm.scheduler, "_preempt", observed_preempt)
+
+
+def assert_idle(llm: LLM) -> None:
+    assert not llm.has_unfinished_requests()
+    bm = llm.scheduler.block_manager
+    assert bm.num_free_blocks == len(bm.blocks) and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def run_twice(model_dir, monkeypatch, async_scheduling: bool, **options):
+    """The workload twice on one engine: the second run finds the first one's blocks in the prefix cache."""
+    llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
+              async_scheduling=async_scheduling, **options)
+    recorder = Recorder(llm, monkeypatch)
+    prompts, params = workload()
+    runs = [[o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)] for _ in range(2)]
+    assert_idle(llm)
+    return runs, recorder
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_kvcache_blocks=128),
+    dict(num_kvcache_blocks=128, max_num_batched_tokens=24),  # chunked prefill
+    dict(num_kvcache_blocks=MAX_MODEL_LEN // BLOCK_SIZE),     # preemption
+    dict(num_kvcache_blocks=9, max_num_batched_tokens=40, max_num_seqs=5),
+], ids=["plain", "chunked", "preempted", "all"])
+def test_async_tokens_match_sync(tiny_model_dir, monkeypatch, options):
+    expected, _ = run_twice(tiny_model_dir, monkeypatch, False, **options)
+    monkeypatch.undo()
+    outputs, recorder = run_twice(tiny_model_dir, monkeypatch, True, **options)
+    assert outputs == expected
+    assert expected[0] == expected[1]
+    assert recorder.ran_ahead > 0 and recorder.cached_tokens >= 2 * BLOCK_SIZE
+    assert recorder.chunks > 0 if options.get("max_num_batched_tokens") else True
+    assert recorder.preempted > 0 if options["num_kvcache_blocks"] < 10 else True
+    _, params = workload()
+    lengths = [len(o) for o in expected[0]]
+    # The workload covers every way to stop: the end-of-sequence token mid-batch, max_tokens of 1 and
+    # more, max_model_len.
+    assert any(o[-1] == TINY_EOS and n < sp.max_tokens and not sp.ignore_eos
+               for o, n, sp in zip(expected[0], lengths, params))
+    assert 1 in lengths and any(n == sp.max_tokens > 1 for n, sp in zip(lengths, params))
+    prompts, _ = workload()
+    assert any(len(p) + n == MAX_MODEL_LEN for p, n in zip(prompts, lengths))
+
+
+def test_streaming_reports_every_token_once_and_finished_last(tiny_model_dir):
+    prompts, params = workload()
+    sync = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64,
+               max_model_len=MAX_MODEL_LEN, async_scheduling=False)
+    expected = [o["token_ids"] for o in sync.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64,
+              max_model_len=MAX_MODEL_LEN)
+    ids = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
+    streamed = {i: [] for i in ids}
+    finished = []
+    while llm.has_unfinished_requests():
+        for request_id, new_tokens, done in llm.step():
+            assert request_id not in finished, "a request reported tokens after it finished"
+            assert PENDING_TOKEN not in new_tokens
+            streamed[request_id] += new_tokens
+            if done:
+                finished.append(request_id)
+    assert sorted(finished) == sorted(ids)
+    assert [streamed[i] for i in ids] == expected
+    assert_idle(llm)
+
+
+def test_abort_while_a_token_is_in_flight(tiny_model_dir):
+    prompts = random_prompts([20, 7, 33], seed=41)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64)
+    expected = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    ids = [llm.add_request(p, greedy) for p in prompts]
+    streamed = {i: [] for i in ids}
+    for _ in range(4):  # prefill, then decode steps: each launches a step before the last one's tokens arrive
+        for request_id, new_tokens, _ in llm.step():
+            streamed[request_id] += new_tokens
+    assert llm._in_flight is not None
+    llm.abort_requests([ids[1]])
+    while llm.has_unfinished_requests():
+        for request_id, new_tokens, _ in llm.step():
+            assert request_id != ids[1], "an aborted request reported a token"
+            streamed[request_id] += new_tokens
+    assert streamed[ids[0]] == expected[0] and streamed[ids[2]] == expected[2]
+    assert streamed[ids[1]] == expected[1][:len(streamed[ids[1]])] and len(streamed[ids[1]]) < 12
+    assert_idle(llm)
+    assert [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)] == expected
+
+
+def test_an_interrupted_step_leaves_the_engine_usable(tiny_model_dir, monkeypatch):
+    prompts = random_prompts([12, 30, 5], seed=42)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64)
+    expected = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    run, calls = llm.model_runner.run, []
+
+    def failing_run(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return run(*args)
+
+    monkeypatch.setattr(llm.model_runner, "run", failing_run)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, greedy, use_tqdm=False)
+    monkeypatch.undo()
+    assert_idle(llm)
+    assert [o["token_ids"] for o in llm.generate(prompts[::-1], greedy, use_tqdm=False)] == expected[::-1]
+
+
+def test_async_scheduling_must_be_a_bool(tiny_model_dir):
+    with pytest.raises(TypeError, match="async_scheduling"):
+        LLM(tiny_model_dir, device="cpu", async_scheduling="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graph", "eager"])
+def test_async_matches_sync_on_the_gpu(model_dir, enforce_eager):
+    """float32 on the GPU, in graph and eager mode, with end-of-sequence stops (a token of the
+    random model chosen as the stop token) and preemption."""
+    prompts = random_prompts([5 + 7 * i % 90 for i in range(37)], seed=7)
+    rng = random.Random(9)
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 48), ignore_eos=rng.random() < 0.5)
+              for _ in prompts]
+    outputs = {}
+    for async_scheduling in (False, True):
+        llm = LLM(model_dir, device="cuda", dtype="float32", kvcache_block_size=BLOCK_SIZE, max_num_seqs=64,
+                  max_model_len=256, num_kvcache_blocks=48, enforce_eager=enforce_eager,
+                  async_scheduling=async_scheduling)
+        assert (llm.model_runner.graphs is None) == enforce_eager
+        llm.scheduler.eos_token_ids = {VOCAB_SIZE // 2 + 3}
+        outputs[async_scheduling] = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert_idle(llm)
+        llm.exit()
+    assert outputs[True] == outputs[False]
