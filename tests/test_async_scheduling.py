@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import PENDING_TOKEN
+from nanovllm.engine.decode_inputs import DecodeInputs
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
 from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, random_prompts
 
 MAX_MODEL_LEN = 96
@@ -157,6 +157,44 @@ def test_an_interrupted_step_leaves_the_engine_usable(tiny_model_dir, monkeypatc
     monkeypatch.undo()
     assert_idle(llm)
     assert [o["token_ids"] for o in llm.generate(prompts[::-1], greedy, use_tqdm=False)] == expected[::-1]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_persistent_decode_inputs_match_inputs_built_from_lists(device):
+    """Batches that change from step to step (order, members, grown and replaced block tables, tokens
+    in flight) against the inputs written out from the sequences' lists."""
+    rng = random.Random(5)
+    block_size, width, max_batch = 4, 8, 6
+    inputs = DecodeInputs(max_batch, width, block_size, torch.device(device))
+    pool = [Sequence([rng.randrange(VOCAB_SIZE) for _ in range(rng.randrange(1, 20))], SamplingParams())
+            for _ in range(10)]
+    for seq in pool:
+        seq.block_table = rng.sample(range(100), -(-seq.num_tokens // block_size))
+    for _ in range(60):
+        batch = rng.sample(pool, rng.randrange(1, max_batch + 1))
+        sampled_rows = {}
+        for seq in batch:
+            if seq.last_token == PENDING_TOKEN:
+                seq.token_ids[-1] = rng.randrange(VOCAB_SIZE)
+            if rng.random() < 0.2:  # preempted and prefilled again: the same list, other blocks
+                seq.block_table[:] = rng.sample(range(100, 200), len(seq.block_table))
+            if seq.num_tokens < block_size * width and rng.random() < 0.7:
+                seq.append_token(PENDING_TOKEN if rng.random() < 0.6 else rng.randrange(VOCAB_SIZE))
+                if len(seq.block_table) * block_size < seq.num_tokens:
+                    seq.block_table.append(rng.randrange(200, 300))
+            if seq.last_token == PENDING_TOKEN:
+                sampled_rows[seq.seq_id] = rng.randrange(max_batch)
+        input_ids, rows, positions, slots, context_lens, tables = inputs.prepare(batch, sampled_rows)
+        assert input_ids.tolist() == [seq.last_token for seq in batch]
+        expected_rows = [sampled_rows.get(seq.seq_id, -1) for seq in batch]
+        assert (rows.tolist() if rows is not None else [-1] * len(batch)) == expected_rows
+        assert positions.tolist() == [seq.num_tokens - 1 for seq in batch]
+        assert slots.tolist() == [seq.block_table[(seq.num_tokens - 1) // block_size] * block_size
+                                  + (seq.num_tokens - 1) % block_size for seq in batch]
+        assert context_lens.tolist() == [seq.num_tokens for seq in batch]
+        table_width = max(len(seq.block_table) for seq in batch)
+        assert tables.tolist() == [seq.block_table + [-1] * (table_width - len(seq.block_table)) for seq in batch]
 
 
 def test_async_scheduling_must_be_a_bool(tiny_model_dir):

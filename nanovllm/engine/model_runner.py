@@ -7,8 +7,9 @@ import torch.distributed as dist
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
+from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.sampled_tokens import SampledTokens
-from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
+from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
@@ -48,6 +49,8 @@ class ModelRunner:
         # Async scheduling: the last step's sampled tokens on the device, and each sequence's row in them.
         self.sampled: torch.Tensor | None = None
         self.sampled_rows: dict[int, int] = {}
+        self.decode_inputs = (DecodeInputs(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, device)
+                              if config.async_scheduling else None)
         num_blocks = config.num_kvcache_blocks if config.num_kvcache_blocks != -1 else self.kv_blocks_that_fit()
         self.num_kvcache_blocks = self.allocate_kv_cache(num_blocks)
         self.graphs: DecodeGraphs | None = None
@@ -200,18 +203,17 @@ class ModelRunner:
                       slot_mapping=self._to_device([self._slots(s, [p])[0] for s, p in zip(seqs, positions)], torch.int64),
                       context_lens=self._to_device([seq.num_tokens for seq in seqs], torch.int32),
                       block_tables=self._block_tables(seqs).to(self.device))
-        input_ids = self._to_device([seq.last_token for seq in seqs], torch.int64)
-        if self.config.async_scheduling:
-            input_ids = self._with_sampled_tokens(seqs, input_ids)
-        return input_ids, self._to_device(positions, torch.int64), ctx
+        return self._to_device([seq.last_token for seq in seqs], torch.int64), self._to_device(positions, torch.int64), ctx
 
-    def _with_sampled_tokens(self, seqs: list[Sequence], input_ids: torch.Tensor) -> torch.Tensor:
-        """A PENDING_TOKEN stands for the token that the previous step sampled for that sequence."""
-        rows = [self.sampled_rows[seq.seq_id] if seq.last_token == PENDING_TOKEN else -1 for seq in seqs]
-        if max(rows) < 0:
-            return input_ids
-        rows = self._to_device(rows, torch.int64)
-        return torch.where(rows >= 0, self.sampled[rows.clamp(min=0)], input_ids)
+    def prepare_decode_ahead(self, seqs: list[Sequence]):
+        """prepare_decode for async scheduling, from persistent buffers: a PENDING_TOKEN input is the
+        token that the previous step sampled for that sequence, still on the device."""
+        input_ids, rows, positions, slot_mapping, context_lens, block_tables = self.decode_inputs.prepare(
+            seqs, self.sampled_rows)
+        if rows is not None:
+            input_ids = torch.where(rows >= 0, self.sampled[rows.clamp(min=0)], input_ids)
+        ctx = Context(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens, block_tables=block_tables)
+        return input_ids, positions, ctx
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -224,7 +226,8 @@ class ModelRunner:
             set_context(ctx)
             logits = self.model.compute_logits(self.model(input_ids, positions)[last_indices])
         else:
-            logits = self.decode_logits(*self.prepare_decode(seqs))
+            prepare = self.prepare_decode_ahead if self.config.async_scheduling else self.prepare_decode
+            logits = self.decode_logits(*prepare(seqs))
         reset_context()
         if self.config.async_scheduling:
             return self.sample_ahead(seqs, logits)
