@@ -160,6 +160,32 @@ def test_an_interrupted_step_leaves_the_engine_usable(tiny_model_dir, monkeypatc
     assert [o["token_ids"] for o in llm.generate(prompts[::-1], greedy, use_tqdm=False)] == expected[::-1]
 
 
+def test_an_interrupted_step_drops_the_requests_it_had_in_flight(tiny_model_dir, monkeypatch):
+    prompts = random_prompts([12, 30], seed=43)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    # One sequence at a time: the second request waits until the first one is done.
+    llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64, max_num_seqs=1)
+    expected = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    first, second = (llm.add_request(p, greedy) for p in prompts)
+    for _ in range(3):
+        llm.step()
+
+    def interrupted_run(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.model_runner, "run", interrupted_run)
+    with pytest.raises(KeyboardInterrupt):
+        llm.step()
+    monkeypatch.undo()
+    streamed = []
+    while llm.has_unfinished_requests():
+        for request_id, new_tokens, _ in llm.step():
+            assert request_id == second
+            streamed += new_tokens
+    assert streamed == expected[1]
+    assert_idle(llm)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_persistent_decode_inputs_match_inputs_built_from_lists(device):

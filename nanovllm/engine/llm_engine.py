@@ -109,19 +109,27 @@ class LLMEngine:
         meanwhile, and books both: the host plans each step while the device runs the one before.
         Reports the tokens of step N-1."""
         seqs, is_prefill = self.scheduler.schedule()
-        if not seqs and self._in_flight is None:
+        previous, self._in_flight = self._in_flight, None
+        if not seqs and previous is None:
             raise RuntimeError("the scheduler waits for tokens of a step that is not running")
-        launched = None
-        if seqs:
-            if self.tp_group:
-                self.tp_group.broadcast("run", seqs, is_prefill)
-            launched = (seqs, self.model_runner.run(seqs, is_prefill))
-        previous, self._in_flight = self._in_flight, launched
-        outputs = self._outputs(self.scheduler.fill(previous[0], previous[1].tolist()) if previous else [])
-        if launched:
-            self.scheduler.advance(seqs)
-        if self.scheduler.is_finished():
-            self._in_flight = None  # its sequences all stopped: no token of it will be used
+        try:
+            launched = None
+            if seqs:
+                if self.tp_group:
+                    self.tp_group.broadcast("run", seqs, is_prefill)
+                launched = (seqs, self.model_runner.run(seqs, is_prefill))
+            outputs = self._outputs(self.scheduler.fill(previous[0], previous[1].tolist()) if previous else [])
+            if launched:
+                self.scheduler.advance(seqs)
+        except BaseException:
+            # The tokens in flight are lost with the steps that were to deliver them: their
+            # sequences cannot go on.
+            lost = {seq.seq_id for batch in (seqs, previous[0] if previous else []) for seq in batch}
+            self.scheduler.abort(lost)
+            self._streamed.difference_update(lost)
+            raise
+        # Once every sequence has stopped, no token of the launched step will be used.
+        self._in_flight = None if self.scheduler.is_finished() else launched
         return outputs
 
     def has_unfinished_requests(self) -> bool:
