@@ -94,3 +94,18 @@ def check_consistent(bm, live) -> None:
     assert set(bm.free_block_ids) == {i for i, r in enumerate(refs) if r == 0}
     for h, block_id in bm.hash_to_block_id.items():
         assert bm.blocks[block_id].hash == h
+
+
+def stream(llm, request_ids: list[int]) -> list[list[int]]:
+    """Steps llm until it is idle; the tokens step() reported for each request, which must each finish
+    exactly once and report nothing afterwards."""
+    streamed = {i: [] for i in request_ids}
+    finished = []
+    while llm.has_unfinished_requests():
+        for request_id, new_tokens, done in llm.step():
+            assert request_id not in finished, "a request reported tokens after it finished"
+            streamed[request_id] += new_tokens
+            if done:
+                finished.append(request_id)
+    assert sorted(finished) == sorted(request_ids)
+    return [streamed[i] for i in request_ids]

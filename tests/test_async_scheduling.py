@@ -9,7 +9,7 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
-from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, random_prompts
+from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, random_prompts, stream
 
 MAX_MODEL_LEN = 96
 
@@ -103,17 +103,7 @@ def test_streaming_reports_every_token_once_and_finished_last(tiny_model_dir):
     llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64,
               max_model_len=MAX_MODEL_LEN)
     ids = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
-    streamed = {i: [] for i in ids}
-    finished = []
-    while llm.has_unfinished_requests():
-        for request_id, new_tokens, done in llm.step():
-            assert request_id not in finished, "a request reported tokens after it finished"
-            assert PENDING_TOKEN not in new_tokens
-            streamed[request_id] += new_tokens
-            if done:
-                finished.append(request_id)
-    assert sorted(finished) == sorted(ids)
-    assert [streamed[i] for i in ids] == expected
+    assert stream(llm, ids) == expected
     assert_idle(llm)
 
 
@@ -137,27 +127,6 @@ def test_abort_while_a_token_is_in_flight(tiny_model_dir):
     assert streamed[ids[1]] == expected[1][:len(streamed[ids[1]])] and len(streamed[ids[1]]) < 12
     assert_idle(llm)
     assert [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)] == expected
-
-
-def test_an_interrupted_step_leaves_the_engine_usable(tiny_model_dir, monkeypatch):
-    prompts = random_prompts([12, 30, 5], seed=42)
-    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64)
-    expected = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    run, calls = llm.model_runner.run, []
-
-    def failing_run(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return run(*args)
-
-    monkeypatch.setattr(llm.model_runner, "run", failing_run)
-    with pytest.raises(KeyboardInterrupt):
-        llm.generate(prompts, greedy, use_tqdm=False)
-    monkeypatch.undo()
-    assert_idle(llm)
-    assert [o["token_ids"] for o in llm.generate(prompts[::-1], greedy, use_tqdm=False)] == expected[::-1]
 
 
 def test_an_interrupted_step_drops_the_requests_it_had_in_flight(tiny_model_dir, monkeypatch):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from tests.helpers import BLOCK_SIZE, random_prompts
+from tests.helpers import BLOCK_SIZE, random_prompts, stream
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -30,16 +30,7 @@ def test_step_streams_every_token_once_and_matches_generate(engine):
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 9, 6)]
     expected = tokens(engine, prompts, params)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    streamed = {i: [] for i in ids}
-    finished = []
-    while engine.has_unfinished_requests():
-        for request_id, new_tokens, done in engine.step():
-            assert request_id not in finished, "a request reported tokens after it finished"
-            streamed[request_id] += new_tokens
-            if done:
-                finished.append(request_id)
-    assert sorted(finished) == sorted(ids)
-    assert [streamed[i] for i in ids] == expected
+    assert stream(engine, ids) == expected
     assert_idle(engine)
 
 
