@@ -233,14 +233,17 @@ class ModelRunner:
             return self.sample_ahead(seqs, logits)
         if self.rank != 0:
             return None
+        return self.sample(seqs, logits).tolist()
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
-        return self.sampler(logits, temperatures).tolist()
+        return self.sampler(logits, temperatures)
 
     def sample_ahead(self, seqs: list[Sequence], logits: torch.Tensor | None) -> SampledTokens | None:
         """Samples without waiting for the device; the tokens stay there as the next step's inputs
         (every rank gets them from rank 0) and reach the host through the returned SampledTokens."""
         if self.rank == 0:
-            sampled = self.sampler(logits, self._to_device([seq.temperature for seq in seqs], torch.float32))
+            sampled = self.sample(seqs, logits)
         else:
             sampled = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
         if self.world_size > 1:
