@@ -2,6 +2,7 @@
 
 python bench.py                                   # graph mode on the default workload
 python bench.py --compare eager,graph,pipeline,pipeline-forced --hf-peer 32
+python bench.py --compare graph,graph-sync         # async scheduling on and off
 python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 python bench.py --sampler
@@ -34,6 +35,7 @@ from nanovllm.utils.timing import median_replay_ms
 MODES = {
     "eager": {"enforce_eager": True},
     "graph": {},
+    "graph-sync": {"async_scheduling": False},
     "pipeline": {"enable_pipeline": True},
     "pipeline-forced": {"enable_pipeline": True, "pipeline_force": True},
     "two-gpu": {"enable_two_gpu_pd": True},

@@ -26,6 +26,7 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    async_scheduling: bool = True
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     attention_backend: str = "auto"

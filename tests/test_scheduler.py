@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import BLOCK_SIZE, check_consistent
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
 
 BS = BLOCK_SIZE
@@ -47,9 +47,13 @@ def make_scheduler(model_dir, num_blocks, eos=(FAKE_EOS,), **options) -> Schedul
     return Scheduler(config, num_blocks)
 
 
-def check_block_invariants(scheduler: Scheduler) -> None:
+def check_block_invariants(scheduler: Scheduler, ahead: bool = False) -> None:
     live = list(scheduler.waiting) + list(scheduler.running)
     assert not any(seq.is_finished for seq in live)
+    for seq in live:
+        # Only the newest token may be in flight, and its KV is never computed (or hashed) before it is known.
+        assert PENDING_TOKEN not in seq.token_ids[:-1]
+        assert seq.last_token != PENDING_TOKEN or (ahead and seq.num_computed_tokens < seq.num_tokens)
     check_consistent(scheduler.block_manager, live)
 
 
@@ -61,8 +65,11 @@ class FakeRunner:
         self.prefill_chunks: list[tuple[int, int, int]] = []  # (seq_id, start, stop)
         self.preempted: list[int] = []
         self.cache_hits = 0
+        self.ran_ahead = 0  # decode inputs that were still in flight
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def run(self, seqs: list[Sequence], is_prefill: bool, in_flight: dict[int, int] | None = None) -> list[int]:
+        """in_flight: the tokens of the previous step by seq_id, which async scheduling has not yet
+        filled in for their PENDING_TOKENs (a device would read them from its own memory)."""
         bm = self.scheduler.block_manager
         tokens = []
         for seq in seqs:
@@ -74,7 +81,12 @@ class FakeRunner:
             else:
                 self.prefill_chunks.append((seq.seq_id, span.start, span.stop))
                 self.cache_hits += span.start == seq.num_cached_tokens > 0
-            fp = fingerprints(seq.token_ids[:span.stop])
+            token_ids = seq.token_ids[:span.stop]
+            if token_ids[-1] == PENDING_TOKEN:
+                assert not is_prefill and PENDING_TOKEN not in token_ids[:-1]
+                token_ids[-1] = in_flight[seq.seq_id]
+                self.ran_ahead += 1
+            fp = fingerprints(token_ids)
             for p in span:
                 block = bm.blocks[seq.block_table[p // BS]]
                 # Only a block of this sequence alone, not registered for reuse, may be written.
@@ -86,8 +98,10 @@ class FakeRunner:
         return tokens
 
 
-def drive(scheduler: Scheduler, seqs: list[Sequence], arrivals_per_step: int | None = None) -> FakeRunner:
-    """Runs seqs to completion, adding arrivals_per_step of them before each step (all at once if None)."""
+def drive(scheduler: Scheduler, seqs: list[Sequence], arrivals_per_step: int | None = None,
+          ahead: bool = False) -> FakeRunner:
+    """Runs seqs to completion, adding arrivals_per_step of them before each step (all at once if None).
+    ahead: as the async engine does, each step is planned before the previous step's tokens are known."""
     runner = FakeRunner(scheduler)
     original_preempt = scheduler._preempt
 
@@ -98,6 +112,7 @@ def drive(scheduler: Scheduler, seqs: list[Sequence], arrivals_per_step: int | N
     scheduler._preempt = preempt
     pending = list(seqs)
     finished = []
+    in_flight = None  # (batch, tokens) of the step whose tokens are not filled in yet
     for _ in range(10_000):
         for seq in pending[:arrivals_per_step or len(pending)]:
             scheduler.add(seq)
@@ -107,18 +122,25 @@ def drive(scheduler: Scheduler, seqs: list[Sequence], arrivals_per_step: int | N
                 break
             continue
         batch, is_prefill = scheduler.schedule()
-        assert batch and len(batch) <= scheduler.max_num_seqs
+        assert len(batch) <= scheduler.max_num_seqs and (batch or in_flight)
         if is_prefill:
             assert sum(s.num_scheduled_tokens for s in batch) <= scheduler.max_num_batched_tokens
-        check_block_invariants(scheduler)
-        scheduler.postprocess(batch, runner.run(batch, is_prefill))
-        for seq in batch:
-            assert seq.num_scheduled_tokens == 0
+        check_block_invariants(scheduler, ahead)
+        if ahead:
+            previous = dict(zip((s.seq_id for s in in_flight[0]), in_flight[1])) if in_flight else {}
+            launched = (batch, runner.run(batch, is_prefill, previous)) if batch else None
+            produced = scheduler.fill(*in_flight) if in_flight else []
+            scheduler.book(batch)
+            in_flight = launched
+        else:
+            produced = scheduler.postprocess(batch, runner.run(batch, is_prefill))
+        for seq in produced:
             if seq.is_finished:
                 assert seq.seq_id not in finished, "a request finished twice"
                 assert seq.block_table == []
                 finished.append(seq.seq_id)
-        check_block_invariants(scheduler)
+        assert all(seq.num_scheduled_tokens == 0 for seq in batch if not seq.is_finished)
+        check_block_invariants(scheduler, ahead)
     assert scheduler.is_finished() and not pending
     assert sorted(finished) == sorted(s.seq_id for s in seqs)
     bm = scheduler.block_manager
@@ -139,19 +161,21 @@ def random_requests(rng: random.Random, n: int, max_len: int):
     return requests
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("num_blocks,budget,max_seqs", [
     (512, 16384, 512),  # everything fits
     (24, 16384, 512),   # preemption
     (512, 40, 512),     # chunked prefill
-    (20, 37, 4),        # all of them, and a cap on running sequences
+    (14, 37, 4),        # all of them, and a cap on running sequences
 ])
-def test_every_request_finishes_once_with_the_right_tokens(model_dir, num_blocks, budget, max_seqs):
+def test_every_request_finishes_once_with_the_right_tokens(model_dir, num_blocks, budget, max_seqs, ahead):
     max_model_len = 160
     scheduler = make_scheduler(model_dir, num_blocks, max_num_batched_tokens=budget, max_num_seqs=max_seqs,
                                max_model_len=max_model_len)
     requests = random_requests(random.Random(num_blocks * budget + max_seqs), 60, max_model_len)
     seqs = [Sequence(p, sp) for p, sp in requests]
-    runner = drive(scheduler, seqs, arrivals_per_step=5)
+    runner = drive(scheduler, seqs, arrivals_per_step=5, ahead=ahead)
+    assert bool(runner.ran_ahead) == ahead
     for seq, (prompt, sp) in zip(seqs, requests):
         assert seq.token_ids[:seq.num_prompt_tokens] == prompt
         assert seq.completion_token_ids == reference_completion(prompt, sp.max_tokens, sp.ignore_eos, max_model_len)

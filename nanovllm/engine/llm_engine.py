@@ -31,6 +31,8 @@ class LLMEngine:
         # One step at a time: the runner's buffers and the forward context are not shareable.
         self._lock = threading.RLock()
         self._streamed: set[int] = set()  # ids from add_request() not yet finished
+        # Async scheduling: the launched step whose tokens are not yet known, as (seqs, SampledTokens).
+        self._in_flight = None
 
     def _build(self, config: Config) -> None:
         """Builds the runners and the scheduler; an engine with another execution model overrides this
@@ -115,13 +117,48 @@ class LLMEngine:
         """Runs one batch; returns (request_id, new_token_ids, finished) for every request that
         produced tokens in it."""
         with self._lock:
-            seqs, is_prefill = self.scheduler.schedule()
-            if self.tp_group:
-                self.tp_group.broadcast("run", seqs, is_prefill)
-            token_ids = self.model_runner.run(seqs, is_prefill)
-            produced = self.scheduler.postprocess(seqs, token_ids)
-            self._streamed.difference_update(seq.seq_id for seq in produced if seq.is_finished)
-            return [(seq.seq_id, [seq.last_token], seq.is_finished) for seq in produced]
+            if self.config.async_scheduling:
+                outputs = self._step_ahead()
+            else:
+                seqs, is_prefill = self.scheduler.schedule()
+                if self.tp_group:
+                    self.tp_group.broadcast("run", seqs, is_prefill)
+                token_ids = self.model_runner.run(seqs, is_prefill)
+                outputs = self._outputs(self.scheduler.postprocess(seqs, token_ids))
+            self._streamed.difference_update(seq_id for seq_id, _, finished in outputs if finished)
+            return outputs
+
+    @staticmethod
+    def _outputs(produced: list[Sequence]) -> list[tuple[int, list[int], bool]]:
+        return [(seq.seq_id, [seq.last_token], seq.is_finished) for seq in produced]
+
+    def _step_ahead(self) -> list[tuple[int, list[int], bool]]:
+        """Launches step N, then waits for the tokens of step N-1, which the device has computed
+        meanwhile, and books both: the host plans each step while the device runs the one before.
+        Reports the tokens of step N-1."""
+        seqs, is_prefill = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        if not seqs and previous is None:
+            raise RuntimeError("the scheduler waits for tokens of a step that is not running")
+        try:
+            launched = None
+            if seqs:
+                if self.tp_group:
+                    self.tp_group.broadcast("run", seqs, is_prefill)
+                launched = (seqs, self.model_runner.run(seqs, is_prefill))
+            outputs = self._outputs(self.scheduler.fill(previous[0], previous[1].tolist()) if previous else [])
+            if launched:
+                self.scheduler.book(seqs)
+        except BaseException:
+            # The tokens in flight are lost with the steps that were to deliver them: their
+            # sequences cannot go on.
+            lost = {seq.seq_id for batch in (seqs, previous[0] if previous else []) for seq in batch}
+            self.scheduler.abort(lost)
+            self._streamed.difference_update(lost)
+            raise
+        # Once every sequence has stopped, no token of the launched step will be used.
+        self._in_flight = None if self.scheduler.is_finished() else launched
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return not self.scheduler.is_finished()

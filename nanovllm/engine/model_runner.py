@@ -7,6 +7,8 @@ import torch.distributed as dist
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
+from nanovllm.engine.decode_inputs import DecodeInputs
+from nanovllm.engine.sampled_tokens import SampledTokens
 from nanovllm.engine.sampling_inputs import sampling_inputs
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
@@ -45,6 +47,11 @@ class ModelRunner:
         self.model = self.load_model()
         self.pipeline = DecodePipeline.create(config, device, self.model) if config.enable_pipeline else None
         self.sampler = Sampler()
+        # Async scheduling: the last step's sampled tokens on the device, and each sequence's row in them.
+        self.sampled: torch.Tensor | None = None
+        self.sampled_rows: dict[int, int] = {}
+        self.decode_inputs = (DecodeInputs(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, device)
+                              if config.async_scheduling else None)
         num_blocks = config.num_kvcache_blocks if config.num_kvcache_blocks != -1 else self.kv_blocks_that_fit()
         self.num_kvcache_blocks = self.allocate_kv_cache(num_blocks)
         self.graphs: DecodeGraphs | None = None
@@ -192,28 +199,50 @@ class ModelRunner:
                       block_tables=self._block_tables(seqs).to(self.device))
         return self._to_device([seq.last_token for seq in seqs], torch.int64), self._to_device(positions, torch.int64), ctx
 
+    def prepare_decode_ahead(self, seqs: list[Sequence]):
+        """prepare_decode for async scheduling, from persistent buffers: a PENDING_TOKEN input is the
+        token that the previous step sampled for that sequence, still on the device."""
+        input_ids, rows, positions, slot_mapping, context_lens, block_tables = self.decode_inputs.prepare(
+            seqs, self.sampled_rows)
+        if rows is not None:
+            input_ids = torch.where(rows >= 0, self.sampled[rows.clamp(min=0)], input_ids)
+        ctx = Context(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens, block_tables=block_tables)
+        return input_ids, positions, ctx
+
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | SampledTokens | None:
+        """Runs a batch and returns its sampled token ids (None on ranks > 0): a list, or with async
+        scheduling a SampledTokens whose tolist() waits for them."""
         token_ids = self.sample(seqs, is_prefill)
-        return None if token_ids is None else token_ids.tolist()
+        if token_ids is None:
+            return None
+        return SampledTokens(token_ids) if self.config.async_scheduling else token_ids.tolist()
 
     @torch.inference_mode()
     def sample(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor | None:
         """Launches a batch and returns its sampled token ids on the device without waiting for them
-        (None on ranks > 0); its work goes to the current stream."""
+        (None on ranks > 0); its work goes to the current stream. With async scheduling the ids also
+        stay here (on every rank) as the next decode step's inputs."""
         if is_prefill:
             input_ids, positions, ctx, last_indices = self.prepare_prefill(seqs)
             set_context(ctx)
             logits = self.model.compute_logits(self.model(input_ids, positions)[last_indices])
         else:
-            logits = self.decode_logits(*self.prepare_decode(seqs))
+            prepare = self.prepare_decode_ahead if self.config.async_scheduling else self.prepare_decode
+            logits = self.decode_logits(*prepare(seqs))
         reset_context()
-        if self.rank != 0:
-            return None
-        return self.sampler(logits, sampling_inputs(seqs, self._to_device))
+        token_ids = self.sampler(logits, sampling_inputs(seqs, self._to_device)) if self.rank == 0 else None
+        if self.config.async_scheduling:
+            if token_ids is None:
+                token_ids = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+            if self.world_size > 1:
+                dist.broadcast(token_ids, 0)
+            self.sampled, self.sampled_rows = token_ids, {seq.seq_id: row for row, seq in enumerate(seqs)}
+        return token_ids if self.rank == 0 else None
+
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)

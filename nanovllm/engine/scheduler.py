@@ -2,7 +2,7 @@ from collections import deque
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
 class Scheduler:
@@ -30,7 +30,8 @@ class Scheduler:
         if scheduled:
             return scheduled, True
         scheduled = self._schedule_decode()
-        if not scheduled:
+        # Left running but unscheduled: sequences whose in-flight token is their last (async scheduling).
+        if not scheduled and not self.running:
             raise RuntimeError("scheduler could not place any sequence; the KV cache is too small")
         return scheduled, False
 
@@ -54,9 +55,12 @@ class Scheduler:
         return scheduled
 
     def _schedule_decode(self) -> list[Sequence]:
-        scheduled = []
+        scheduled, kept = [], []
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
+            if self._last_token_in_flight(seq):
+                kept.append(seq)
+                continue
             while not self.block_manager.can_append(seq):
                 if self.running:
                     self._preempt(self.running.pop())
@@ -67,8 +71,14 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+                kept.append(seq)
+        self.running.extendleft(reversed(kept))
         return scheduled
+
+    def _last_token_in_flight(self, seq: Sequence) -> bool:
+        """The token being sampled for seq ends it whatever its value: there is nothing left to compute."""
+        return seq.last_token == PENDING_TOKEN and (seq.num_completion_tokens >= seq.max_tokens
+                                                    or seq.num_tokens >= self.max_model_len)
 
     def _preempt(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -104,9 +114,35 @@ class Scheduler:
                 continue
             produced.append(seq)
             if self.stopped(seq):
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
-                self.running.remove(seq)
+                self._finish(seq)
+        return produced
+
+    def _finish(self, seq: Sequence) -> None:
+        # Running, or (async scheduling) preempted while its last token was in flight.
+        (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.deallocate(seq)
+
+    # ---- async scheduling: a step is booked when it is launched, its tokens when they arrive ----
+
+    def book(self, seqs: list[Sequence]) -> None:
+        """Books a launched step whose tokens are not known yet: every sequence whose prompt is now
+        computed gets a PENDING_TOKEN, so that the next step can be planned before fill()."""
+        for seq in seqs:
+            if not seq.is_finished:  # else stopped (or aborted) by its previous token while this step ran
+                self.advance(seq, PENDING_TOKEN, self.block_manager)
+
+    def fill(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
+        """Puts a booked step's sampled tokens (token_ids[i] for seqs[i]) in place of its PENDING_TOKENs
+        and finishes the sequences they stop. Returns the sequences that gained a token."""
+        produced = []
+        for seq, token_id in zip(seqs, token_ids):
+            if seq.is_finished or seq.last_token != PENDING_TOKEN:  # aborted, or a partial prompt
+                continue
+            seq.token_ids[-1] = token_id
+            produced.append(seq)
+            if self.stopped(seq):
+                self._finish(seq)
         return produced
 
     def stopped(self, seq: Sequence) -> bool:

@@ -4,6 +4,9 @@ from itertools import count
 from nanovllm.engine.stop_strings import StopStrings
 from nanovllm.sampling_params import SamplingParams
 
+# With async scheduling, the place of a token that was sampled on the device but is not yet known here.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
