@@ -11,8 +11,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.disagg import PDEngine
 from nanovllm.disagg.kv_transfer import KVTransfer, block_runs
 from nanovllm.engine.scheduler import Scheduler
-from tests.conftest import model_dir, model_dirs, tiny_model_dir  # noqa: F401 (the suite's checkpoint fixtures)
-from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, check_consistent, random_prompts, stream_to_completion
+from tests.helpers import (BLOCK_SIZE, MODEL_VARIANTS, TINY_EOS, TINY_EOS_VARIANT, VOCAB_SIZE, check_consistent,
+                           checkpoint_fixture, random_prompts, stream_to_completion)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 MAX_MODEL_LEN = 160
@@ -75,6 +75,10 @@ def count_preemptions(monkeypatch) -> list:
     original = Scheduler._preempt
     monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq.seq_id), original(self, seq)))
     return preempted
+
+
+model_dir = checkpoint_fixture("module", **MODEL_VARIANTS["untied"])
+tiny_model_dir = checkpoint_fixture("module", **TINY_EOS_VARIANT)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 
 from nanovllm import LLM
 from tests.helpers import (BLOCK_SIZE, MAX_NEW_TOKENS, MODEL_VARIANTS, PROMPT_LENGTHS, TINY_EOS_VARIANT,
-                           build_checkpoint, hf_greedy, random_prompts)
+                           build_checkpoint, checkpoint_fixture, hf_greedy, random_prompts)
 
 
 def pytest_configure(config):
@@ -30,12 +30,8 @@ def model_dir(model_dirs):
     return model_dirs("untied")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """One layer and an end-of-sequence token, for tests that run many requests."""
-    path = tmp_path_factory.mktemp("qwen3_tiny")
-    build_checkpoint(path, **TINY_EOS_VARIANT)
-    return str(path)
+# One layer and an end-of-sequence token, for tests that run many requests.
+tiny_model_dir = checkpoint_fixture("session", **TINY_EOS_VARIANT)
 
 
 @pytest.fixture(scope="session")

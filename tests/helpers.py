@@ -6,6 +6,7 @@ between batch shapes.
 """
 import random
 
+import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -60,6 +61,16 @@ def build_checkpoint(path, seed: int, **variant) -> None:
             if "norm" in name:
                 param.normal_(3.0 if name == "model.norm.weight" else 1.0, 0.3)
     model.save_pretrained(path)
+
+
+def checkpoint_fixture(scope: str, **variant):
+    """A pytest fixture of that scope: the directory of a checkpoint built once with build_checkpoint(**variant)."""
+    @pytest.fixture(scope=scope)
+    def fixture(tmp_path_factory):
+        path = tmp_path_factory.mktemp("qwen3")
+        build_checkpoint(path, **variant)
+        return str(path)
+    return fixture
 
 
 def random_prompts(lengths, seed: int) -> list[list[int]]:
