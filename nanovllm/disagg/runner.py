@@ -3,19 +3,16 @@ import torch
 from nanovllm.config import Config
 from nanovllm.disagg.streams import StreamTimer, use_streams
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.sampled_tokens import SampledTokens
 from nanovllm.engine.sequence import Sequence
 
 
 class PendingTokens:
-    """A launched batch's sampled token ids on their way to pinned host memory: ready() polls,
-    result() waits."""
+    """A launched batch's sampled token ids on their way to the host, with the marks of its work on
+    the runner's stream: ready() polls, result() waits."""
 
     def __init__(self, token_ids: torch.Tensor, timer: StreamTimer):
-        if token_ids.is_cuda:
-            self.host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-            self.host.copy_(token_ids, non_blocking=True)
-        else:
-            self.host = token_ids
+        self.tokens = SampledTokens(token_ids)
         timer.stop()
         self.timer = timer
 
@@ -23,8 +20,7 @@ class PendingTokens:
         return self.timer.done()
 
     def result(self) -> list[int]:
-        self.timer.wait()
-        return self.host.tolist()
+        return self.tokens.tolist()
 
 
 class RoleRunner(ModelRunner):
