@@ -84,6 +84,24 @@ def _patch_interpreter_bf16_rounding():
     interpreter.InterpreterBuilder.cast_impl = patched
 
 
+def _patch_interpreter_fp8_rounding():
+    """The interpreter flushes float32 -> float8 e4m3 results below the normal range to zero; the GPU
+    keeps the subnormals, as torch does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def patched(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.float8_e4m3fn)
+            return interpreter.TensorHandle(rounded.view(torch.uint8).numpy(), tl.float8e4nv)
+        return create_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = patched
+
+
 def interpreter_main(kinds: dict, kind: str):
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -99,6 +117,7 @@ def interpreter_main(kinds: dict, kind: str):
         assert torch.equal(x, torch.arange(16.0))
         _patch_interpreter_bf16_dot()
         _patch_interpreter_bf16_rounding()
+        _patch_interpreter_fp8_rounding()
     except Exception as e:  # any failure here means the interpreter itself is unusable
         print(f"{type(e).__name__}: {e}")
         sys.exit(INTERPRETER_UNAVAILABLE)

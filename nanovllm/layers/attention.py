@@ -17,12 +17,13 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.kv_scales: torch.Tensor | None = None  # set for a float8 cache
         self.backend: AttentionBackend = TorchBackend()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         if self.k_cache is not None:
-            self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.kv_scales)
         if ctx.is_prefill:
-            return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
-        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
+            return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale, self.kv_scales)
+        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale, self.kv_scales)
