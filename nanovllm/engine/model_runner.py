@@ -7,6 +7,7 @@ import torch.distributed as dist
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
+from nanovllm.engine.kv_calibration import CALIBRATION_TOKENS, record_kv_amax, scales_from_amax
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
@@ -40,10 +41,12 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.join_devices(dist_init_method)
-        self.backend = select_backend(config.attention_backend, device, self.block_size)
+        self.quantized_kv = config.kv_cache_dtype != "auto"
+        self.backend = select_backend(config.attention_backend, device, self.block_size, self.quantized_kv)
         self.model = self.load_model()
         self.pipeline = DecodePipeline.create(config, device, self.model) if config.enable_pipeline else None
         self.sampler = Sampler()
+        self.kv_scales = self.calibrate_kv_scales() if self.quantized_kv else None
         num_blocks = config.num_kvcache_blocks if config.num_kvcache_blocks != -1 else self.kv_blocks_that_fit()
         self.num_kvcache_blocks = self.allocate_kv_cache(num_blocks)
         self.graphs: DecodeGraphs | None = None
@@ -72,17 +75,19 @@ class ModelRunner:
                 layer.backend = self.backend
         return model
 
-    def warmup(self) -> None:
-        """A prefill of a full token budget, so that the peak activation memory can be measured."""
-        budget = self.config.max_num_batched_tokens
+    def warmup(self, num_tokens: int | None = None) -> None:
+        """A prefill of num_tokens random tokens (default: a full token budget) without a KV cache, so that
+        the peak activation memory or the ranges of keys and values can be measured."""
+        budget = num_tokens or self.config.max_num_batched_tokens
         seq_len = min(self.config.max_model_len, budget)
         lengths = [seq_len] * (budget // seq_len) + ([budget % seq_len] if budget % seq_len else [])
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         positions = torch.cat([torch.arange(n) for n in lengths])
+        # The same tokens on every rank; zeros would give keys and values unlike any real prompt's.
+        input_ids = torch.randint(self.config.hf_config.vocab_size, (budget,), generator=torch.Generator().manual_seed(0))
         set_context(Context(is_prefill=True, cu_seqlens_q=cu.to(self.device), cu_seqlens_k=cu.to(self.device),
                             max_seqlen_q=seq_len, max_seqlen_k=seq_len))
-        self.model.compute_logits(self.model(torch.zeros(budget, dtype=torch.int64, device=self.device),
-                                             positions.to(self.device))[cu[1:].long() - 1])
+        self.model.compute_logits(self.model(input_ids.to(self.device), positions.to(self.device))[cu[1:].long() - 1])
         reset_context()
 
     def kv_block_shape(self) -> tuple[int, ...]:
@@ -90,7 +95,15 @@ class ModelRunner:
         return (hf.num_hidden_layers, 2, self.block_size, hf.num_key_value_heads // self.world_size, hf.head_dim)
 
     def kv_block_bytes(self) -> int:
-        return torch.Size(self.kv_block_shape()).numel() * self.config.dtype.itemsize
+        return torch.Size(self.kv_block_shape()).numel() * self.config.kv_dtype.itemsize
+
+    @torch.no_grad()  # scales are ordinary tensors: a tool may set them
+    def calibrate_kv_scales(self) -> torch.Tensor:
+        """Per-head scales [layers, 2, kv_heads] of a float8 KV cache from a prefill of random tokens."""
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        with record_kv_amax(layers, self.kv_block_shape()[3], self.device) as amax:
+            self.warmup(min(CALIBRATION_TOKENS, self.config.max_num_batched_tokens))
+        return scales_from_amax(amax)
 
     def kv_blocks_that_fit(self) -> int:
         """KV blocks that fit beside the weights and the activation peak of a warm-up prefill."""
@@ -129,11 +142,16 @@ class ModelRunner:
         # One extra block absorbs the writes of padded slots (-1) that some backends do not skip.
         # Zeroed, because masked-out positions still enter softmax(scores) @ V with weight 0, and
         # 0 * NaN from uninitialised memory would poison the output.
-        self.kv_cache = torch.zeros((num_blocks + 1, *self.kv_block_shape()), dtype=self.config.dtype,
+        self.kv_cache = torch.zeros((num_blocks + 1, *self.kv_block_shape()), dtype=self.config.kv_dtype,
                                     device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
+            layer.kv_scales = None if self.kv_scales is None else self.kv_scales[i]
+        if self.rank == 0:
+            print(f"[ModelRunner] KV cache: {num_blocks} blocks of {self.block_size} tokens = {num_blocks * self.block_size} "
+                  f"tokens, {self.config.kv_cache_dtype} ({str(self.config.kv_dtype).removeprefix('torch.')}), "
+                  f"{num_blocks * self.kv_block_bytes() / 2 ** 30:.2f} GiB")
         return num_blocks
 
     def compile_sampler(self) -> None:
@@ -204,6 +222,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        logits = self.step_logits(seqs, is_prefill)
+        if self.rank != 0:
+            return None
+        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
+        return self.sampler(logits, temperatures).tolist()
+
+    @torch.inference_mode()
+    def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """The next-token logits [len(seqs), vocab] of one step's sequences (complete on rank 0)."""
         if is_prefill:
             input_ids, positions, ctx, last_indices = self.prepare_prefill(seqs)
             set_context(ctx)
@@ -211,10 +238,7 @@ class ModelRunner:
         else:
             logits = self.decode_logits(*self.prepare_decode(seqs))
         reset_context()
-        if self.rank != 0:
-            return None
-        temperatures = self._to_device([seq.temperature for seq in seqs], torch.float32)
-        return self.sampler(logits, temperatures).tolist()
+        return logits
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)
