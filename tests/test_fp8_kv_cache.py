@@ -104,17 +104,17 @@ def test_sized_from_memory_the_cache_holds_twice_the_tokens_of_bfloat16(model_di
     assert blocks["auto"] > 64 and blocks["fp8_e4m3"] in (2 * blocks["auto"], 2 * blocks["auto"] + 1)
 
 
-# Measured on these checkpoints (8 prompts x 32 tokens): greedy agreement 0.33-0.40 (a bfloat16 model
-# against float32 gets 0.55: these tiny models amplify rounding), teacher-forced top-1 agreement
-# 0.87-0.92, max |error| / logit range 0.09-0.12, mean 0.008-0.010. Scales 8x too small (saturating)
-# give 0.004-0.05, 0.07-0.28, 0.70-1.14 and 0.09-0.14.
+# Measured on the five HF-parity checkpoints (8 prompts x 32 tokens, per-head scales): greedy agreement
+# 0.25-0.37 (a bfloat16 model against float32 gets 0.55: these tiny models amplify rounding), teacher-forced
+# top-1 agreement 0.87-0.93, max |error| / logit range 0.08-0.18, mean 0.008-0.010. Scales 8x too small
+# (saturating) give 0.004-0.03, 0.18-0.29, 0.71-0.95 and 0.09-0.11.
 @pytest.mark.parametrize("variant", ["untied", "rope_yarn"])
 def test_outputs_close_to_a_float32_cache(model_dirs, variant):
     path = model_dirs(variant)
     prompts = random_prompts([3, 17, 16, 120, 64, 45, 7, 99], seed=1234)
     result = compare(engine(path), engine(path, kv_cache_dtype="fp8_e4m3"), prompts, 32)
     assert result["positions"] == 8 * 32
-    assert result["greedy_agreement"] > 0.2
+    assert result["greedy_agreement"] > 0.15
     assert result["forced_top1_agreement"] > 0.75
     assert result["max_abs_error/range"] < 0.3
     assert 1e-3 < result["mean_abs_error/range"] < 0.02

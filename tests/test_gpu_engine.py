@@ -30,6 +30,32 @@ def test_float32_graph_replay_matches_eager(model_dir, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float8_cache_graph_replay_matches_eager(model_dir, backend):
+    prompts = random_prompts([5 + 7 * i % 90 for i in range(37)], seed=7)
+    options = dict(dtype="float32", attention_backend=backend, kv_cache_dtype="fp8_e4m3")
+    eager, eager_llm = generate(model_dir, prompts, enforce_eager=True, **options)
+    graph, llm = generate(model_dir, prompts, **options)
+    assert llm.model_runner.graphs is not None and llm.model_runner.kv_cache.dtype == torch.float8_e4m3fn
+    assert torch.equal(llm.model_runner.kv_scales, eager_llm.model_runner.kv_scales)
+    assert graph == eager
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float8_cache_outputs_close_to_a_float32_cache(model_dir, backend):
+    """The CPU test's bounds (tests/test_fp8_kv_cache.py), on the GPU kernels and CUDA graphs."""
+    from nanovllm.tools.kv_quality import compare
+    prompts = random_prompts([3, 17, 16, 120, 64, 45, 7, 99], seed=1234)
+    _, reference = generate(model_dir, [[1, 2, 3]], dtype="float32", attention_backend=backend)
+    _, quantized = generate(model_dir, [[1, 2, 3]], dtype="float32", attention_backend=backend,
+                            kv_cache_dtype="fp8_e4m3")
+    result = compare(reference, quantized, prompts, 32)
+    assert result["greedy_agreement"] > 0.15
+    assert result["forced_top1_agreement"] > 0.75
+    assert result["max_abs_error/range"] < 0.3
+    assert 1e-3 < result["mean_abs_error/range"] < 0.02
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bfloat16_graph_replay_close_to_eager_in_every_bucket(model_dir, backend):
     """bf16 greedy runs drift apart after a few tokens on rounding alone, so compare one step's
     hidden states: the padded graph replay against the eager forward on the same batch."""

@@ -22,3 +22,8 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float8 x [..., H, D] with per-head scale [H] -> dtype."""
     return (x.float() * scale[:, None]).to(dtype)
+
+
+def as_cached(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., H, D] as a float8 cache with per-head scale [H] gives it back."""
+    return dequantize(quantize(x, scale), scale, x.dtype)

@@ -16,7 +16,9 @@ from nanovllm.attention.kv_quant import FP8_MAX
 from nanovllm.layers.attention import Attention
 
 MARGIN = 2.0
+# Random tokens in sequences of CALIBRATION_SEQ_LEN (fewer where the model has fewer positions).
 CALIBRATION_TOKENS = 4096
+CALIBRATION_SEQ_LEN = 512
 
 
 @contextmanager

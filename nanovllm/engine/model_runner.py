@@ -7,7 +7,7 @@ import torch.distributed as dist
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
-from nanovllm.engine.kv_calibration import CALIBRATION_TOKENS, record_kv_amax, scales_from_amax
+from nanovllm.engine.kv_calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, record_kv_amax, scales_from_amax
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
@@ -75,16 +75,18 @@ class ModelRunner:
                 layer.backend = self.backend
         return model
 
-    def warmup(self, num_tokens: int | None = None) -> None:
-        """A prefill of num_tokens random tokens (default: a full token budget) without a KV cache, so that
-        the peak activation memory or the ranges of keys and values can be measured."""
+    def warmup(self, num_tokens: int | None = None, seq_len: int | None = None) -> None:
+        """A prefill of num_tokens random tokens (default: a full token budget) in sequences of seq_len
+        (default: max_model_len) without a KV cache, so that the peak activation memory or the ranges of
+        keys and values can be measured."""
         budget = num_tokens or self.config.max_num_batched_tokens
-        seq_len = min(self.config.max_model_len, budget)
+        seq_len = min(seq_len or self.config.max_model_len, budget)
         lengths = [seq_len] * (budget // seq_len) + ([budget % seq_len] if budget % seq_len else [])
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         positions = torch.cat([torch.arange(n) for n in lengths])
         # The same tokens on every rank; zeros would give keys and values unlike any real prompt's.
-        input_ids = torch.randint(self.config.hf_config.vocab_size, (budget,), generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(self.config.hf_config.vocab_size, (budget,), generator=generator)
         set_context(Context(is_prefill=True, cu_seqlens_q=cu.to(self.device), cu_seqlens_k=cu.to(self.device),
                             max_seqlen_q=seq_len, max_seqlen_k=seq_len))
         self.model.compute_logits(self.model(input_ids.to(self.device), positions.to(self.device))[cu[1:].long() - 1])
@@ -99,10 +101,11 @@ class ModelRunner:
 
     @torch.no_grad()  # scales are ordinary tensors: a tool may set them
     def calibrate_kv_scales(self) -> torch.Tensor:
-        """Per-head scales [layers, 2, kv_heads] of a float8 KV cache from a prefill of random tokens."""
+        """Per-head scales [layers, 2, kv_heads] of a float8 KV cache from a prefill of random tokens, the
+        same whatever the engine's options."""
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         with record_kv_amax(layers, self.kv_block_shape()[3], self.device) as amax:
-            self.warmup(min(CALIBRATION_TOKENS, self.config.max_num_batched_tokens))
+            self.warmup(CALIBRATION_TOKENS, min(CALIBRATION_SEQ_LEN, self.config.hf_config.max_position_embeddings))
         return scales_from_amax(amax)
 
     def kv_blocks_that_fit(self) -> int:
@@ -149,8 +152,9 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
             layer.kv_scales = None if self.kv_scales is None else self.kv_scales[i]
         if self.rank == 0:
-            print(f"[ModelRunner] KV cache: {num_blocks} blocks of {self.block_size} tokens = {num_blocks * self.block_size} "
-                  f"tokens, {self.config.kv_cache_dtype} ({str(self.config.kv_dtype).removeprefix('torch.')}), "
+            dtype = str(self.config.kv_dtype).removeprefix("torch.")
+            print(f"[ModelRunner] KV cache: {num_blocks} blocks of {self.block_size} tokens = "
+                  f"{num_blocks * self.block_size} tokens, {self.config.kv_cache_dtype} ({dtype}), "
                   f"{num_blocks * self.kv_block_bytes() / 2 ** 30:.2f} GiB")
         return num_blocks
 

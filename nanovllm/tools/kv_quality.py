@@ -47,12 +47,16 @@ def greedy(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int
     return [o["token_ids"] for o in outputs]
 
 
-def compare(reference: LLM, quantized: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
-    """The measures above for two engines on the same model."""
-    ref_tokens = greedy(reference, prompts, max_tokens)
-    own_tokens = greedy(quantized, prompts, max_tokens)
-    ref_logits = torch.cat(teacher_forced_logits(reference, prompts, ref_tokens))
-    forced_logits = torch.cat(teacher_forced_logits(quantized, prompts, ref_tokens))
+def reference_run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], torch.Tensor]:
+    """The reference engine's greedy tokens and its logits before each of them (all positions stacked)."""
+    tokens = greedy(llm, prompts, max_tokens)
+    return tokens, torch.cat(teacher_forced_logits(llm, prompts, tokens))
+
+
+def measure(ref_tokens: list[list[int]], ref_logits: torch.Tensor, llm: LLM, prompts: list[list[int]]) -> dict:
+    """The measures above for an engine against a reference_run on the same prompts."""
+    own_tokens = greedy(llm, prompts, max(map(len, ref_tokens)))
+    forced_logits = torch.cat(teacher_forced_logits(llm, prompts, ref_tokens))
     span = (ref_logits.amax(-1) - ref_logits.amin(-1)).clamp(min=1e-6)
     error = (forced_logits - ref_logits).abs()
     same = sum(a == b for r, o in zip(ref_tokens, own_tokens) for a, b in zip(r, o))
@@ -61,3 +65,7 @@ def compare(reference: LLM, quantized: LLM, prompts: list[list[int]], max_tokens
             "forced_top1_agreement": (forced_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
             "max_abs_error/range": (error.amax(-1) / span).max().item(),
             "mean_abs_error/range": (error.mean(-1) / span).mean().item()}
+
+
+def compare(reference: LLM, quantized: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
+    return measure(*reference_run(reference, prompts, max_tokens), quantized, prompts)
