@@ -17,8 +17,8 @@ from nanovllm.layers.attention import Attention
 
 MARGIN = 2.0
 # Random tokens in sequences of CALIBRATION_SEQ_LEN (fewer where the model has fewer positions).
-CALIBRATION_TOKENS = 4096
-CALIBRATION_SEQ_LEN = 512
+CALIBRATION_TOKENS = 2048
+CALIBRATION_SEQ_LEN = 256
 
 
 @contextmanager

@@ -7,7 +7,8 @@ import torch.distributed as dist
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
-from nanovllm.engine.kv_calibration import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, record_kv_amax, scales_from_amax
+from nanovllm.engine.kv_calibration import (CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, record_kv_amax,
+                                            scales_from_amax)
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
@@ -101,11 +102,12 @@ class ModelRunner:
 
     @torch.no_grad()  # scales are ordinary tensors: a tool may set them
     def calibrate_kv_scales(self) -> torch.Tensor:
-        """Per-head scales [layers, 2, kv_heads] of a float8 KV cache from a prefill of random tokens, the
-        same whatever the engine's options."""
+        """Per-head scales [layers, 2, kv_heads] of a float8 KV cache from a prefill of random tokens,
+        independent of the batching and length options."""
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        seq_len = min(CALIBRATION_SEQ_LEN, self.config.hf_config.max_position_embeddings)
         with record_kv_amax(layers, self.kv_block_shape()[3], self.device) as amax:
-            self.warmup(CALIBRATION_TOKENS, min(CALIBRATION_SEQ_LEN, self.config.hf_config.max_position_embeddings))
+            self.warmup(CALIBRATION_TOKENS, seq_len)
         return scales_from_amax(amax)
 
     def kv_blocks_that_fit(self) -> int:
