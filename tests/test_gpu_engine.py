@@ -31,13 +31,19 @@ def test_float32_graph_replay_matches_eager(model_dir, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_float8_cache_graph_replay_matches_eager(model_dir, backend):
+    """Teacher-forced, since graph and eager steps differ in float summation order (split counts of
+    padded buckets), which can move a value across a float8 rounding boundary and a tiny model's greedy
+    tokens with it."""
+    from nanovllm.tools.kv_quality import compare
     prompts = random_prompts([5 + 7 * i % 90 for i in range(37)], seed=7)
     options = dict(dtype="float32", attention_backend=backend, kv_cache_dtype="fp8_e4m3")
-    eager, eager_llm = generate(model_dir, prompts, enforce_eager=True, **options)
-    graph, llm = generate(model_dir, prompts, **options)
-    assert llm.model_runner.graphs is not None and llm.model_runner.kv_cache.dtype == torch.float8_e4m3fn
-    assert torch.equal(llm.model_runner.kv_scales, eager_llm.model_runner.kv_scales)
-    assert graph == eager
+    _, eager = generate(model_dir, [[1, 2, 3]], enforce_eager=True, **options)
+    _, graph = generate(model_dir, [[1, 2, 3]], **options)
+    assert graph.model_runner.graphs is not None and graph.model_runner.kv_cache.dtype == torch.float8_e4m3fn
+    assert torch.equal(graph.model_runner.kv_scales, eager.model_runner.kv_scales)
+    result = compare(eager, graph, prompts, 32)
+    assert result["forced_top1_agreement"] > 0.98
+    assert result["max_abs_error/range"] < 0.02
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
