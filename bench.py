@@ -7,10 +7,13 @@ python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 python bench.py --sampler
 python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu [--workload prefill-heavy]
+python bench.py --kv-cache-dtype auto,fp8_e4m3    # the default workload with each KV cache dtype
+python bench.py --kv-quality --presets hf-parity,qwen3-0.6b,qwen3-8b
 """
 import argparse
 import gc
 import json
+import tempfile
 import time
 from collections import deque
 from random import Random
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.attention.kv_quant import KV_CACHE_DTYPES
 from nanovllm.engine.cuda_graph import DecodeGraphs, sequential_forward
 from nanovllm.engine.sampling_inputs import sampling_inputs
 from nanovllm.engine.sequence import Sequence
@@ -29,6 +33,7 @@ from nanovllm.pipeline.paths import pipeline_wins
 from nanovllm.pipeline.scheduler import PipelineScheduler
 from nanovllm.pipeline.stats import BucketTiming
 from nanovllm.tools.floor import ScheduleFloor, copy_bytes_per_s, gemm_flops_per_s
+from nanovllm.tools.kv_quality import measure, reference_run
 from nanovllm.tools.make_model import VOCAB_SIZE, default_preset, ensure_model
 from nanovllm.utils.timing import median_replay_ms
 
@@ -103,12 +108,13 @@ def run_mode(model: str, mode: str, prompts, params, options: dict, ceilings: tu
     llm.generate(prompts, params, use_tqdm=True)
     seconds = time.perf_counter() - start
     tokens = sum(p.max_tokens for p in params)
-    result = {"mode": mode, "startup_s": startup, "output_tokens": tokens, "seconds": seconds,
-              "tok_per_s": tokens / seconds}
+    result = {"mode": mode, "kv_cache": llm.config.kv_cache_dtype, "startup_s": startup, "output_tokens": tokens,
+              "seconds": seconds, "tok_per_s": tokens / seconds}
     if floor:
         result.update({"floor_s": floor.seconds, "s/floor": seconds / floor.seconds})
-    print(f"[bench] {mode}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s"
-          + (f", {seconds / floor.seconds:.2f}x its floor of {floor.seconds:.2f} s" if floor else ""), flush=True)
+    print(f"[bench] {mode}, kv_cache_dtype={llm.config.kv_cache_dtype}: {tokens} tokens in {seconds:.2f} s = "
+          f"{tokens / seconds:.0f} tok/s" + (f", {seconds / floor.seconds:.2f}x its floor of {floor.seconds:.2f} s"
+                                             if floor else ""), flush=True)
     if llm.config.enable_pipeline:
         stats = llm.runners[-1].get_pipeline_statistics()  # the decode runner
         result["pipelined_buckets"] = sorted(b for b, p in stats["path_per_bucket"].items() if p == "pipeline")
@@ -157,19 +163,22 @@ def compare(args) -> list[dict]:
     ceilings = (copy_bytes_per_s(), gemm_flops_per_s()) if torch.cuda.is_available() else None
     if ceilings:
         print(f"[bench] ceilings: copy {ceilings[0] / 1e12:.2f} TB/s (read + write), bf16 matrix {ceilings[1] / 1e12:.0f} TFLOP/s")
-    rows = [run_mode(model, mode, prompts, params, options, ceilings) for mode in args.compare.split(",")]
+    rows = [run_mode(model, mode, prompts, params, {**options, "kv_cache_dtype": kv}, ceilings)
+            for kv in args.kv_cache_dtype.split(",") for mode in args.compare.split(",")]
+    compared = len(rows)
     if args.hf_peer:
         peer = slice(0, args.hf_peer)
         ours = run_mode(model, "graph", prompts[peer], params[peer], options, ceilings)
         ours["mode"] = f"graph-{args.hf_peer}seqs"
         rows += [ours, run_hf_peer(model, prompts[peer], params[peer])]
         rows[-1]["ratio"] = ours["tok_per_s"] / rows[-1]["tok_per_s"]
-    for row in rows[:len(args.compare.split(","))]:
+    for row in rows[:compared]:
         row["ratio"] = row["tok_per_s"] / rows[0]["tok_per_s"]
     print(f"\nworkload: {args.num_seqs} seqs, {describe_workload(args)}; model {model}; device {device_name()}")
-    print("ratio: tok/s over the first mode's (for hf-transformers: nanovllm graph over transformers on the same seqs)")
+    print("ratio: tok/s over the first row's (for hf-transformers: nanovllm graph over transformers on the same seqs)")
     print("s/floor: seconds over the floor of the schedule each run executed (bytes at the copy rate, FLOPs at the matrix rate, per step)")
-    print_table(rows, ["mode", "startup_s", "output_tokens", "seconds", "tok_per_s", "floor_s", "s/floor", "ratio"])
+    print_table(rows, ["mode", "kv_cache", "startup_s", "output_tokens", "seconds", "tok_per_s", "floor_s", "s/floor",
+                       "ratio"])
     return rows
 
 
@@ -263,16 +272,21 @@ def step_floor_ms(llm: LLM, batch: int, context: int, bandwidth: float, weight_r
     hf = llm.config.hf_config
     layers = llm.model_runner.model.model.layers
     weight_bytes = sum(p.numel() * p.element_size() for p in layers.parameters())
-    kv_bytes = batch * context * hf.num_hidden_layers * 2 * hf.num_key_value_heads * hf.head_dim * llm.config.dtype.itemsize
+    kv_bytes = (batch * context * hf.num_hidden_layers * 2 * hf.num_key_value_heads * hf.head_dim
+                * llm.config.kv_dtype.itemsize)
     return (weight_reads * weight_bytes + kv_bytes) / bandwidth * 1e3
 
 
-def sweep_preset(preset: str, args, batches: list[int], contexts: list[int], splits: list[tuple[int, int]],
-                 bandwidth: float) -> list[dict]:
+def preset_model(preset: str) -> str:
+    return str(ensure_model(preset)) if preset in ("qwen3-0.6b", "qwen3-8b", "tiny") else preset
+
+
+def sweep_preset(preset: str, kv_cache_dtype: str, args, batches: list[int], contexts: list[int],
+                 splits: list[tuple[int, int]], bandwidth: float) -> list[dict]:
     """Decode-step timings of one model; its engine, graphs and partitions are freed on return."""
-    model = str(ensure_model(preset)) if preset in ("qwen3-0.6b", "qwen3-8b", "tiny") else preset
-    llm = LLM(model, enforce_eager=True, max_num_seqs=max(batches), max_model_len=max(contexts) + 1,
-              max_num_batched_tokens=max(contexts) + 1, gpu_memory_utilization=args.sweep_memory)
+    llm = LLM(preset_model(preset), enforce_eager=True, max_num_seqs=max(batches), max_model_len=max(contexts) + 1,
+              max_num_batched_tokens=max(contexts) + 1, gpu_memory_utilization=args.sweep_memory,
+              kv_cache_dtype=kv_cache_dtype)
     runner = llm.model_runner
     graphs = DecodeGraphs(batches, runner.max_blocks_per_seq, runner.device)
     stages = PipelineScheduler(runner.model)
@@ -297,7 +311,7 @@ def sweep_preset(preset: str, args, batches: list[int], contexts: list[int], spl
         floor = step_floor_ms(llm, batch, context, bandwidth)
         # Each micro-batch of the pipeline reads every layer's weights itself.
         pipe_floor = step_floor_ms(llm, batch, context, bandwidth, weight_reads=len(stages.micro_batches(batch)))
-        row = {"preset": preset, "batch": batch, "context": context, "floor_ms": floor,
+        row = {"preset": preset, "kv_cache": kv_cache_dtype, "batch": batch, "context": context, "floor_ms": floor,
                "sequential_ms": ms["sequential"], "seq/floor": ms["sequential"] / floor, "pipe_floor_ms": pipe_floor,
                "attn_only_ms": ms["attention_only"], "ffn_only_ms": ms["ffn_only"],
                "overlap_bound": ms["sequential"] / max(ms["attention_only"], ms["ffn_only"])}
@@ -318,8 +332,9 @@ def decode_sweep(args) -> list[dict]:
     splits = [tuple(int(n) for n in s.split(":")) for s in args.sm_splits.split(",")] if args.sm_splits else []
     rows = []
     for preset in args.presets.split(","):
-        rows += sweep_preset(preset, args, batches, contexts, splits, bandwidth)
-        free_gpu()
+        for kv in args.kv_cache_dtype.split(","):
+            rows += sweep_preset(preset, kv, args, batches, contexts, splits, bandwidth)
+            free_gpu()
     add_auto_column(rows, splits)
     print(f"\ndecode step (CUDA graph replay, layers only, lm_head excluded), median of {args.repeats}; "
           f"device {torch.cuda.get_device_name()}")
@@ -328,29 +343,41 @@ def decode_sweep(args) -> list[dict]:
 
 
 def attention_kernel_bench(args) -> list[dict]:
-    """The Triton paged decode kernel alone, Qwen3-0.6B heads (16 q / 8 kv, head_dim 128), bf16,
-    block size 256, on random K/V spread over shuffled blocks: its K+V read rate against the copy rate.
-    Each call is a CUDA graph replay, as in the engine, after L2 is overwritten."""
+    """The Triton paged decode kernel alone, Qwen3-0.6B heads (16 q / 8 kv, head_dim 128), bf16 queries,
+    block size 256, on random K/V spread over shuffled blocks, with a bf16 and a float8 cache (float8:
+    at each tile size in --fp8-tiles): its K+V read rate, counting the bytes the cache holds, against the
+    copy rate. Each call is a CUDA graph replay, as in the engine, after L2 is overwritten."""
     from nanovllm.attention.triton_kernels import paged_decode
     bandwidth = copy_bytes_per_s()
     heads, kv_heads, head_dim, block = 16, 8, 128, 256
     l2_flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    variants = [(torch.bfloat16, None)] + [(torch.float8_e4m3fn, int(t)) for t in args.fp8_tiles.split(",")]
     rows = []
-    for batch in (1, 64, 256):
-        for context in (1024, 2048, 4096):
-            blocks = batch * context // block
-            kv = torch.randn(blocks, 1, 2, block, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
-            tables = torch.randperm(blocks, device="cuda").view(batch, -1).int()
-            lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-            q = torch.randn(batch, heads, head_dim, dtype=torch.bfloat16, device="cuda")
-            paged_decode(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens, head_dim ** -0.5)  # compile outside the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                paged_decode(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens, head_dim ** -0.5)
-            ms = median_replay_ms({"decode": graph.replay}, repeats=args.repeats, before=l2_flush.zero_)["decode"]
-            read = kv.numel() * kv.element_size()
-            rows.append({"batch": batch, "context": context, "us": ms * 1e3, "TB/s": read / ms / 1e9,
-                         "of_copy_rate": read / (ms / 1e3) / bandwidth})
+    for cache_dtype, tile_n in variants:
+        scales = torch.full((2, kv_heads), 0.01, device="cuda") if cache_dtype == torch.float8_e4m3fn else None
+        for batch in (1, 64, 256):
+            for context in (1024, 2048, 4096):
+                blocks = batch * context // block
+                kv = torch.randn(blocks, 1, 2, block, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+                kv = kv.to(cache_dtype)
+                tables = torch.randperm(blocks, device="cuda").view(batch, -1).int()
+                lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+                q = torch.randn(batch, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+
+                def decode():
+                    paged_decode(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens, head_dim ** -0.5, tile_n=tile_n,
+                                 kv_scales=scales)
+
+                decode()  # compile outside the graph
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    decode()
+                ms = median_replay_ms({"decode": graph.replay}, repeats=args.repeats, before=l2_flush.zero_)["decode"]
+                read = kv.numel() * kv.element_size()
+                rows.append({"cache": str(cache_dtype).removeprefix("torch."), "tile_n": tile_n or "default",
+                             "batch": batch, "context": context, "us": ms * 1e3, "TB/s": read / ms / 1e9,
+                             "of_copy_rate": read / (ms / 1e3) / bandwidth})
+                del kv, graph
     print(f"\nTriton paged decode attention; copy rate {bandwidth / 1e12:.2f} TB/s; device {torch.cuda.get_device_name()}")
     print_table(rows, list(rows[0].keys()))
     return rows
@@ -391,13 +418,66 @@ def sampler_bench(args) -> list[dict]:
     return rows
 
 
+def quality_models(preset: str, workdir: str) -> dict[str, str]:
+    """name -> checkpoint of a --kv-quality preset; hf-parity: the test suite's tiny transformers checkpoints."""
+    if preset != "hf-parity":
+        return {preset: preset_model(preset)}
+    from tests.helpers import MODEL_VARIANTS, build_checkpoint
+    paths = {}
+    for variant, spec in MODEL_VARIANTS.items():
+        paths[f"hf-parity-{variant}"] = f"{workdir}/{variant}"
+        build_checkpoint(paths[f"hf-parity-{variant}"], **spec)
+    return paths
+
+
+def kv_quality(args) -> list[dict]:
+    """The float8 KV cache against a cache in the model's dtype on the same model (see
+    nanovllm.tools.kv_quality): random prompts with lengths in [--min-len, --max-len], greedy, with
+    per-head scales (the engine's) and per-layer scales (each layer's largest head scale)."""
+    rng = Random(args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        models = {name: path for preset in args.presets.split(",")
+                  for name, path in quality_models(preset, workdir).items()}
+        for name, model in models.items():
+            vocab = AutoConfig.from_pretrained(model).vocab_size
+            max_len = min(args.max_len, 400) if name.startswith("hf-parity") else args.max_len  # 512 positions
+            lengths = [rng.randint(min(args.min_len, max_len), max_len) for _ in range(args.quality_prompts)]
+            prompts = [[rng.randrange(min(10000, vocab)) for _ in range(n)] for n in lengths]
+            options = {"max_model_len": max_len + args.quality_tokens + 16, "max_num_seqs": args.quality_prompts,
+                       "attention_backend": "triton" if torch.cuda.is_available() else "torch",
+                       "async_scheduling": False}  # teacher forcing
+            llm = LLM(model, **options)
+            ref_tokens, ref_logits = reference_run(llm, prompts, args.quality_tokens)
+            reference = f"{llm.config.kv_cache_dtype} ({str(llm.config.dtype).removeprefix('torch.')})"
+            llm.exit()
+            del llm
+            free_gpu()
+            for scales in ("per-head", "per-layer"):
+                llm = LLM(model, kv_cache_dtype="fp8_e4m3", **options)
+                if scales == "per-layer":  # before any request, so that no cached block holds other scales
+                    per_head = llm.model_runner.kv_scales.clone()
+                    llm.model_runner.kv_scales.copy_(per_head.amax(-1, keepdim=True).expand_as(per_head))
+                rows.append({"model": name, "reference": reference, "scales": scales,
+                             **measure(ref_tokens, ref_logits, llm, prompts)})
+                print(f"[bench] {rows[-1]}", flush=True)
+                llm.exit()
+                del llm
+                free_gpu()
+    print(f"\nfloat8 KV cache against the model's dtype: {args.quality_prompts} prompts x {args.quality_tokens} "
+          f"tokens, prompt lengths in [{args.min_len}, {args.max_len}], seed {args.seed}; device {device_name()}")
+    print_table(rows, list(rows[0].keys()))
+    return rows
+
+
 def add_auto_column(rows: list[dict], splits: list[tuple[int, int]]) -> None:
     """What enable_pipeline=True would run at each point, by the engine's rule applied to every
     context swept at that batch."""
     for attention, ffn in splits:
         key = f"pipe{attention}:{ffn}_ms"
         for row in rows:
-            same_batch = [r for r in rows if r["preset"] == row["preset"] and r["batch"] == row["batch"]]
+            same_batch = [r for r in rows if (r["preset"], r["kv_cache"], r["batch"]) ==
+                          (row["preset"], row["kv_cache"], row["batch"])]
             pipelined = pipeline_wins([BucketTiming(r["context"], r["sequential_ms"], r[key]) for r in same_batch])
             row[f"auto{attention}:{ffn}/seq"] = (row["sequential_ms"] / row[key]) if pipelined else 1.0
 
@@ -452,6 +532,15 @@ def main():
     parser.add_argument("--decode-sweep", action="store_true")
     parser.add_argument("--attention-kernel", action="store_true", help="time the Triton decode attention kernel")
     parser.add_argument("--sampler", action="store_true", help="time the sampler alone per batch and option")
+    parser.add_argument("--fp8-tiles", default="64,128",
+                        help="--attention-kernel: tile sizes to time the float8 cache at")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help=f"comma-separated KV cache dtypes from {list(KV_CACHE_DTYPES)} (workload and sweep)")
+    parser.add_argument("--kv-quality", action="store_true",
+                        help="float8 KV cache quality against the model's dtype on --presets "
+                             "(hf-parity: the test suite's checkpoints)")
+    parser.add_argument("--quality-prompts", type=int, default=64)
+    parser.add_argument("--quality-tokens", type=int, default=128)
     parser.add_argument("--presets", default="qwen3-0.6b,qwen3-8b")
     parser.add_argument("--batches", default="1,8,64,256,512")
     parser.add_argument("--contexts", default="256,1024,4096")
@@ -466,6 +555,9 @@ def main():
     unknown = set(args.compare.split(",")) - set(MODES)
     if unknown:
         parser.error(f"unknown --compare modes {sorted(unknown)}; choose from {list(MODES)}")
+    unknown = set(args.kv_cache_dtype.split(",")) - set(KV_CACHE_DTYPES)
+    if unknown:
+        parser.error(f"unknown --kv-cache-dtype {sorted(unknown)}; choose from {list(KV_CACHE_DTYPES)}")
     if (args.decode_sweep or args.attention_kernel or args.sampler or args.hf_peer) and not torch.cuda.is_available():
         parser.error("--decode-sweep, --attention-kernel, --sampler and --hf-peer need a CUDA device")
     if args.attention_kernel:
@@ -474,6 +566,8 @@ def main():
         rows = sampler_bench(args)
     elif args.online:
         rows = online(args)
+    elif args.kv_quality:
+        rows = kv_quality(args)
     else:
         rows = decode_sweep(args) if args.decode_sweep else compare(args)
     if args.json:

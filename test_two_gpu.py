@@ -201,6 +201,15 @@ def test_abort_while_work_is_in_flight(model_dir, expected, monkeypatch, stage):
     assert_idle(llm)
 
 
+def test_float8_cache_gives_the_single_runner_tokens_with_one_set_of_scales(model_dir):
+    """The caches exchange float8 bytes, so both runners must read them with the same scales."""
+    single = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
+                 num_kvcache_blocks=64, kv_cache_dtype="fp8_e4m3")
+    llm = pd_llm(model_dir, kv_cache_dtype="fp8_e4m3")
+    assert torch.equal(llm.prefill_runner.kv_scales, llm.decode_runner.kv_scales)
+    assert tokens(llm, mixed_prompts()) == tokens(single, mixed_prompts())
+
+
 def test_pipeline_option_applies_to_the_decode_runner(model_dir, expected):
     llm = pd_llm(model_dir, enable_pipeline=True, pipeline_force=True)
     assert llm.decode_runner.pipeline is not None and llm.prefill_runner.pipeline is None

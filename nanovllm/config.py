@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.attention.kv_quant import KV_CACHE_DTYPES, kv_cache_dtype
 from nanovllm.attention.selector import BACKEND_NAMES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,6 +30,7 @@ class Config:
     async_scheduling: bool = True
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
+    kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"
     enable_pipeline: bool = False
     pipeline_attention_sm_count: int = 16
@@ -44,6 +46,7 @@ class Config:
     # With enable_two_gpu_pd: the devices of the prefill and the decode runner.
     prefill_device: torch.device | None = field(init=False, default=None)
     decode_device: torch.device | None = field(init=False, default=None)
+    kv_dtype: torch.dtype = field(init=False, repr=False)  # the KV cache's dtype
 
     def __post_init__(self):
         self._check_types()
@@ -58,6 +61,9 @@ class Config:
         _require(self.num_kvcache_blocks == -1 or self.num_kvcache_blocks >= 1, "num_kvcache_blocks",
                  "-1 (size from memory) or an integer >= 1")
         _require(self.attention_backend in BACKEND_NAMES, "attention_backend", f"one of {BACKEND_NAMES}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {tuple(KV_CACHE_DTYPES)}")
+        _require(self.kv_cache_dtype == "auto" or self.attention_backend != "flash-attn", "kv_cache_dtype",
+                 "'auto' with attention_backend='flash-attn' (a float8 cache needs 'triton' or 'torch')")
         _require(self.pipeline_attention_sm_count >= 1, "pipeline_attention_sm_count", "an integer >= 1")
         _require(self.pipeline_ffn_sm_count >= 1, "pipeline_ffn_sm_count", "an integer >= 1")
         _require(not (self.enable_pipeline and self.tensor_parallel_size > 1), "enable_pipeline",
@@ -76,6 +82,7 @@ class Config:
             self.device = self.decode_device
         self.hf_config = _load_hf_config(self.model)
         self.dtype = self._resolve_dtype()
+        self.kv_dtype = kv_cache_dtype(self.kv_cache_dtype, self.dtype)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         blocks_per_seq = -(-self.max_model_len // self.kvcache_block_size)
         for option in ("num_kvcache_blocks", "prefill_num_kvcache_blocks"):

@@ -140,6 +140,9 @@ def test_bad_sampling_params_arguments_to_generate(llm, expected):
     (dict(attention_backend="magic"), ValueError, "attention_backend"),
     (dict(attention_backend="triton"), ValueError, "attention_backend"),  # needs CUDA
     (dict(num_kvcache_blocks=0), ValueError, "num_kvcache_blocks"),
+    (dict(kv_cache_dtype="fp8"), ValueError, "kv_cache_dtype"),
+    (dict(kv_cache_dtype=None), TypeError, "kv_cache_dtype"),
+    (dict(kv_cache_dtype="fp8_e4m3", attention_backend="flash-attn"), ValueError, "kv_cache_dtype"),
     (dict(num_kvcache_blocks=3), ValueError, "KV cache"),  # fewer than one max_model_len sequence
     (dict(max_num_seqs="8"), TypeError, "max_num_seqs"),
     (dict(enforce_eager=1), TypeError, "enforce_eager"),

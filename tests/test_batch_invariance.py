@@ -142,3 +142,17 @@ def test_preemption_chunking_and_caching_together(model_dir, prompts, alone, mon
     assert sum(observer.cached_tokens) > 0
     assert max(observer.batch_sizes) <= 3
     assert any(stop < num_tokens for _, _, stop, num_tokens in observer.prefill_spans)
+
+
+def test_float8_cache_preemption_chunking_and_caching(model_dir, prompts, monkeypatch):
+    """With a float8 cache, prompts attend to their own keys and values as the cache holds them, so
+    cached prefixes, chunks and recomputation after preemption give the same tokens as a lone prompt."""
+    fp8 = dict(kv_cache_dtype="fp8_e4m3")
+    alone = [generate(engine(model_dir, num_kvcache_blocks=64, **fp8), [prompt])[0] for prompt in prompts]
+    preempted = []
+    original = Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq), original(self, seq)))
+    llm = engine(model_dir, num_kvcache_blocks=12, max_num_batched_tokens=40, max_num_seqs=3, **fp8)
+    observer = Observer(llm, monkeypatch)
+    assert generate(llm, prompts[::-1]) == alone[::-1]
+    assert preempted and sum(observer.cached_tokens) > 0

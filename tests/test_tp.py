@@ -27,13 +27,14 @@ def generate(model_dir, prompts, **options) -> list[list[int]]:
         llm.exit()
 
 
-def test_tp2_matches_tp1(model_dir):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])  # float8: each rank calibrates its own heads
+def test_tp2_matches_tp1(model_dir, kv_cache_dtype):
     prompts = random_prompts([3, 40, 17, 64], seed=31)
     prompts += [prompts[3][:48] + [5, 6, 7]]
-    tp2 = generate(model_dir, prompts, tensor_parallel_size=2)
+    tp2 = generate(model_dir, prompts, tensor_parallel_size=2, kv_cache_dtype=kv_cache_dtype)
     # After exit the process group is gone, so a later single-rank engine in this process is unsharded.
     assert not dist.is_initialized()
-    tp1 = generate(model_dir, prompts)
+    tp1 = generate(model_dir, prompts, kv_cache_dtype=kv_cache_dtype)
     assert tp2 == tp1
     assert all(len(t) == 16 for t in tp2)
 

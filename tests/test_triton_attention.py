@@ -1,10 +1,13 @@
 """Triton attention kernels against a plain torch reference.
 
 On CUDA the checks run directly; on CPU they run with small sizes under the Triton interpreter.
+Dtype names "bf16-fp8" and "fp32-fp8" are bf16/fp32 queries over a float8 cache with per-head scales.
 """
 import sys
 
 import torch
+
+from nanovllm.attention.kv_quant import FP8_MAX, dequantize, quantize
 
 from tests.triton_interpreter import interpreter_main, kernel_tests
 
@@ -55,12 +58,27 @@ def random_block_tables(context_lens, block_size, num_blocks, gen, extra_width=2
     return tables
 
 
-def fill_context(k_cache, v_cache, block_table, keys, values):
+def fill_context(k_cache, v_cache, block_table, keys, values, kv_scales=None):
+    """Writes keys/values at positions 0.. of block_table, quantized with kv_scales for a float8 cache;
+    returns them as the cache holds them (dequantized, float32, for a float8 cache)."""
+    if kv_scales is not None:
+        keys, values = quantize(keys, kv_scales[0]), quantize(values, kv_scales[1])
     block_size = k_cache.size(1)
     pos = torch.arange(keys.size(0))
     blocks = block_table.long()[pos // block_size]
     k_cache[blocks, pos % block_size] = keys
     v_cache[blocks, pos % block_size] = values
+    if kv_scales is None:
+        return keys, values
+    return dequantize(keys, kv_scales[0], torch.float32), dequantize(values, kv_scales[1], torch.float32)
+
+
+def random_scales(cache_dtype, num_kv_heads, gen):
+    """Per-head key and value scales of a float8 cache (None for another cache dtype), differing by up to 4x
+    between heads so that a mixed-up head shows; randn data stays below the saturation point."""
+    if cache_dtype != torch.float8_e4m3fn:
+        return None
+    return 0.0125 + 0.0375 * torch.rand(2, num_kv_heads, generator=gen)
 
 
 def qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, gen):
@@ -71,6 +89,11 @@ def qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, gen):
             v.view(num_tokens, num_kv_heads, head_dim))
 
 
+def cache_bits(cache):
+    """A cache's contents comparable with torch.equal (float8 has no equality on CPU)."""
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+
+
 def assert_close(out, ref, dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
@@ -78,30 +101,42 @@ def assert_close(out, ref, dtype):
 
 # ---------------------------------------------------------------------------------------------- checks
 
-def check_store_kv(device, dtype, block_size, num_kv_heads, head_dim, slot_dtype):
+def check_store_kv(device, dtype, cache_dtype, block_size, num_kv_heads, head_dim, slot_dtype):
     from nanovllm.attention.triton_kernels import store_kv
     gen = torch.Generator().manual_seed(block_size * 7 + head_dim)
     num_blocks, num_tokens = 5, 2 * block_size + 3
-    kv_cache = torch.randn(num_blocks, NUM_LAYERS, 2, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    kv_cache = torch.randn(num_blocks, NUM_LAYERS, 2, block_size, num_kv_heads, head_dim, generator=gen)
+    kv_cache = kv_cache.to(cache_dtype)
     _, k, v = qkv_views(num_tokens, 2 * num_kv_heads, num_kv_heads, head_dim, dtype, gen)
+    scales = random_scales(cache_dtype, num_kv_heads, gen)
+    if scales is not None:  # some values past the range, which saturate
+        k[1, 0, :3] = torch.tensor([1e3, -1e4, 0.0]).to(dtype)
+        v[2, -1, -2:] = torch.tensor([-1e3, 1e5]).to(dtype)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
-    slots[::5] = -1
+    slots[::5] = -1  # tokens 1 and 2, with the values past the range, are stored
     expected = kv_cache.clone()
     keep = slots >= 0
-    expected[slots[keep] // block_size, LAYER, 0, slots[keep] % block_size] = k[keep]
-    expected[slots[keep] // block_size, LAYER, 1, slots[keep] % block_size] = v[keep]
+    stored_k, stored_v = (k, v) if scales is None else (quantize(k, scales[0]), quantize(v, scales[1]))
+    expected[slots[keep] // block_size, LAYER, 0, slots[keep] % block_size] = stored_k[keep]
+    expected[slots[keep] // block_size, LAYER, 1, slots[keep] % block_size] = stored_v[keep]
+    if scales is not None:
+        assert stored_k[1, 0, :2].float().tolist() == [FP8_MAX, -FP8_MAX]
+        assert stored_v[2, -1, -2:].float().tolist() == [-FP8_MAX, FP8_MAX]
 
     kv_cache = kv_cache.to(device)
-    store_kv(k.to(device), v.to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], slots.to(slot_dtype).to(device))
-    assert torch.equal(kv_cache.cpu(), expected)
+    store_kv(k.to(device), v.to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], slots.to(slot_dtype).to(device),
+             None if scales is None else scales.to(device))
+    assert torch.equal(cache_bits(kv_cache.cpu()), cache_bits(expected))
 
 
-def check_decode(device, dtype, block_size, group, head_dim, context_lens, num_kv_heads=2, num_splits=None):
+def check_decode(device, dtype, cache_dtype, block_size, group, head_dim, context_lens, num_kv_heads=2,
+                 num_splits=None):
     from nanovllm.attention.triton_kernels import paged_decode
     gen = torch.Generator().manual_seed(block_size + 31 * group + head_dim + len(context_lens))
     num_heads = group * num_kv_heads
     num_blocks = sum((n + block_size - 1) // block_size for n in context_lens) + 3
-    kv_cache, k_cache, v_cache = make_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, "cpu")
+    kv_cache, k_cache, v_cache = make_caches(num_blocks, block_size, num_kv_heads, head_dim, cache_dtype, "cpu")
+    scales = random_scales(cache_dtype, num_kv_heads, gen)
     tables = random_block_tables(context_lens, block_size, num_blocks, gen)
     q, _, _ = qkv_views(len(context_lens), num_heads, num_kv_heads, head_dim, dtype, gen)
     scale = head_dim ** -0.5
@@ -109,17 +144,19 @@ def check_decode(device, dtype, block_size, group, head_dim, context_lens, num_k
     for b, n in enumerate(context_lens):
         keys = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
         values = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
-        fill_context(k_cache, v_cache, tables[b], keys, values)
+        keys, values = fill_context(k_cache, v_cache, tables[b], keys, values, scales)
         refs.append(reference_attention(q[b:b + 1], keys, values, scale)[0])
 
     kv_cache = kv_cache.to(device)
     out = paged_decode(q.to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], tables.to(device),
-                       torch.tensor(context_lens, dtype=torch.int32, device=device), scale, num_splits=num_splits)
+                       torch.tensor(context_lens, dtype=torch.int32, device=device), scale, num_splits=num_splits,
+                       kv_scales=None if scales is None else scales.to(device))
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, torch.stack(refs), dtype)
 
 
-def check_prefill(device, dtype, block_size, group, head_dim, q_lens, prefix_lens, paged, num_kv_heads=2):
+def check_prefill(device, dtype, cache_dtype, block_size, group, head_dim, q_lens, prefix_lens, paged,
+                  num_kv_heads=2):
     from nanovllm.attention.triton_kernels import prefill_attention
     gen = torch.Generator().manual_seed(block_size + 17 * group + head_dim + sum(q_lens) + paged)
     num_heads = group * num_kv_heads
@@ -131,21 +168,23 @@ def check_prefill(device, dtype, block_size, group, head_dim, q_lens, prefix_len
     refs = []
     if paged:
         num_blocks = sum((n + block_size - 1) // block_size for n in context_lens) + 3
-        kv_cache, k_cache, v_cache = make_caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, "cpu")
+        kv_cache, k_cache, v_cache = make_caches(num_blocks, block_size, num_kv_heads, head_dim, cache_dtype, "cpu")
         tables = random_block_tables(context_lens, block_size, num_blocks, gen)
+    scales = random_scales(cache_dtype, num_kv_heads, gen) if paged else None
     for b, (prefix, n) in enumerate(zip(prefix_lens, q_lens)):
         new = slice(cu_q[b].item(), cu_q[b + 1].item())
         keys, values = k[new], v[new]
         if paged:
             keys = torch.cat([torch.randn(prefix, num_kv_heads, head_dim, generator=gen).to(dtype), keys])
             values = torch.cat([torch.randn(prefix, num_kv_heads, head_dim, generator=gen).to(dtype), values])
-            fill_context(k_cache, v_cache, tables[b], keys, values)
+            keys, values = fill_context(k_cache, v_cache, tables[b], keys, values, scales)
         refs.append(reference_attention(q[new], keys, values, scale))
 
     if paged:
         kv_cache = kv_cache.to(device)
         out = prefill_attention(q.to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], cu_q.to(device),
-                                cu_k.to(device), max(q_lens), scale, block_tables=tables.to(device))
+                                cu_k.to(device), max(q_lens), scale, block_tables=tables.to(device),
+                                kv_scales=None if scales is None else scales.to(device))
     else:
         out = prefill_attention(q.to(device), k.to(device), v.to(device), cu_q.to(device), cu_q.to(device),
                                 max(q_lens), scale)
@@ -153,7 +192,7 @@ def check_prefill(device, dtype, block_size, group, head_dim, q_lens, prefix_len
     assert_close(out, torch.cat(refs), dtype)
 
 
-def check_backend(device, dtype):
+def check_backend(device, dtype, cache_dtype):
     """TritonBackend through the AttentionBackend interface against TorchBackend: prefill with and
     without a cached prefix, then one decode step."""
     from nanovllm.attention.torch_backend import TorchBackend
@@ -165,11 +204,13 @@ def check_backend(device, dtype):
     context_lens = [p + n for p, n in zip(prefix_lens, q_lens)]
     num_blocks = sum(n // block_size + 1 for n in context_lens) + 2
     tables = random_block_tables([n + 1 for n in context_lens], block_size, num_blocks, gen)
-    kv_cache = torch.zeros(num_blocks, NUM_LAYERS, 2, block_size, num_kv_heads, head_dim, dtype=dtype)
+    kv_cache = torch.zeros(num_blocks, NUM_LAYERS, 2, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
+    scales = random_scales(cache_dtype, num_kv_heads, gen)
     for b, prefix in enumerate(prefix_lens):
         fill_context(kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], tables[b],
                      torch.randn(prefix, num_kv_heads, head_dim, generator=gen).to(dtype),
-                     torch.randn(prefix, num_kv_heads, head_dim, generator=gen).to(dtype))
+                     torch.randn(prefix, num_kv_heads, head_dim, generator=gen).to(dtype), scales)
+    scales = None if scales is None else scales.to(device)
     caches = {"triton": kv_cache.to(device), "torch": kv_cache.to(device)}
     backends = {"triton": TritonBackend(), "torch": TorchBackend()}
 
@@ -186,7 +227,7 @@ def check_backend(device, dtype):
             k_cache, v_cache = caches[name][:, LAYER, 0], caches[name][:, LAYER, 1]
             outs[name] = step(backend, k_cache, v_cache, *[x.to(device) for x in inputs]).float().cpu()
         assert_close(outs["triton"], outs["torch"], dtype)
-        torch.testing.assert_close(caches["triton"].cpu(), caches["torch"].cpu(), atol=0, rtol=0)
+        assert torch.equal(cache_bits(caches["triton"].cpu()), cache_bits(caches["torch"].cpu()))
 
     q, k, v = qkv_views(sum(q_lens), num_heads, num_kv_heads, head_dim, dtype, gen)
     ctx = Context(is_prefill=True, cu_seqlens_q=cu(q_lens), cu_seqlens_k=cu(context_lens), max_seqlen_q=max(q_lens),
@@ -197,8 +238,8 @@ def check_backend(device, dtype):
                         max_seqlen_k=max(q_lens))
 
     def prefill(backend, k_cache, v_cache, q, k, v):
-        backend.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        return backend.prefill(q, k, v, k_cache, v_cache, ctx, head_dim ** -0.5)
+        backend.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, scales)
+        return backend.prefill(q, k, v, k_cache, v_cache, ctx, head_dim ** -0.5, scales)
 
     run_both(prefill, q, k, v)
     run_both(lambda backend, k_cache, v_cache, q, k, v: backend.prefill(q, k, v, None, None, no_prefix, 0.3), q, k, v)
@@ -208,8 +249,8 @@ def check_backend(device, dtype):
                   context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device) + 1)
 
     def decode(backend, k_cache, v_cache, q, k, v):
-        backend.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        return backend.decode(q, k_cache, v_cache, ctx, head_dim ** -0.5)
+        backend.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, scales)
+        return backend.decode(q, k_cache, v_cache, ctx, head_dim ** -0.5, scales)
 
     run_both(decode, q, k, v)
 
@@ -217,20 +258,30 @@ def check_backend(device, dtype):
 # ---------------------------------------------------------------------------------------------- cases
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FP8 = ("bf16-fp8", "fp32-fp8")
+
+
+def dtypes(name):
+    """(query dtype, cache dtype) of a case's dtype name."""
+    dtype, _, cache = name.partition("-")
+    return DTYPES[dtype], torch.float8_e4m3fn if cache == "fp8" else DTYPES[dtype]
 
 
 def _covering(small_cases, size_pairs, options):
     """The small cases, plus on CUDA every (block size, group) pair with dtype, head_dim and the
-    remaining options cycled through, which covers every value without the full product."""
+    remaining options cycled through, which covers every value without the full product; once with a
+    cache in the query's dtype, once with a float8 cache."""
     cases = list(small_cases)
-    for i, (bs, g) in enumerate(size_pairs):
-        cases.append((list(DTYPES)[i % 2], bs, g, (64, 128)[i // 2 % 2], *options[i % len(options)]))
+    for names in (tuple(DTYPES), FP8):
+        for i, (bs, g) in enumerate(size_pairs):
+            cases.append((names[i % 2], bs, g, (64, 128)[i // 2 % 2], *options[i % len(options)]))
     return cases
 
 
 def store_kv_cases(small):
     cases = [("bf16", 16, 1, 64, torch.int64), ("fp32", 16, 3, 128, torch.int32), ("bf16", 64, 8, 128, torch.int32),
-             ("fp32", 64, 1, 64, torch.int64), ("bf16", 256, 3, 64, torch.int32), ("fp32", 256, 8, 128, torch.int64)]
+             ("fp32", 64, 1, 64, torch.int64), ("bf16", 256, 3, 64, torch.int32), ("fp32", 256, 8, 128, torch.int64),
+             ("bf16-fp8", 16, 3, 64, torch.int64), ("fp32-fp8", 64, 2, 128, torch.int32)]
     return cases if small else _covering(cases, [(bs, h) for bs in (16, 64, 256) for h in (1, 2, 8)],
                                           [(torch.int64,), (torch.int32,)])
 
@@ -239,7 +290,8 @@ def decode_cases(small):
     cases = [("fp32", 16, 1, 64, [1, 37, 70], None), ("bf16", 16, 8, 128, [150, 3], 3),
              ("fp32", 64, 2, 128, [130, 5, 200], None), ("bf16", 64, 4, 64, [129, 64, 1], 4),
              ("fp32", 256, 4, 64, [300, 1], 2), ("bf16", 256, 2, 128, [513, 255], None),
-             ("bf16", 256, 8, 64, [257, 40], 5), ("fp32", 64, 8, 128, [0, 100], 2)]
+             ("bf16", 256, 8, 64, [257, 40], 5), ("fp32", 64, 8, 128, [0, 100], 2),
+             ("bf16-fp8", 16, 2, 64, [150, 3], 3), ("fp32-fp8", 64, 4, 128, [129, 1], None)]
     lens = [1, 37, 300, 1000, 2049, 4095]
     return cases if small else _covering(cases, [(bs, g) for bs in (16, 64, 256) for g in (1, 2, 4, 8)],
                                           [(lens, None), (lens, 1), (lens, 3), (lens[::-1], 7)])
@@ -248,7 +300,8 @@ def decode_cases(small):
 def prefill_cases(small):
     cases = [("fp32", 16, 1, 64, [1, 70, 33], [0, 0, 0], False), ("bf16", 16, 4, 128, [65, 2], [0, 0], False),
              ("fp32", 16, 2, 128, [40, 1, 20], [37, 0, 70], True), ("bf16", 64, 8, 64, [70, 3], [130, 64], True),
-             ("fp32", 256, 4, 64, [1, 30], [300, 0], True), ("bf16", 256, 1, 128, [66, 10], [255, 513], True)]
+             ("fp32", 256, 4, 64, [1, 30], [300, 0], True), ("bf16", 256, 1, 128, [66, 10], [255, 513], True),
+             ("bf16-fp8", 16, 2, 64, [40, 1], [37, 70], True), ("fp32-fp8", 64, 1, 128, [20, 5], [0, 64], True)]
     q_lens = [1, 70, 33, 200, 129]
     return cases if small else _covering(cases, [(bs, g) for bs in (16, 64, 256) for g in (1, 2, 4, 8)],
                                           [(q_lens, [0] * 5, False), (q_lens, [0] * 5, True),
@@ -257,25 +310,25 @@ def prefill_cases(small):
 
 def run_store_kv(device, case):
     dtype, bs, hkv, d, slot_dtype = case
-    check_store_kv(device, DTYPES[dtype], bs, hkv, d, slot_dtype)
+    check_store_kv(device, *dtypes(dtype), bs, hkv, d, slot_dtype)
 
 
 def run_decode(device, case):
     dtype, bs, g, d, lens, splits = case
-    check_decode(device, DTYPES[dtype], bs, g, d, lens, num_splits=splits)
+    check_decode(device, *dtypes(dtype), bs, g, d, lens, num_splits=splits)
 
 
 def run_prefill(device, case):
     dtype, bs, g, d, q_lens, prefix, paged = case
-    check_prefill(device, DTYPES[dtype], bs, g, d, q_lens, prefix, paged)
+    check_prefill(device, *dtypes(dtype), bs, g, d, q_lens, prefix, paged)
 
 
 def run_backend(device, case):
-    check_backend(device, DTYPES[case])
+    check_backend(device, *dtypes(case))
 
 
 KINDS = {"store_kv": (store_kv_cases, run_store_kv), "decode": (decode_cases, run_decode),
-         "prefill": (prefill_cases, run_prefill), "backend": (lambda small: list(DTYPES), run_backend)}
+         "prefill": (prefill_cases, run_prefill), "backend": (lambda small: [*DTYPES, *FP8], run_backend)}
 
 
 test_cuda, test_interpreter = kernel_tests(KINDS, __file__)

@@ -102,6 +102,24 @@ def _patch_interpreter_device_calls():
     interpreter.InterpretedFunction.__call__ = call_once_patched
 
 
+def _patch_interpreter_fp8_rounding():
+    """The interpreter flushes float32 -> float8 e4m3 results below the normal range to zero; the GPU
+    keeps the subnormals, as torch does."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    create_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def patched(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.float8_e4m3fn)
+            return interpreter.TensorHandle(rounded.view(torch.uint8).numpy(), tl.float8e4nv)
+        return create_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = patched
+
+
 def interpreter_main(kinds: dict, kind: str):
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -118,6 +136,7 @@ def interpreter_main(kinds: dict, kind: str):
         _patch_interpreter_bf16_dot()
         _patch_interpreter_bf16_rounding()
         _patch_interpreter_device_calls()
+        _patch_interpreter_fp8_rounding()
     except Exception as e:  # any failure here means the interpreter itself is unusable
         print(f"{type(e).__name__}: {e}")
         sys.exit(INTERPRETER_UNAVAILABLE)

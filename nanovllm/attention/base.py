@@ -4,18 +4,23 @@ from nanovllm.utils.context import Context
 
 
 class AttentionBackend:
-    """Stores new keys/values in the paged cache and computes attention over it."""
+    """Stores new keys/values in the paged cache and computes attention over it.
+
+    kv_scales (float32 [2, num_kv_heads], or None) are the per-head scales of a float8 cache: see
+    nanovllm.attention.kv_quant. Prefill without a cached prefix attends to the new k/v as given.
+    """
 
     name = "base"
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
-                v_cache: torch.Tensor | None, ctx: Context, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor | None, ctx: Context, scale: float,
+                kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               ctx: Context, scale: float) -> torch.Tensor:
+               ctx: Context, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

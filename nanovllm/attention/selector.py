@@ -16,12 +16,13 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def select_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
-    """Resolves "auto" to flash-attn, then triton, then torch; CPU always gets torch."""
+def select_backend(name: str, device: torch.device, block_size: int, quantized_kv: bool = False) -> AttentionBackend:
+    """Resolves "auto" to flash-attn (not for a quantized KV cache), then triton, then torch; CPU always
+    gets torch."""
     if name == "auto":
         if device.type != "cuda":
             name = "torch"
-        elif flash_attn_available() and block_size % 256 == 0:
+        elif flash_attn_available() and block_size % 256 == 0 and not quantized_kv:
             name = "flash-attn"
         else:
             name = "triton" if triton_available() else "torch"

@@ -9,14 +9,15 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        store_kv(k, v, k_cache, v_cache, slot_mapping)
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):
+        store_kv(k, v, k_cache, v_cache, slot_mapping, kv_scales)
 
-    def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale):
+    def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
         if ctx.block_tables is None:
             return prefill_attention(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_q, ctx.max_seqlen_q, scale)
         return prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, scale,
-                                 block_tables=ctx.block_tables)
+                                 block_tables=ctx.block_tables, kv_scales=kv_scales)
 
-    def decode(self, q, k_cache, v_cache, ctx: Context, scale):
-        return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, num_sms=ctx.num_sms)
+    def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
+        return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, num_sms=ctx.num_sms,
+                            kv_scales=kv_scales)

@@ -3,6 +3,11 @@
 Caches are [num_blocks, block_size, num_kv_heads, head_dim] views whose block stride may exceed the
 block's size (block-major cache holding every layer); only the last dimension must be contiguous.
 Softmax runs in base 2: scores are scaled by scale * log2(e) so exp2 can be used.
+
+A float8 cache comes with per-head scales (kv_scales [2, num_kv_heads], see kv_quant): store_kv
+quantizes, attention converts the loaded tiles to the query's dtype in registers and applies the
+scales outside the dot products (a head's key scale joins the score scale, its value scale the
+output).
 """
 import functools
 
@@ -11,6 +16,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+FP8_MAX = 448.0
 # Enough resident programs per SM to keep a memory-bound kernel's loads in flight.
 PROGRAMS_PER_SM = 4
 # A split shorter than this spends more on its partial result than it saves.
@@ -20,10 +26,11 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, scales_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, stride_s,
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    QUANTIZE: tl.constexpr,
 ):
     i = tl.program_id(0)
     slot = tl.load(slot_ptr + i).to(tl.int64)
@@ -36,6 +43,11 @@ def _store_kv_kernel(
     mask = offs_h < NUM_HEADS
     k = tl.load(k_ptr + i * stride_kn + offs_h * stride_kh + offs_d, mask=mask)
     v = tl.load(v_ptr + i * stride_vn + offs_h * stride_vh + offs_d, mask=mask)
+    if QUANTIZE:
+        k_scale = tl.load(scales_ptr + offs_h, mask=mask, other=1.0)
+        v_scale = tl.load(scales_ptr + stride_s + offs_h, mask=mask, other=1.0)
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h * stride_kch + offs_d
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h * stride_vch + offs_d
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -62,26 +74,27 @@ def _tile_blocks(block_table_ptr, start, offs_n, hi, BLOCK_SIZE: tl.constexpr, T
 @triton.jit
 def _attend_tile(q, k, v_ptrs, tok_mask, visible, m_i, l_i, acc, qk_scale):
     """One online-softmax step in base 2: folds a tile of keys k and values (loaded from v_ptrs where
-    tok_mask) into the running max m_i, denominator l_i and output acc; visible masks the scores."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    tok_mask) into the running max m_i, denominator l_i and output acc; visible masks the scores.
+    Cached tiles of another dtype (float8) are converted to q's dtype."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scales_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bt, stride_ob, stride_oh,
+    stride_bt, stride_s, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DEQUANTIZE: tl.constexpr,
 ):
     """One program: one sequence, one KV head with its GROUP query heads, one slice of the context.
 
@@ -94,6 +107,8 @@ def _decode_kernel(
     num_kv_heads = tl.num_programs(0)
 
     context_len = tl.load(context_lens_ptr + b)
+    if DEQUANTIZE:
+        qk_scale = qk_scale * tl.load(scales_ptr + kv_head)
     # Split the actual context evenly, in whole tiles; trailing splits of short contexts stay empty.
     chunk = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), TILE_N) * TILE_N
     lo = split * chunk
@@ -124,6 +139,8 @@ def _decode_kernel(
         # Every tile holds a valid token, so the running max is finite from the first tile on.
         m_i, l_i, acc = _attend_tile(q, k, v_cache_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
                                      tok_mask, tok_mask[None, :], m_i, l_i, acc, qk_scale)
+    if DEQUANTIZE:
+        acc = acc * tl.load(scales_ptr + stride_s + kv_head)
 
     if NUM_SPLITS == 1:
         # Empty contexts (padding rows of a captured batch) give zeros instead of NaN.
@@ -162,11 +179,11 @@ def _decode_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, num_hea
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, block_tables_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, block_tables_ptr, scales_ptr, qk_scale,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bt, stride_on, stride_oh,
+    stride_bt, stride_s, stride_on, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, DEQUANTIZE: tl.constexpr,
 ):
     """One program: BLOCK_M new queries of one sequence and one query head.
 
@@ -186,6 +203,8 @@ def _prefill_kernel(
         k_len = q_len
     prefix = k_len - q_len
     kv_head = head // GROUP
+    if DEQUANTIZE:
+        qk_scale = qk_scale * tl.load(scales_ptr + kv_head)
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -219,6 +238,8 @@ def _prefill_kernel(
         m_i, l_i, acc = _attend_tile(q, k, v_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
                                      tok_mask, visible, m_i, l_i, acc, qk_scale)
 
+    if DEQUANTIZE:
+        acc = acc * tl.load(scales_ptr + stride_s + kv_head)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_on + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
@@ -235,22 +256,33 @@ def _check_cache(cache: torch.Tensor):
         raise ValueError("triton attention needs a power-of-two block size >= 16 and contiguous head_dim")
 
 
+def _scales_args(kv_scales: torch.Tensor | None, cache: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(pointer, row stride, quantized) kernel arguments for a cache's scales; the cache itself
+    stands in as the unused pointer of an unquantized cache."""
+    if kv_scales is None:
+        return cache, 0, False
+    assert kv_scales.dtype == torch.float32 and kv_scales.stride(1) == 1 and kv_scales.size(1) == cache.size(2)
+    return kv_scales, kv_scales.stride(0), True
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v [N, Hkv, D] -> cache slots slot_mapping[i] (block * block_size + offset); -1 skips."""
+             slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """k, v [N, Hkv, D] -> cache slots slot_mapping[i] (block * block_size + offset); -1 skips.
+    With kv_scales, quantized to the (float8) cache's dtype."""
     num_tokens, num_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     _check_head_dim(head_dim)
     _check_cache(k_cache)
     assert k.stride(2) == 1 and v.stride(2) == 1
+    scales, stride_s, quantize = _scales_args(kv_scales, k_cache)
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, scales,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_s,
         NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.size(1),
+        BLOCK_SIZE=k_cache.size(1), QUANTIZE=quantize,
     )
 
 
@@ -286,8 +318,9 @@ def decode_tile_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, num_sms: int | None = None,
                  num_splits: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None) -> torch.Tensor:
-    """q [B, Hq, D] attends to context_lens[b] cached tokens of block_tables[b] -> [B, Hq, D].
+                 num_stages: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D] attends to context_lens[b] cached tokens of block_tables[b] -> [B, Hq, D];
+    kv_scales dequantize a float8 cache.
 
     The optional arguments override the heuristics (for benchmarking); all of them depend on
     shapes only, so the launch is CUDA-graph capturable.
@@ -313,13 +346,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out  # unused by the single-split variant
+    scales, stride_s, dequantize = _scales_args(kv_scales, k_cache)
     _decode_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_m, part_l, part_acc, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, context_lens, scales, out, part_m, part_l, part_acc, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_s,
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=tile_n, NUM_SPLITS=num_splits,
+        TILE_N=tile_n, NUM_SPLITS=num_splits, DEQUANTIZE=dequantize,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     if num_splits > 1:
@@ -333,12 +367,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, scale: float,
-                      block_tables: torch.Tensor | None = None) -> torch.Tensor:
+                      block_tables: torch.Tensor | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal varlen attention for q [N, Hq, D] -> [N, Hq, D].
 
-    With block_tables, k/v are the paged caches and sequence b's queries are the last of its
-    cu_seqlens_k[b+1] - cu_seqlens_k[b] context tokens; without, k/v are [N, Hkv, D] rows laid out
-    like q (no prefix) and cu_seqlens_k is ignored.
+    With block_tables, k/v are the paged caches (float8 ones dequantized with kv_scales) and
+    sequence b's queries are the last of its cu_seqlens_k[b+1] - cu_seqlens_k[b] context tokens;
+    without, k/v are [N, Hkv, D] rows laid out like q (no prefix) and cu_seqlens_k is ignored.
     """
     num_tokens, num_heads, head_dim = q.shape
     _check_head_dim(head_dim)
@@ -349,6 +383,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     batch = cu_seqlens_q.numel() - 1
     if num_tokens == 0 or batch == 0:
         return out
+    scales, stride_s, dequantize = _scales_args(kv_scales if paged else None, k)
     if paged:
         _check_cache(k)
         k_strides = k.stride(0), k.stride(1), k.stride(2)
@@ -364,9 +399,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     block_m = block_n = 32 if fp32 or head_dim > 128 else 64
     grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, batch)
     _prefill_kernel[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_tables, scale * LOG2E,
-        q.stride(0), q.stride(1), *k_strides, *v_strides, stride_bt, out.stride(0), out.stride(1),
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_tables, scales, scale * LOG2E,
+        q.stride(0), q.stride(1), *k_strides, *v_strides, stride_bt, stride_s, out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, PAGED=paged, num_warps=4, num_stages=2 if fp32 else 3,
+        BLOCK_SIZE=block_size, PAGED=paged, DEQUANTIZE=dequantize, num_warps=4, num_stages=2 if fp32 else 3,
     )
     return out

@@ -32,8 +32,7 @@ def build_runners(config: Config) -> tuple[RoleRunner, RoleRunner]:
     prefill_config.enforce_eager = True  # it never decodes: no decode graphs
     prefill_config.enable_pipeline = False  # the attention/FFN pipeline is a decode-side path
     prefill = RoleRunner(prefill_config, config.prefill_device, "prefill")
-    same_device = config.prefill_device == config.decode_device
-    decode = RoleRunner(config, config.decode_device, "decode", weights_from=prefill if same_device else None)
+    decode = RoleRunner(config, config.decode_device, "decode", prefill_runner=prefill)
     return prefill, decode
 
 

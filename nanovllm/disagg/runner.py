@@ -26,12 +26,13 @@ class PendingTokens:
 class RoleRunner(ModelRunner):
     """A ModelRunner that serves one role ("prefill" or "decode") of the PD engine. Its batches go to
     its own stream (a high-priority one for decode) and are launched without waiting for their
-    tokens. With weights_from (both roles on one device) it uses that runner's weight tensors instead
-    of loading a second copy."""
+    tokens. The decode runner is given the prefill runner: it takes its float8 KV scales (the caches
+    exchange KV bytes, which must mean the same on both sides) and, on the same device, its weight
+    tensors instead of a second copy."""
 
-    def __init__(self, config: Config, device: torch.device, role: str, weights_from: ModelRunner | None = None):
+    def __init__(self, config: Config, device: torch.device, role: str, prefill_runner: ModelRunner | None = None):
         self.role = role
-        self.weights_from = weights_from
+        self.prefill_runner = prefill_runner
         super().__init__(config, device)
         self.stream = None
         if device.type == "cuda":
@@ -42,12 +43,17 @@ class RoleRunner(ModelRunner):
             torch.cuda.synchronize(device)
 
     def load_weights(self, model) -> None:
-        if self.weights_from is None:
+        if self.prefill_runner is None or self.prefill_runner.device != self.device:
             super().load_weights(model)
             return
-        source = dict(self.weights_from.model.named_parameters())
+        source = dict(self.prefill_runner.model.named_parameters())
         for name, param in model.named_parameters():
             param.data = source[name].data
+
+    def calibrate_kv_scales(self) -> torch.Tensor:
+        if self.prefill_runner is None:
+            return super().calibrate_kv_scales()
+        return self.prefill_runner.kv_scales.to(self.device)
 
     def launch(self, seqs: list[Sequence], is_prefill: bool) -> PendingTokens:
         with use_streams(self.stream):

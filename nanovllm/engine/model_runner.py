@@ -8,6 +8,8 @@ from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_buckets, sequential_forward
 from nanovllm.engine.decode_inputs import DecodeInputs
+from nanovllm.engine.kv_calibration import (CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, record_kv_amax,
+                                            scales_from_amax)
 from nanovllm.engine.sampled_tokens import SampledTokens
 from nanovllm.engine.sampling_inputs import sampling_inputs
 from nanovllm.engine.sequence import Sequence
@@ -43,7 +45,8 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.join_devices(dist_init_method)
-        self.backend = select_backend(config.attention_backend, device, self.block_size)
+        self.quantized_kv = config.kv_cache_dtype != "auto"
+        self.backend = select_backend(config.attention_backend, device, self.block_size, self.quantized_kv)
         self.model = self.load_model()
         self.pipeline = DecodePipeline.create(config, device, self.model) if config.enable_pipeline else None
         self.sampler = Sampler()
@@ -52,6 +55,7 @@ class ModelRunner:
         self.sampled_rows: dict[int, int] = {}
         self.decode_inputs = (DecodeInputs(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, device)
                               if config.async_scheduling else None)
+        self.kv_scales = self.calibrate_kv_scales() if self.quantized_kv else None
         num_blocks = config.num_kvcache_blocks if config.num_kvcache_blocks != -1 else self.kv_blocks_that_fit()
         self.num_kvcache_blocks = self.allocate_kv_cache(num_blocks)
         self.graphs: DecodeGraphs | None = None
@@ -84,17 +88,21 @@ class ModelRunner:
     def load_weights(self, model: Qwen3ForCausalLM) -> None:
         load_model(model, self.config.model)
 
-    def warmup(self) -> None:
-        """A prefill of a full token budget, so that the peak activation memory can be measured."""
-        budget = self.config.max_num_batched_tokens
-        seq_len = min(self.config.max_model_len, budget)
+    def warmup(self, num_tokens: int | None = None, seq_len: int | None = None) -> None:
+        """A prefill of num_tokens random tokens (default: a full token budget) in sequences of seq_len
+        (default: max_model_len) without a KV cache, so that the peak activation memory or the ranges of
+        keys and values can be measured."""
+        budget = num_tokens or self.config.max_num_batched_tokens
+        seq_len = min(seq_len or self.config.max_model_len, budget)
         lengths = [seq_len] * (budget // seq_len) + ([budget % seq_len] if budget % seq_len else [])
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         positions = torch.cat([torch.arange(n) for n in lengths])
+        # The same tokens on every rank; zeros would give keys and values unlike any real prompt's.
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(self.config.hf_config.vocab_size, (budget,), generator=generator)
         set_context(Context(is_prefill=True, cu_seqlens_q=cu.to(self.device), cu_seqlens_k=cu.to(self.device),
                             max_seqlen_q=seq_len, max_seqlen_k=seq_len))
-        self.model.compute_logits(self.model(torch.zeros(budget, dtype=torch.int64, device=self.device),
-                                             positions.to(self.device))[cu[1:].long() - 1])
+        self.model.compute_logits(self.model(input_ids.to(self.device), positions.to(self.device))[cu[1:].long() - 1])
         reset_context()
 
     def kv_block_shape(self) -> tuple[int, ...]:
@@ -102,7 +110,17 @@ class ModelRunner:
         return (hf.num_hidden_layers, 2, self.block_size, hf.num_key_value_heads // self.world_size, hf.head_dim)
 
     def kv_block_bytes(self) -> int:
-        return torch.Size(self.kv_block_shape()).numel() * self.config.dtype.itemsize
+        return torch.Size(self.kv_block_shape()).numel() * self.config.kv_dtype.itemsize
+
+    @torch.no_grad()  # scales are ordinary tensors: a tool may set them
+    def calibrate_kv_scales(self) -> torch.Tensor:
+        """Per-head scales [layers, 2, kv_heads] of a float8 KV cache from a prefill of random tokens,
+        independent of the batching and length options."""
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        seq_len = min(CALIBRATION_SEQ_LEN, self.config.hf_config.max_position_embeddings)
+        with record_kv_amax(layers, self.kv_block_shape()[3], self.device) as amax:
+            self.warmup(CALIBRATION_TOKENS, seq_len)
+        return scales_from_amax(amax)
 
     def kv_blocks_that_fit(self) -> int:
         """KV blocks that fit beside the weights and the activation peak of a warm-up prefill."""
@@ -136,11 +154,17 @@ class ModelRunner:
         # One extra block absorbs the writes of padded slots (-1) that some backends do not skip.
         # Zeroed, because masked-out positions still enter softmax(scores) @ V with weight 0, and
         # 0 * NaN from uninitialised memory would poison the output.
-        self.kv_cache = torch.zeros((num_blocks + 1, *self.kv_block_shape()), dtype=self.config.dtype,
+        self.kv_cache = torch.zeros((num_blocks + 1, *self.kv_block_shape()), dtype=self.config.kv_dtype,
                                     device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
+            layer.kv_scales = None if self.kv_scales is None else self.kv_scales[i]
+        if self.rank == 0:
+            dtype = str(self.config.kv_dtype).removeprefix("torch.")
+            print(f"[ModelRunner] KV cache: {num_blocks} blocks of {self.block_size} tokens = "
+                  f"{num_blocks * self.block_size} tokens, {self.config.kv_cache_dtype} ({dtype}), "
+                  f"{num_blocks * self.kv_block_bytes() / 2 ** 30:.2f} GiB")
         return num_blocks
 
     def capture_cudagraphs(self) -> None:
@@ -226,14 +250,7 @@ class ModelRunner:
         """Launches a batch and returns its sampled token ids on the device without waiting for them
         (None on ranks > 0); its work goes to the current stream. With async scheduling the ids also
         stay here (on every rank) as the next decode step's inputs."""
-        if is_prefill:
-            input_ids, positions, ctx, last_indices = self.prepare_prefill(seqs)
-            set_context(ctx)
-            logits = self.model.compute_logits(self.model(input_ids, positions)[last_indices])
-        else:
-            prepare = self.prepare_decode_ahead if self.config.async_scheduling else self.prepare_decode
-            logits = self.decode_logits(*prepare(seqs))
-        reset_context()
+        logits = self.step_logits(seqs, is_prefill)
         token_ids = self.sampler(logits, sampling_inputs(seqs, self._to_device)) if self.rank == 0 else None
         if self.config.async_scheduling:
             if token_ids is None:
@@ -243,6 +260,18 @@ class ModelRunner:
             self.sampled, self.sampled_rows = token_ids, {seq.seq_id: row for row, seq in enumerate(seqs)}
         return token_ids if self.rank == 0 else None
 
+    @torch.inference_mode()
+    def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """The next-token logits [len(seqs), vocab] of one step's sequences (complete on rank 0)."""
+        if is_prefill:
+            input_ids, positions, ctx, last_indices = self.prepare_prefill(seqs)
+            set_context(ctx)
+            logits = self.model.compute_logits(self.model(input_ids, positions)[last_indices])
+        else:
+            prepare = self.prepare_decode_ahead if self.config.async_scheduling else self.prepare_decode
+            logits = self.decode_logits(*prepare(seqs))
+        reset_context()
+        return logits
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)

@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from nanovllm.attention.base import AttentionBackend
+from nanovllm.attention.kv_quant import as_cached
 from nanovllm.attention.torch_backend import TorchBackend
 from nanovllm.utils.context import get_context
 
@@ -17,12 +18,17 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.kv_scales: torch.Tensor | None = None  # set for a float8 cache
         self.backend: AttentionBackend = TorchBackend()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         if self.k_cache is not None:
-            self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.kv_scales)
         if ctx.is_prefill:
-            return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
-        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
+            if self.kv_scales is not None and ctx.block_tables is None:
+                # The new tokens attend to their keys and values as the float8 cache holds them, as later
+                # steps and prompts sharing a cached prefix will: outputs do not depend on prefix-cache hits.
+                k, v = as_cached(k, self.kv_scales[0]), as_cached(v, self.kv_scales[1])
+            return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale, self.kv_scales)
+        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale, self.kv_scales)

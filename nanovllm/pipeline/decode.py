@@ -80,7 +80,7 @@ class DecodePipeline:
         cache = None
         if not profiling:
             cache = TimingCache(setup_key(graphs.input_ids.device, self.config.hf_config, self.config.dtype,
-                                          self.statistics.sm_counts, self.config.kvcache_block_size, backend_name,
+                                          self.config.kv_cache_dtype, self.statistics.sm_counts, self.config.kvcache_block_size, backend_name,
                                           graphs.buckets, context_lens))
             cached = cache.load()
             if cached is not None:

@@ -14,15 +14,15 @@ def pipeline_wins(timings: list[BucketTiming]) -> bool:
     return all(t.pipelined_ms < t.sequential_ms for t in timings)
 
 
-def setup_key(device: torch.device, hf_config, dtype: torch.dtype, sm_counts: tuple, block_size: int,
-              attention_backend: str, buckets: list[int], context_lens: list[int]) -> dict:
+def setup_key(device: torch.device, hf_config, dtype: torch.dtype, kv_cache_dtype: str, sm_counts: tuple,
+              block_size: int, attention_backend: str, buckets: list[int], context_lens: list[int]) -> dict:
     """Everything the path timings depend on."""
     try:  # the exact driver build where the kernel module reports it
         driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
     except OSError:
         driver = str(torch._C._cuda_getDriverVersion())
     return {"gpu": torch.cuda.get_device_name(device), "driver": driver, "torch": torch.__version__,
-            "model": hf_config.to_diff_dict(), "dtype": str(dtype), "sm_counts": list(sm_counts),
+            "model": hf_config.to_diff_dict(), "dtype": str(dtype), "kv_cache_dtype": kv_cache_dtype, "sm_counts": list(sm_counts),
             "block_size": block_size, "attention_backend": attention_backend, "buckets": buckets,
             "context_lens": context_lens}
 
