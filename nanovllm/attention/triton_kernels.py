@@ -15,8 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.attention.kv_quant import FP8_MAX
+
 LOG2E = 1.4426950408889634
-FP8_MAX = 448.0
+# Kernels may read module globals only as constexprs.
+FP8_MAX_CONSTEXPR = tl.constexpr(FP8_MAX)
 # Enough resident programs per SM to keep a memory-bound kernel's loads in flight.
 PROGRAMS_PER_SM = 4
 # A split shorter than this spends more on its partial result than it saves.
@@ -46,8 +49,8 @@ def _store_kv_kernel(
     if QUANTIZE:
         k_scale = tl.load(scales_ptr + offs_h, mask=mask, other=1.0)
         v_scale = tl.load(scales_ptr + stride_s + offs_h, mask=mask, other=1.0)
-        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX_CONSTEXPR, FP8_MAX_CONSTEXPR)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX_CONSTEXPR, FP8_MAX_CONSTEXPR)
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h * stride_kch + offs_d
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h * stride_vch + offs_d
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
