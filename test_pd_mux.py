@@ -2,42 +2,21 @@
 single-runner engine with one shared KV cache, the split statistics, the candidate splits and bad
 options. On CPU the engine runs its fallback (one stream); the split tests need a CUDA device."""
 import pytest
-import torch
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM
 from nanovllm.disagg import MuxEngine
 from nanovllm.disagg.splits import Split, candidate_sizes, choose_split
 from nanovllm.disagg.streams import Lane
-from nanovllm.engine.scheduler import Scheduler
+from test_two_gpu import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, count_preemptions, mixed_prompts, needs_cuda,
+                          tokens)
+from test_two_gpu import cuda_expected, expected  # noqa: F401 (the single-runner engine's tokens)
 from tests.conftest import model_dir, model_dirs  # noqa: F401 (the suite's checkpoint fixtures)
-from tests.helpers import BLOCK_SIZE, check_consistent, random_prompts
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-MAX_MODEL_LEN = 160
-BLOCKS_PER_SEQ = MAX_MODEL_LEN // BLOCK_SIZE
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from tests.helpers import BLOCK_SIZE, check_consistent
 
 
 def mux_llm(model_dir, device="cpu", **options):
     options = {"kvcache_block_size": BLOCK_SIZE, "max_model_len": MAX_MODEL_LEN, "num_kvcache_blocks": 64, **options}
     return LLM(model_dir, device=device, enable_pd_multiplexing=True, **options)
-
-
-def tokens(llm, prompts, params=GREEDY):
-    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def mixed_prompts():
-    """Mixed lengths, and prompts that share a prefix of full blocks with an earlier one."""
-    prompts = random_prompts([3, 17, 16, 120, 64, 45, 7, 99], seed=1234)
-    return prompts + [prompts[3][:48] + [5, 6, 7], prompts[3] + [9], prompts[4][:32]]
-
-
-def count_preemptions(monkeypatch) -> list:
-    preempted = []
-    original = Scheduler._preempt
-    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq.seq_id), original(self, seq)))
-    return preempted
 
 
 def check_invariants(llm):
@@ -85,12 +64,6 @@ def run_and_check(llm, expected, monkeypatch, preempted, options):
     prefilled = llm.get_pd_statistics()["prefill_tokens"] - first["prefill_tokens"]
     assert prefilled < sum(len(p) for p in mixed_prompts())
     return llm.get_pd_statistics()
-
-
-@pytest.fixture(scope="module")
-def expected(model_dir):
-    llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
-    return tokens(llm, mixed_prompts())
 
 
 OPTIONS = [
@@ -182,14 +155,6 @@ def test_choose_split_takes_the_fastest_within_the_itl_bound():
     assert choose_split(splits, 25.0, 10.0) is splits[0]
     assert choose_split(splits, 12.0, 10.0) is splits[2]
     assert choose_split(splits, 5.0, 10.0) is splits[2]  # none within: the shortest decode step
-
-
-@pytest.fixture(scope="module")
-def cuda_expected(model_dir):
-    llm = LLM(model_dir, device="cuda", dtype="float32", kvcache_block_size=BLOCK_SIZE,
-              max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
-    assert llm.model_runner.graphs is not None
-    return tokens(llm, mixed_prompts())
 
 
 @needs_cuda

@@ -117,6 +117,7 @@ class MuxEngine(PDEngine):
             limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"1.5 x {full_step_ms:.2f} ms"
             print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit})")
             self.stats.split_profiles = {s.label: s.profile for s in splits}
+            torch.cuda.empty_cache()  # the profile's prefill activations, cached per stream
         self.stats.chosen_split = split.label
         return split
 
