@@ -2,11 +2,13 @@
 single-runner engine with one shared KV cache, the split statistics, the candidate splits and bad
 options. On CPU the engine runs its fallback (one stream); the split tests need a CUDA device."""
 import pytest
+import torch
 
 from nanovllm import LLM
 from nanovllm.disagg import MuxEngine
-from nanovllm.disagg.splits import Split, candidate_sizes, choose_split
+from nanovllm.disagg.splits import Split, SplitProfiler, candidate_sizes, choose_split
 from nanovllm.disagg.streams import Lane
+from nanovllm.engine.cuda_graph import DecodeGraphs
 from test_two_gpu import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, count_preemptions, mixed_prompts, needs_cuda,
                           tokens)
 from test_two_gpu import cuda_expected, expected  # noqa: F401 (the single-runner engine's tokens)
@@ -157,6 +159,54 @@ def test_choose_split_takes_the_fastest_within_the_itl_bound():
     assert choose_split(splits, 5.0, 10.0) is splits[2]  # none within: the shortest decode step
 
 
+class CountedReplay:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def test_split_profile_times_both_roles_and_stores_no_kv(model_dir):
+    """The profile's code path on CPU, with counted stand-ins for the graphs: every split gets its
+    measurements, the prefill stores no KV and the prefill runner gets its cache back."""
+    llm = mux_llm(model_dir, max_num_batched_tokens=64)
+    decode, prefill = llm.decode_runner, llm.prefill_runner
+    decode.graphs = DecodeGraphs([1, 2, 4, 8], decode.max_blocks_per_seq, decode.device)
+    splits = [Split(Lane(None, 8), Lane(None, 16)), Split(Lane(None, 16), Lane(None, 8))]
+    decode.plans = {n: {b: CountedReplay() for b in decode.graphs.buckets} for n in (None, 8, 16)}
+    cache = prefill.kv_cache.clone()
+    profiler = SplitProfiler(prefill, decode)
+    assert profiler.batch == 8  # 64 blocks of 16 tokens hold 6 sequences of 160: bucket 8
+    full_step_ms, full_prefill_ms = profiler.full_gpu()
+    assert full_step_ms > 0 and full_prefill_ms > 0
+    for split in splits:
+        profiler.profile(split, full_prefill_ms)
+        p = split.profile
+        assert p["batch"] == 8 and p["prefill_tokens"] == 64
+        assert all(p[k] > 0 for k in ("decode_step_ms", "prefill_ms", "decode_step_ms_alone", "tokens_per_s"))
+        assert decode.plans[split.decode.num_sms][8].replays >= 3 + 11
+    assert decode.plans[None][8].replays == 11
+    assert torch.equal(prefill.kv_cache, cache)
+    layers = list(zip(prefill.attention_layers(), decode.attention_layers(), strict=True))
+    assert all(a.k_cache is not None and a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
+    assert choose_split(splits, None, full_step_ms) in splits
+
+
+def decode_beside_every_prefill(llm, monkeypatch):
+    """Each prefill counts as in flight when the decode step after its launch starts, so that this step
+    runs on the split: on a GPU a tiny model's prefill may be done before."""
+    launch = llm._launch_prefill_batch
+
+    def launch_and_hold(seqs):
+        pending = launch(seqs)
+        ready, answers = pending.ready, [False]
+        pending.ready = lambda: answers.pop() if answers else ready()
+        return pending
+
+    monkeypatch.setattr(llm, "_launch_prefill_batch", launch_and_hold)
+
+
 @needs_cuda
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, options):
@@ -169,8 +219,13 @@ def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, 
     assert llm.get_pd_statistics()["chosen_split"] == llm.split.label
     for chosen in splits:
         preempted = count_preemptions(monkeypatch)
+        decode_beside_every_prefill(llm, monkeypatch)
         llm.split = chosen
+        before = llm.get_pd_statistics()["decode_steps_per_split"].get(chosen.label, 0)
         stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
+        if options:  # more than one prefill batch: later ones run beside decoding sequences
+            assert stats["decode_steps_per_split"][chosen.label] > before
+            assert stats["prefills_per_split"][chosen.label] > 0
         monkeypatch.undo()
     assert sum(stats["decode_steps_per_split"].values()) == stats["decode_steps"]
     assert set(stats["decode_steps_per_split"]) <= {"full GPU", *(s.label for s in splits)}

@@ -9,7 +9,7 @@ from nanovllm.config import Config
 from nanovllm.disagg.engine import PDEngine
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import SharedCacheScheduler
-from nanovllm.disagg.splits import Split, SplitProfiler, choose_split, prepare_splits
+from nanovllm.disagg.splits import DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, prepare_splits
 from nanovllm.disagg.stats import FULL_GPU, MuxStatistics
 from nanovllm.disagg.streams import use_streams
 from nanovllm.engine.sequence import Sequence
@@ -114,7 +114,7 @@ class MuxEngine(PDEngine):
                       f"({p['prefill_slowdown_alone']:.2f}x the whole GPU on {100 * p['prefill_sm_share']:.0f}% "
                       f"of the SMs), {p['prefill_ms']:.1f} ms beside decode; {p['tokens_per_s']:.0f} tok/s")
             split = choose_split(splits, max_itl_ms, full_step_ms)
-            limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"1.5 x {full_step_ms:.2f} ms"
+            limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x {full_step_ms:.2f} ms"
             print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit})")
             self.stats.split_profiles = {s.label: s.profile for s in splits}
             torch.cuda.empty_cache()  # the profile's prefill activations, cached per stream

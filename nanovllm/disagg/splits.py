@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanovllm.attention.triton_kernels import on_sms
+from nanovllm.attention.triton_kernels import num_sms_of, on_sms
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.pipeline.green_manager import GreenContextUnavailable, green_ctx, green_device_index, shared_split
 
@@ -67,8 +67,10 @@ def choose_split(splits: list[Split], max_itl_ms: float | None, full_step_ms: fl
 
 
 class SplitProfiler:
-    """Times, for each split, a decode step (its captured graph at one batch) and a prefill of a full
-    token budget, alone on their partitions and side by side; and both on the whole GPU."""
+    """Times, for each split, a decode step (its captured graph at one batch, on synthetic inputs that
+    store nothing) and a prefill of a full token budget, alone on their partitions and side by side;
+    and both on the whole GPU. The decode runner's layers are other modules than the prefill runner's,
+    so detaching the prefill runner's cache leaves the decode graphs reading theirs."""
 
     def __init__(self, prefill_runner, decode_runner):
         self.prefill_runner, self.decode = prefill_runner, decode_runner
@@ -101,8 +103,7 @@ class SplitProfiler:
             "tokens_per_s": 1e3 * (self.batch / decode_ms + self.prefill_tokens / prefill_ms),
             # The GEMM library sizes its grids for the whole device; this shows what a partition costs it.
             "prefill_slowdown_alone": prefill_alone / full_prefill_ms,
-            "prefill_sm_share": split.prefill.num_sms / torch.cuda.get_device_properties(
-                self.decode.device).multi_processor_count,
+            "prefill_sm_share": split.prefill.num_sms / num_sms_of(self.decode.device),
         }
 
     def _decode_ms(self, num_sms: int | None, stream, steps: int, warm: bool = True) -> float:
@@ -121,8 +122,18 @@ class SplitProfiler:
         return self._prefill_timer(stream, num_sms).seconds() * 1e3
 
     def _prefill_timer(self, stream, num_sms: int | None) -> StreamTimer:
-        with use_streams(stream), on_sms(num_sms), torch.inference_mode():
-            timer = StreamTimer(stream)
-            self.prefill_runner.warmup()
-            timer.stop()
+        """Queues the runner's warm-up prefill (a full token budget) with its cache detached, so that it
+        stores no KV, as when the cache was sized."""
+        layers = self.prefill_runner.attention_layers()
+        caches = [(layer.k_cache, layer.v_cache) for layer in layers]
+        try:
+            for layer in layers:
+                layer.k_cache = layer.v_cache = None
+            with use_streams(stream), on_sms(num_sms), torch.inference_mode():
+                timer = StreamTimer(stream)
+                self.prefill_runner.warmup()
+                timer.stop()
+        finally:
+            for layer, (k_cache, v_cache) in zip(layers, caches):
+                layer.k_cache, layer.v_cache = k_cache, v_cache
         return timer
