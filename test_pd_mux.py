@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanovllm import LLM
+from nanovllm.attention.triton_kernels import choose_num_splits, num_sms_of, on_sms
 from nanovllm.disagg import MuxEngine
 from nanovllm.disagg.splits import Split, SplitProfiler, candidate_sizes, choose_split
 from nanovllm.disagg.streams import Lane
@@ -143,6 +144,18 @@ def test_candidate_splits():
         sizes = candidate_sizes(unit, available)
         assert sizes and all(d % unit == 0 and p % unit == 0 and d >= unit and p >= unit and d + p == available
                              for d, p in sizes)
+
+
+def test_kernels_launched_on_a_partition_size_their_grids_for_it():
+    cpu = torch.device("cpu")
+    whole = num_sms_of(cpu)
+    with on_sms(48):
+        assert num_sms_of(cpu) == 48
+        assert choose_num_splits(4, 8, 4096, num_sms_of(cpu)) < choose_num_splits(4, 8, 4096, whole)
+        with on_sms(None):  # a launch without a lane inside keeps the partition's count
+            assert num_sms_of(cpu) == 48
+    assert num_sms_of(cpu) == whole
+    assert candidate_sizes(8, 8) == []  # one unit: no split
 
 
 def split(decode_ms, tokens_per_s, decode_sms):

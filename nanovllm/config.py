@@ -136,7 +136,8 @@ class Config:
         device ids must name that one GPU."""
         itl = self.pd_max_itl_ms
         _require(itl is None or (self.enable_pd_multiplexing and 0 < itl < math.inf), "pd_max_itl_ms",
-                 "None (1.5x the full-GPU decode step) or, with enable_pd_multiplexing=True, a number of milliseconds > 0")
+                 "None (1.5x the full-GPU decode step) or, with enable_pd_multiplexing=True, "
+                 "a number of milliseconds > 0")
         if not self.enable_pd_multiplexing:
             return
         _require(self.tensor_parallel_size == 1, "enable_pd_multiplexing",

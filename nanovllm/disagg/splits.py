@@ -47,8 +47,12 @@ def prepare_splits(device: torch.device) -> list[Split]:
         unit, available = green_ctx.available_sms(index)
     except green_ctx.GreenContextError as e:
         raise GreenContextUnavailable(str(e)) from e
+    sizes = candidate_sizes(unit, available)
+    if not sizes:
+        raise GreenContextUnavailable(f"the device hands out {available} SMs in units of {unit}: "
+                                      "too few for two partitions")
     splits = []
-    for decode_sms, prefill_sms in candidate_sizes(unit, available):
+    for decode_sms, prefill_sms in sizes:
         parts = shared_split(index, [decode_sms, prefill_sms])
         decode, prefill = (Lane(stream, n) for stream, n in zip(parts.streams, parts.sm_counts))
         splits.append(Split(decode, prefill))
