@@ -6,7 +6,8 @@ python bench.py --compare graph,graph-sync         # async scheduling on and off
 python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 python bench.py --sampler
-python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu [--workload prefill-heavy]
+python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu,pd-mux [--workload prefill-heavy]
+python bench.py --workload steady --compare graph,pd-mux   # 2048 requests queued at once, max_num_seqs=256
 python bench.py --kv-cache-dtype auto,fp8_e4m3    # the default workload with each KV cache dtype
 python bench.py --kv-quality --presets hf-parity,qwen3-0.6b,qwen3-8b
 """
@@ -44,8 +45,13 @@ MODES = {
     "pipeline": {"enable_pipeline": True},
     "pipeline-forced": {"enable_pipeline": True, "pipeline_force": True},
     "two-gpu": {"enable_two_gpu_pd": True},
+    "pd-mux": {"enable_pd_multiplexing": True},
 }
-WORKLOADS = ("default", "prefill-heavy")
+WORKLOADS = ("default", "prefill-heavy", "steady")
+# The steady workload: this many requests of the default lengths, all queued at the start, at most
+# STEADY_MAX_NUM_SEQS decoding, so that prefills keep arriving while others decode.
+STEADY_REQUESTS = 2048
+STEADY_MAX_NUM_SEQS = 256
 
 
 def mode_options(mode: str) -> dict:
@@ -90,6 +96,10 @@ def max_model_len(args) -> int:
     return max_in + max_out + 16
 
 
+def uses_pd(llm: LLM) -> bool:
+    return llm.config.enable_two_gpu_pd or llm.config.enable_pd_multiplexing
+
+
 def free_gpu() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -118,7 +128,7 @@ def run_mode(model: str, mode: str, prompts, params, options: dict, ceilings: tu
     if llm.config.enable_pipeline:
         stats = llm.runners[-1].get_pipeline_statistics()  # the decode runner
         result["pipelined_buckets"] = sorted(b for b, p in stats["path_per_bucket"].items() if p == "pipeline")
-    if llm.config.enable_two_gpu_pd:
+    if uses_pd(llm):
         llm.print_pd_statistics()
         result["pd_statistics"] = llm.get_pd_statistics()
     llm.exit()
@@ -154,7 +164,37 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print(" | ".join(f"{c:>12.3f}" if isinstance(c, float) else f"{str(c):>12}" for c in cells))
 
 
+def steady(args) -> list[dict]:
+    """Offline steady state: every request queued at once through the streaming API, at most
+    STEADY_MAX_NUM_SEQS decoding; throughput, ITL and TTFT per mode, and where pd-mux spent its decode time."""
+    model = args.model or str(ensure_model(default_preset()))
+    prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
+    arrivals = [(0.0, prompt, p) for prompt, p in zip(prompts, params)]
+    rows = []
+    for mode in args.compare.split(","):
+        llm = new_llm(model, mode, {"max_model_len": max_model_len(args), "max_num_seqs": STEADY_MAX_NUM_SEQS})
+        row = {"mode": mode, **replay(llm, arrivals)}
+        if uses_pd(llm):
+            llm.print_pd_statistics()
+            shares = llm.get_pd_statistics().get("decode_time_share_per_split", {})
+            row["split_time_share"] = ", ".join(f"{split}: {100 * share:.0f}%" for split, share in shares.items())
+        row["ratio"] = row["tok_per_s"] / rows[0]["tok_per_s"] if rows else 1.0
+        print(f"[bench] {mode}: {row['tok_per_s']:.0f} tok/s, ITL p99 {row['itl_p99_ms'] or 0:.1f} ms", flush=True)
+        rows.append(row)
+        llm.exit()
+        del llm
+        free_gpu()
+    print(f"\nsteady: {args.num_seqs} requests queued at once, max_num_seqs={STEADY_MAX_NUM_SEQS}, "
+          f"{describe_workload(args)}; model {model}; device {device_name()}")
+    print("ratio: tok/s over the first mode's; split_time_share: pd-mux's decode time per SM split")
+    print_table(rows, ["mode", "requests", "seconds", "tok_per_s", "ratio", "itl_p50_ms", "itl_p99_ms", "itl_max_ms",
+                       "ttft_p50_s", "ttft_p99_s", "split_time_share"])
+    return rows
+
+
 def compare(args) -> list[dict]:
+    if args.workload == "steady":
+        return steady(args)
     if not torch.cuda.is_available():
         print("[bench] no CUDA device: these are CPU numbers, not comparable with the GPU figures in docs/benchmarks.md")
     model = args.model or str(ensure_model(default_preset()))
@@ -254,7 +294,7 @@ def online(args) -> list[dict]:
             print(f"[bench] {mode} at {rate:g} req/s: {row['req_per_s']:.2f} req/s, {row['tok_per_s']:.0f} tok/s, "
                   f"ITL p99 {row['itl_p99_ms'] or 0:.1f} ms", flush=True)
             rows.append(row)
-        if llm.config.enable_two_gpu_pd:
+        if uses_pd(llm):
             llm.print_pd_statistics()
         llm.exit()
         del llm
@@ -519,12 +559,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (default: the qwen3-0.6b random-weight preset; tiny on CPU)")
     parser.add_argument("--compare", default="graph", help=f"comma-separated modes from {list(MODES)}")
-    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--num-seqs", type=int, help=f"requests (default 256; {STEADY_REQUESTS} for --workload steady)")
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workload", default="default", choices=WORKLOADS,
-                        help="prefill-heavy: prompts of 1000-4000 tokens, outputs of 50-200")
+                        help="prefill-heavy: prompts of 1000-4000 tokens, outputs of 50-200; steady: "
+                             f"{STEADY_REQUESTS} requests queued at once, max_num_seqs={STEADY_MAX_NUM_SEQS}")
     parser.add_argument("--online", action="store_true", help="replay Poisson arrivals through the streaming API")
     parser.add_argument("--rates", default="2,8,32", help="arrival rates (requests/s) for --online")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate for --online")
@@ -552,6 +593,8 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
+    if args.num_seqs is None:
+        args.num_seqs = STEADY_REQUESTS if args.workload == "steady" else 256
     unknown = set(args.compare.split(",")) - set(MODES)
     if unknown:
         parser.error(f"unknown --compare modes {sorted(unknown)}; choose from {list(MODES)}")

@@ -115,6 +115,14 @@ class GreenPartitions:
         self.close()
 
 
+def available_sms(device_index: int) -> tuple[int, int]:
+    """(unit, SMs that split_device can hand out): groups are multiples of unit and sum to at most that."""
+    _, resource = _open_device(device_index)
+    unit = _granularity(resource, device_index)
+    _, nb_units, _ = _call("cuDevSmResourceSplitByCount", resource.sm.smCount // unit, resource, 0, unit)
+    return unit, nb_units * unit
+
+
 def split_device(device_index: int, sm_counts: list[int], include_remaining: bool = False) -> GreenPartitions:
     """Carve disjoint SM groups of (at least) the requested sizes from one device.
 

@@ -81,11 +81,15 @@ model_dir = checkpoint_fixture("module", **MODEL_VARIANTS["untied"])
 tiny_model_dir = checkpoint_fixture("module", **TINY_EOS_VARIANT)
 
 
+def single_runner_tokens(model_dir, **options) -> list[list[int]]:
+    """The single-runner engine's greedy tokens for mixed_prompts()."""
+    llm = LLM(model_dir, kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64, **options)
+    return tokens(llm, mixed_prompts())
+
+
 @pytest.fixture(scope="module")
 def expected(model_dir):
-    """The single-runner engine's greedy tokens for mixed_prompts()."""
-    llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
-    return tokens(llm, mixed_prompts())
+    return single_runner_tokens(model_dir, device="cpu")
 
 
 @pytest.mark.parametrize("options", [
@@ -409,11 +413,8 @@ def test_default_decode_device_needs_a_second_gpu(model_dir):
 
 @pytest.fixture(scope="module")
 def cuda_expected(model_dir):
-    """The single-runner engine on CUDA in float32, with decode CUDA graphs."""
-    llm = LLM(model_dir, device="cuda", dtype="float32", kvcache_block_size=BLOCK_SIZE,
-              max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
-    assert llm.model_runner.graphs is not None
-    return tokens(llm, mixed_prompts())
+    """On CUDA in float32, with decode CUDA graphs."""
+    return single_runner_tokens(model_dir, device="cuda", dtype="float32")
 
 
 @needs_cuda

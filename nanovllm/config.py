@@ -41,6 +41,8 @@ class Config:
     prefill_device_id: int = 0
     decode_device_id: int = 1
     prefill_num_kvcache_blocks: int = -1
+    enable_pd_multiplexing: bool = False
+    pd_max_itl_ms: float | None = None
     hf_config: PretrainedConfig = field(init=False, repr=False)
     eos_token_ids: tuple[int, ...] = field(init=False, default=())
     # With enable_two_gpu_pd: the devices of the prefill and the decode runner.
@@ -74,12 +76,15 @@ class Config:
                  "False when tensor_parallel_size > 1 (prefill/decode disaggregation runs one GPU per role)")
         _require(self.prefill_num_kvcache_blocks == -1 or (self.enable_two_gpu_pd and self.prefill_num_kvcache_blocks >= 1),
                  "prefill_num_kvcache_blocks", "-1 (sized for its role) or, with enable_two_gpu_pd=True, an integer >= 1")
+        self._check_multiplexing()
         if self.enable_two_gpu_pd:
             self._check_pd_device()
         self.device = self._resolve_device()
         if self.enable_two_gpu_pd:
             self.prefill_device, self.decode_device = self._resolve_pd_devices()
             self.device = self.decode_device
+        elif self.enable_pd_multiplexing:
+            self.prefill_device = self.decode_device = self.device
         self.hf_config = _load_hf_config(self.model)
         self.dtype = self._resolve_dtype()
         self.kv_dtype = kv_cache_dtype(self.kv_cache_dtype, self.dtype)
@@ -100,7 +105,7 @@ class Config:
 
     def _check_types(self):
         for f in fields(self):
-            if not f.init or f.name in ("model", "device", "dtype"):
+            if not f.init or f.name in ("model", "device", "dtype", "pd_max_itl_ms"):
                 continue
             value, kind = getattr(self, f.name), f.type
             if kind == "float" or kind is float:
@@ -113,6 +118,9 @@ class Config:
                 ok = isinstance(value, str)
             if not ok:
                 raise TypeError(f"{f.name} must be of type {getattr(kind, '__name__', kind)}, got {value!r}")
+        itl = self.pd_max_itl_ms
+        if itl is not None and (isinstance(itl, bool) or not isinstance(itl, (int, float))):
+            raise TypeError(f"pd_max_itl_ms must be None or a number of milliseconds, got {itl!r}")
         if not isinstance(self.model, (str, os.PathLike)):
             raise TypeError(f"model must be a path to a model directory, got {self.model!r}")
         self.model = os.fspath(self.model)
@@ -130,6 +138,25 @@ class Config:
             _require(device.index < torch.cuda.device_count(), "device",
                      f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         return device
+
+    def _check_multiplexing(self) -> None:
+        """enable_pd_multiplexing runs both roles on one GPU: with enable_two_gpu_pd as well, the two
+        device ids must name that one GPU."""
+        itl = self.pd_max_itl_ms
+        _require(itl is None or (self.enable_pd_multiplexing and 0 < itl < math.inf), "pd_max_itl_ms",
+                 "None (1.5x the full-GPU decode step) or, with enable_pd_multiplexing=True, "
+                 "a number of milliseconds > 0")
+        if not self.enable_pd_multiplexing:
+            return
+        _require(self.tensor_parallel_size == 1, "enable_pd_multiplexing",
+                 "False when tensor_parallel_size > 1 (prefill and decode share the SMs of one GPU)")
+        _require(not self.enable_pipeline, "enable_pd_multiplexing",
+                 "False with enable_pipeline=True (the attention/FFN pipeline has partitions of its own)")
+        _require(self.prefill_num_kvcache_blocks == -1, "prefill_num_kvcache_blocks",
+                 "-1 with enable_pd_multiplexing=True (prefill and decode share one KV cache)")
+        _require(not self.enable_two_gpu_pd or self.prefill_device_id == self.decode_device_id,
+                 "enable_pd_multiplexing", f"False when prefill_device_id ({self.prefill_device_id}) and "
+                 f"decode_device_id ({self.decode_device_id}) differ (multiplexing runs both roles on one GPU)")
 
     def _check_pd_device(self) -> None:
         device = self.device

@@ -47,16 +47,20 @@ class PDEngine(LLMEngine):
     """
 
     def _build(self, config: Config) -> None:
-        self.prefill_runner, self.decode_runner = build_runners(config)
-        self.scheduler = PDScheduler(config, self.prefill_runner.num_kvcache_blocks,
-                                     self.decode_runner.num_kvcache_blocks, self.tokenizer)
-        self.kv_transfer = KVTransfer(self.prefill_runner.kv_cache, self.decode_runner.kv_cache)
-        self.stats = PDStatistics(config.prefill_device, config.decode_device, self.kv_transfer.mode)
+        self._build_roles(config)
         self._prefill: tuple[list[Sequence], PendingTokens] | None = None  # the prefill batch in flight
         self._transfers: list[tuple[list[Sequence], Transfer]] = []  # handoffs in flight, oldest first
         # Tokens not yet returned by step(): collected by abort_requests (which waits for the work in
         # flight) or by a step() that raised half-way.
         self._collected: dict[int, tuple[Sequence, list[int]]] = {}
+
+    def _build_roles(self, config: Config) -> None:
+        """The runners, the scheduler, the KV handoff and the statistics."""
+        self.prefill_runner, self.decode_runner = build_runners(config)
+        self.scheduler = PDScheduler(config, self.prefill_runner.num_kvcache_blocks,
+                                     self.decode_runner.num_kvcache_blocks, self.tokenizer)
+        self.kv_transfer = KVTransfer(self.prefill_runner.kv_cache, self.decode_runner.kv_cache)
+        self.stats = PDStatistics(config.prefill_device, config.decode_device, self.kv_transfer.mode)
         same = " (same-device mode)" if config.prefill_device == config.decode_device else ""
         for runner, duty in ((self.prefill_runner, "prompts in flight and the prefix cache"),
                              (self.decode_runner, "decoding sequences")):
@@ -106,7 +110,13 @@ class PDEngine(LLMEngine):
         seqs = self.scheduler.schedule_prefill()
         self.stats.blocked_on_decode_room(self.scheduler.blocked_on_decode and not seqs)
         if seqs:
-            self._prefill = (seqs, self.prefill_runner.launch(seqs, is_prefill=True))
+            self._prefill = (seqs, self._launch_prefill_batch(seqs))
+
+    def _launch_prefill_batch(self, seqs: list[Sequence]) -> PendingTokens:
+        return self.prefill_runner.launch(seqs, is_prefill=True)
+
+    def _launch_decode_batch(self, seqs: list[Sequence]) -> PendingTokens:
+        return self.decode_runner.launch(seqs, is_prefill=False)
 
     def _decode(self, produced: dict) -> bool:
         seqs = self.scheduler.schedule_decode()
@@ -114,7 +124,7 @@ class PDEngine(LLMEngine):
             return False
         beside_prefill = self._prefill is not None and not self._prefill[1].ready()
         start = time.perf_counter()
-        token_ids = self.decode_runner.launch(seqs, is_prefill=False).result()
+        token_ids = self._launch_decode_batch(seqs).result()
         self.stats.record_decode(len(seqs), time.perf_counter() - start, beside_prefill)
         self._report(self.scheduler.postprocess(seqs, token_ids), produced)
         return True

@@ -1,7 +1,8 @@
 import torch
 
+from nanovllm.attention.triton_kernels import on_sms
 from nanovllm.config import Config
-from nanovllm.disagg.streams import StreamTimer, use_streams
+from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.sampled_tokens import SampledTokens
 from nanovllm.engine.sequence import Sequence
@@ -27,12 +28,15 @@ class RoleRunner(ModelRunner):
     """A ModelRunner that serves one role ("prefill" or "decode") of the PD engine. Its batches go to
     its own stream (a high-priority one for decode) and are launched without waiting for their
     tokens. The decode runner is given the prefill runner: it takes its float8 KV scales (the caches
-    exchange KV bytes, which must mean the same on both sides) and, on the same device, its weight
-    tensors instead of a second copy."""
+    exchange KV bytes, which must mean the same on both sides), on the same device its weight tensors
+    instead of a second copy, and with share_kv_cache its KV cache itself (then config.num_kvcache_blocks
+    must be that cache's size)."""
 
-    def __init__(self, config: Config, device: torch.device, role: str, prefill_runner: ModelRunner | None = None):
+    def __init__(self, config: Config, device: torch.device, role: str, prefill_runner: ModelRunner | None = None,
+                 share_kv_cache: bool = False):
         self.role = role
         self.prefill_runner = prefill_runner
+        self.share_kv_cache = share_kv_cache
         super().__init__(config, device)
         self.stream = None
         if device.type == "cuda":
@@ -55,7 +59,19 @@ class RoleRunner(ModelRunner):
             return super().calibrate_kv_scales()
         return self.prefill_runner.kv_scales.to(self.device)
 
-    def launch(self, seqs: list[Sequence], is_prefill: bool) -> PendingTokens:
-        with use_streams(self.stream):
-            timer = StreamTimer(self.stream)
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        if not self.share_kv_cache:
+            return super().allocate_kv_cache(num_blocks)
+        source = self.prefill_runner
+        self.kv_cache = source.kv_cache
+        for layer, shared in zip(self.attention_layers(), source.attention_layers(), strict=True):
+            layer.k_cache, layer.v_cache, layer.kv_scales = shared.k_cache, shared.v_cache, shared.kv_scales
+        return source.num_kvcache_blocks
+
+    def launch(self, seqs: list[Sequence], is_prefill: bool, lane: Lane | None = None) -> PendingTokens:
+        """Launches the batch on this runner's stream, or on lane's stream with its kernels sized for
+        lane's SMs."""
+        stream = self.stream if lane is None else lane.stream
+        with use_streams(stream), on_sms(lane and lane.num_sms):
+            timer = StreamTimer(stream)
             return PendingTokens(self.sample(seqs, is_prefill), timer)

@@ -112,3 +112,49 @@ class PDScheduler(Scheduler):
             self.prefill_manager.free_blocks(prefill_blocks)
             self.block_manager.deallocate(seq)
             seq.status = SequenceStatus.FINISHED
+
+
+class SharedCacheScheduler(PDScheduler):
+    """The PD scheduler over one KV cache that both runners use (prefill/decode multiplexing on one GPU):
+
+        waiting -> prefilling -> running (decoding) -> finished
+
+    A prompt is admitted with the blocks for its KV in that cache, and once its KV is complete it
+    decodes from the same blocks: the handoff is a change of state, with nothing copied. Prefix-cache
+    hits count the blocks of every sequence. Decode steps preempt running sequences as the
+    single-runner engine does.
+    """
+
+    def __init__(self, config: Config, num_kvcache_blocks: int, tokenizer=None):
+        super().__init__(config, 0, num_kvcache_blocks, tokenizer)
+        self.prefill_manager = self.block_manager
+
+    def _admit(self, seq: Sequence) -> bool:
+        if self.block_manager.allocate(seq):
+            return True
+        self.blocked_on_decode = True
+        return False
+
+    def finish_prefill(self, seqs: list[Sequence], token_ids: list[int]) -> tuple[list[Sequence], list[tuple]]:
+        """Advances a collected prefill batch: a sequence whose prompt KV is now complete gains its first
+        token and decodes (or finishes, when that token stops it). Returns those sequences and no handover."""
+        produced = []
+        for seq, token_id in zip(seqs, token_ids):
+            if not self.advance(seq, token_id, self.block_manager):
+                continue
+            produced.append(seq)
+            self.prefilling.remove(seq)
+            if self.stopped(seq):
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.deallocate(seq)
+            else:
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+        return produced, []
+
+    def abort(self, seq_ids: set[int]) -> None:
+        Scheduler.abort(self, seq_ids)
+        for seq in [s for s in self.prefilling if s.seq_id in seq_ids]:
+            self.prefilling.remove(seq)
+            self.block_manager.deallocate(seq)
+            seq.status = SequenceStatus.FINISHED

@@ -92,3 +92,48 @@ class PDStatistics:
               f"({show(stats['kv_transfer_gb_per_s'], ' GB/s')})")
         print(f"  Prefill waited for decode room: {show(stats['prefill_wait_for_decode_room_s'], ' s')}")
         print(f"  Decode idled waiting for work: {show(stats['decode_idle_s'], ' s')}")
+
+
+FULL_GPU = "full GPU"
+
+
+class MuxStatistics(PDStatistics):
+    """PDStatistics of the multiplexing engine, plus where its work ran: each decode step and each
+    prefill on the whole GPU or on the chosen split, and the start-up profile of every split."""
+
+    def __init__(self, device, partitions: str):
+        super().__init__(device, device, "none (one KV cache shared by both runners)")
+        self.partitions = partitions  # how prefill and decode share the GPU
+        self.chosen_split: str | None = None
+        self.split_profiles: dict[str, dict] = {}
+        self.decode_steps_in: dict[str, int] = {}
+        self.decode_seconds_in: dict[str, float] = {}
+        self.prefills_in: dict[str, int] = {}
+
+    def record_split_decode(self, split: str, seconds: float) -> None:
+        self.decode_steps_in[split] = self.decode_steps_in.get(split, 0) + 1
+        self.decode_seconds_in[split] = self.decode_seconds_in.get(split, 0.0) + seconds
+
+    def record_split_prefill(self, split: str) -> None:
+        self.prefills_in[split] = self.prefills_in.get(split, 0) + 1
+
+    def as_dict(self) -> dict:
+        total = sum(self.decode_seconds_in.values())
+        return {
+            **super().as_dict(), "partitions": self.partitions, "chosen_split": self.chosen_split,
+            "split_profiles": self.split_profiles, "decode_steps_per_split": dict(self.decode_steps_in),
+            "decode_time_per_split_s": dict(self.decode_seconds_in),
+            "decode_time_share_per_split": {k: v / total for k, v in self.decode_seconds_in.items()} if total else {},
+            "prefills_per_split": dict(self.prefills_in),
+        }
+
+    def print(self) -> None:
+        super().print()
+        stats = self.as_dict()
+        print(f"  Partitions: {stats['partitions']}; split under prefill: {stats['chosen_split'] or 'none'}")
+        for split, steps in stats["decode_steps_per_split"].items():
+            share = stats["decode_time_share_per_split"].get(split, 0.0)
+            print(f"  Decode on {split}: {steps} steps, {stats['decode_time_per_split_s'][split]:.3f} s "
+                  f"({100 * share:.1f}% of decode time)")
+        for split, count in stats["prefills_per_split"].items():
+            print(f"  Prefill batches on {split}: {count}")

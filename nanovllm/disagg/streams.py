@@ -1,7 +1,15 @@
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Lane:
+    """Where a role's kernels run: a stream (a green context's) and the SMs it has."""
+    stream: torch.cuda.Stream
+    num_sms: int
 
 
 @contextmanager

@@ -45,15 +45,16 @@ class DecodeGraphs:
         return Context(is_prefill=False, slot_mapping=self.slot_mapping[:batch], context_lens=self.context_lens[:batch],
                        block_tables=self.block_tables[:batch])
 
-    def capture(self, forward: DecodeForward) -> dict[int, CapturedGraph]:
+    def capture(self, forward: DecodeForward, stream: torch.cuda.Stream | None = None) -> dict[int, CapturedGraph]:
         """Captures forward(input_ids, positions) for every bucket, largest first so that smaller
-        graphs reuse the pool. forward sets the attention context itself."""
+        graphs reuse the pool. forward sets the attention context itself. On `stream` (a green
+        context's), the graphs keep that stream's SM partition when replayed."""
         graphs = {}
         for batch in reversed(self.buckets):
             args = (self.input_ids[:batch], self.positions[:batch])
             forward(*args)  # warm-up outside the graph: lazy initialisation and autotuning
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, self.pool):
+            with torch.cuda.graph(graph, self.pool, stream=stream):
                 output = forward(*args)
             self.pool = graph.pool()
             graphs[batch] = CapturedGraph(graph, output)

@@ -85,6 +85,9 @@ class ModelRunner:
                 layer.backend = self.backend
         return model
 
+    def attention_layers(self) -> list[Attention]:
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
     def load_weights(self, model: Qwen3ForCausalLM) -> None:
         load_model(model, self.config.model)
 
@@ -116,7 +119,7 @@ class ModelRunner:
     def calibrate_kv_scales(self) -> torch.Tensor:
         """Per-head scales [layers, 2, kv_heads] of a float8 KV cache from a prefill of random tokens,
         independent of the batching and length options."""
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        layers = self.attention_layers()
         seq_len = min(CALIBRATION_SEQ_LEN, self.config.hf_config.max_position_embeddings)
         with record_kv_amax(layers, self.kv_block_shape()[3], self.device) as amax:
             self.warmup(CALIBRATION_TOKENS, seq_len)
@@ -156,7 +159,7 @@ class ModelRunner:
         # 0 * NaN from uninitialised memory would poison the output.
         self.kv_cache = torch.zeros((num_blocks + 1, *self.kv_block_shape()), dtype=self.config.kv_dtype,
                                     device=self.device)
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        layers = self.attention_layers()
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[:, i, 0], self.kv_cache[:, i, 1]
             layer.kv_scales = None if self.kv_scales is None else self.kv_scales[i]

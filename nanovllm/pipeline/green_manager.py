@@ -12,7 +12,7 @@ MIN_DRIVER_VERSION = 12040  # green contexts appeared in CUDA 12.4
 # them does not give everything back: cuBLAS keeps a workspace for each stream it ran on, and the
 # driver keeps some memory per context (72 MiB per create-and-destroy of a 16/16 split, measured on
 # an H100), so engines created in a loop would leak.
-_PARTITIONS: dict[tuple[int, int, int], "green_ctx.GreenPartitions"] = {}
+_PARTITIONS: dict[tuple[int, ...], "green_ctx.GreenPartitions"] = {}
 
 
 class GreenContextUnavailable(RuntimeError):
@@ -23,34 +23,50 @@ class GreenContextUnavailable(RuntimeError):
         self.reason = reason
 
 
+def green_device_index(device: torch.device) -> int:
+    """The CUDA device index of `device` once green contexts are known to work there; otherwise raises
+    GreenContextUnavailable."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise GreenContextUnavailable(f"device {device} is not a CUDA device")
+    if not torch.cuda.is_available():
+        raise GreenContextUnavailable("CUDA is not available")
+    if green_ctx is None:
+        raise GreenContextUnavailable(f"cannot import green_ctx (needs cuda-python): {_import_error}")
+    try:
+        version = green_ctx.driver_version()
+    except green_ctx.GreenContextError as e:
+        raise GreenContextUnavailable(str(e)) from e
+    if version < MIN_DRIVER_VERSION:
+        raise GreenContextUnavailable(
+            f"the CUDA driver supports CUDA {version // 1000}.{version % 1000 // 10}; green contexts need 12.4+")
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def shared_split(index: int, sm_counts: list[int]) -> "green_ctx.GreenPartitions":
+    """Disjoint partitions of these sizes on device `index`, made once per process (see _PARTITIONS).
+    Raises green_ctx.SmCountError when they do not fit, GreenContextUnavailable when the driver refuses."""
+    key = (index, *sm_counts)
+    if key not in _PARTITIONS:
+        try:
+            _PARTITIONS[key] = green_ctx.split_device(index, list(sm_counts))
+        except green_ctx.GreenContextError as e:
+            raise GreenContextUnavailable(str(e)) from e
+    return _PARTITIONS[key]
+
+
 class GreenContextManager:
     """Two disjoint SM partitions of one GPU, one for attention and one for the FFN, each with its stream."""
 
     def __init__(self, device: torch.device, attention_sm_count: int, ffn_sm_count: int):
-        device = torch.device(device)
-        if device.type != "cuda":
-            raise GreenContextUnavailable(f"device {device} is not a CUDA device")
-        if not torch.cuda.is_available():
-            raise GreenContextUnavailable("CUDA is not available")
-        if green_ctx is None:
-            raise GreenContextUnavailable(f"cannot import green_ctx (needs cuda-python): {_import_error}")
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = green_device_index(device)
         try:
-            version = green_ctx.driver_version()
-            if version < MIN_DRIVER_VERSION:
-                raise GreenContextUnavailable(
-                    f"the CUDA driver supports CUDA {version // 1000}.{version % 1000 // 10}; green contexts need 12.4+")
-            key = (index, attention_sm_count, ffn_sm_count)
-            if key not in _PARTITIONS:
-                _PARTITIONS[key] = green_ctx.split_device(index, [attention_sm_count, ffn_sm_count])
-            partitions = _PARTITIONS[key]
+            partitions = shared_split(index, [attention_sm_count, ffn_sm_count])
         except green_ctx.SmCountError as e:
             raise ValueError(
                 f"pipeline_attention_sm_count ({attention_sm_count} -> {e.sizes[0]}) + pipeline_ffn_sm_count "
                 f"({ffn_sm_count} -> {e.sizes[1]}) = {sum(e.sizes)} SMs after rounding up to multiples of "
                 f"{e.unit}; the allowed total is at most {e.available} SMs on this device") from None
-        except green_ctx.GreenContextError as e:
-            raise GreenContextUnavailable(str(e)) from e
         self.device = torch.device("cuda", index)
         self.partitions = partitions
         self.attention_sm_count, self.ffn_sm_count = partitions.sm_counts

@@ -1,0 +1,146 @@
+import copy
+import time
+from dataclasses import replace
+
+import torch
+
+from nanovllm.attention.triton_kernels import on_sms
+from nanovllm.config import Config
+from nanovllm.disagg.engine import PDEngine
+from nanovllm.disagg.runner import PendingTokens, RoleRunner
+from nanovllm.disagg.scheduler import SharedCacheScheduler
+from nanovllm.disagg.splits import DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, prepare_splits
+from nanovllm.disagg.stats import FULL_GPU, MuxStatistics
+from nanovllm.disagg.streams import use_streams
+from nanovllm.engine.sequence import Sequence
+from nanovllm.pipeline.green_manager import GreenContextUnavailable
+from nanovllm.utils.context import set_context
+
+
+class SplitDecodeRunner(RoleRunner):
+    """The decode runner of the multiplexing engine. Besides the full-GPU decode graphs it captures one
+    set per split on that split's decode partition, with kernels sized for its SMs; `plans` maps the
+    partition's SM count (None: the whole GPU) to its graphs, so switching splits re-captures nothing."""
+
+    def __init__(self, config: Config, device: torch.device, splits: list[Split], prefill_runner: RoleRunner):
+        self.splits = splits
+        self.plans: dict[int | None, dict] = {}
+        super().__init__(config, device, "decode", prefill_runner=prefill_runner, share_kv_cache=True)
+
+    def capture_cudagraphs(self) -> None:
+        super().capture_cudagraphs()
+        self.plans = {None: self.decode_plan}
+        start = time.perf_counter()
+        for split in self.splits:
+            lane = split.decode
+            with use_streams(lane.stream), on_sms(lane.num_sms):
+                self.plans[lane.num_sms] = self.graphs.capture(self._forward_on(lane.num_sms), stream=lane.stream)
+        if self.splits:
+            print(f"[PD-mux] captured the decode graphs again for {len(self.splits)} decode partitions "
+                  f"({', '.join(str(s.decode.num_sms) for s in self.splits)} SMs) in {time.perf_counter() - start:.1f} s")
+
+    def _forward_on(self, num_sms: int):
+        graphs, model = self.graphs, self.model
+
+        def forward(input_ids, positions):
+            set_context(replace(graphs.context(input_ids.size(0)), num_sms=num_sms))
+            return model(input_ids, positions)
+        return forward
+
+    def launch_on(self, seqs: list[Sequence], split: Split | None) -> PendingTokens:
+        """A decode step on the whole GPU (split None) or on the split's decode partition."""
+        if self.plans:
+            self.decode_plan = self.plans[split.decode.num_sms if split else None]
+        return self.launch(seqs, is_prefill=False, lane=split.decode if split else None)
+
+    def close(self) -> None:
+        self.plans = {}
+        super().close()
+
+
+class MuxEngine(PDEngine):
+    """Prefill and decode at the same time on one GPU (enable_pd_multiplexing=True).
+
+    The PD engine's loop with both runners on one device sharing the weights and one KV cache (a
+    finished prompt decodes from the blocks it was prefilled into). While a prefill runs beside
+    decoding sequences, it runs on the prefill partition of the chosen split and the decode steps on
+    the decode partition, from graphs captured there; otherwise each uses the whole GPU. The split is
+    the one the start-up profile finds fastest within pd_max_itl_ms. Without green contexts (CPU, an
+    old driver, no cuda-python) both runners share one stream and the scheduling is the same.
+    """
+
+    def _build_roles(self, config: Config) -> None:
+        device = config.device
+        try:
+            splits = prepare_splits(device)
+            partitions = "green-context partitions"
+        except GreenContextUnavailable as e:
+            splits, partitions = [], f"one stream ({e.reason})"
+            print(f"[PD-mux] green contexts unavailable ({e.reason}): prefill and decode run one after the other "
+                  "on one stream")
+        prefill_config = copy.copy(config)
+        prefill_config.enforce_eager = True  # it never decodes: no decode graphs
+        self.prefill_runner = RoleRunner(prefill_config, device, "prefill")
+        decode_config = copy.copy(config)
+        decode_config.num_kvcache_blocks = self.prefill_runner.num_kvcache_blocks
+        self.decode_runner = SplitDecodeRunner(decode_config, device, splits, self.prefill_runner)
+        if not splits:
+            self.prefill_runner.stream = self.decode_runner.stream
+        self.scheduler = SharedCacheScheduler(config, self.decode_runner.num_kvcache_blocks, self.tokenizer)
+        self.kv_transfer = None
+        self.stats = MuxStatistics(device, partitions)
+        self.split = self._choose(splits, config.pd_max_itl_ms) if splits else None
+        self._prefill_split: Split | None = None  # where the prefill in flight runs (None: the whole GPU)
+        self._decode_split: Split | None = None  # where the decode step being run runs
+        print(f"[PD-mux] prefill and decode share {self.decode_runner.num_kvcache_blocks} KV blocks of "
+              f"{self.decode_runner.block_size} tokens on {device}; "
+              f"{'CUDA graphs' if self.decode_runner.graphs is not None else 'eager'}")
+
+    def _choose(self, splits: list[Split], max_itl_ms: float | None) -> Split:
+        """Profiles every split and logs the measurements and the choice."""
+        if self.decode_runner.graphs is None:
+            split = splits[len(splits) // 2]
+            print(f"[PD-mux] enforce_eager: no decode graphs to profile; split under prefill: {split.label}")
+        else:
+            profiler = SplitProfiler(self.prefill_runner, self.decode_runner)
+            full_step_ms, full_prefill_ms = profiler.full_gpu()
+            print(f"[PD-mux] profile: decode step of {profiler.batch} x {profiler.context} tokens {full_step_ms:.2f} ms, "
+                  f"prefill of {profiler.prefill_tokens} tokens {full_prefill_ms:.1f} ms on the whole GPU")
+            for split in splits:
+                profiler.profile(split, full_prefill_ms)
+                p = split.profile
+                print(f"[PD-mux]   {split.label}: decode step {p['decode_step_ms_alone']:.2f} ms alone, "
+                      f"{p['decode_step_ms']:.2f} ms beside prefill; prefill {p['prefill_ms_alone']:.1f} ms alone "
+                      f"({p['prefill_slowdown_alone']:.2f}x the whole GPU on {100 * p['prefill_sm_share']:.0f}% "
+                      f"of the SMs), {p['prefill_ms']:.1f} ms beside decode; {p['tokens_per_s']:.0f} tok/s")
+            split = choose_split(splits, max_itl_ms, full_step_ms)
+            limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x {full_step_ms:.2f} ms"
+            print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit})")
+            self.stats.split_profiles = {s.label: s.profile for s in splits}
+            torch.cuda.empty_cache()  # the profile's prefill activations, cached per stream
+        self.stats.chosen_split = split.label
+        return split
+
+    def _launch_prefill_batch(self, seqs: list[Sequence]) -> PendingTokens:
+        # With nothing decoding the prefill has the whole GPU; beside decode steps, its partition.
+        self._prefill_split = self.split if self.scheduler.running else None
+        self.stats.record_split_prefill(self._split_label(self._prefill_split))
+        lane = self._prefill_split.prefill if self._prefill_split else None
+        return self.prefill_runner.launch(seqs, is_prefill=True, lane=lane)
+
+    def _decode(self, produced: dict) -> bool:
+        beside_prefill = self._prefill is not None and not self._prefill[1].ready()
+        self._decode_split = self._prefill_split if beside_prefill else None
+        start = time.perf_counter()
+        ran = super()._decode(produced)
+        if ran:
+            self.stats.record_split_decode(self._split_label(self._decode_split), time.perf_counter() - start)
+        return ran
+
+    def _launch_decode_batch(self, seqs: list[Sequence]) -> PendingTokens:
+        return self.decode_runner.launch_on(seqs, self._decode_split)
+
+    def _split_label(self, split: Split | None) -> str:
+        if split is not None:
+            return split.label
+        return FULL_GPU if self.split is not None else "one stream"

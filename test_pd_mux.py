@@ -1,0 +1,291 @@
+"""Prefill/decode multiplexing on one GPU (enable_pd_multiplexing): the same greedy tokens as the
+single-runner engine with one shared KV cache, the split statistics, the candidate splits and bad
+options. On CPU the engine runs its fallback (one stream); the split tests need a CUDA device."""
+import pytest
+import torch
+
+from nanovllm import LLM
+from nanovllm.attention.triton_kernels import choose_num_splits, num_sms_of, on_sms
+from nanovllm.disagg import MuxEngine
+from nanovllm.disagg.splits import Split, SplitProfiler, candidate_sizes, choose_split
+from nanovllm.disagg.streams import Lane
+from nanovllm.engine.cuda_graph import DecodeGraphs
+from test_two_gpu import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, count_preemptions, mixed_prompts, needs_cuda,
+                          tokens)
+from test_two_gpu import single_runner_tokens
+from tests.helpers import BLOCK_SIZE, MODEL_VARIANTS, check_consistent, checkpoint_fixture
+
+model_dir = checkpoint_fixture("module", **MODEL_VARIANTS["untied"])
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    return single_runner_tokens(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cuda_expected(model_dir):
+    return single_runner_tokens(model_dir, device="cuda", dtype="float32")
+
+
+def mux_llm(model_dir, device="cpu", **options):
+    options = {"kvcache_block_size": BLOCK_SIZE, "max_model_len": MAX_MODEL_LEN, "num_kvcache_blocks": 64, **options}
+    return LLM(model_dir, device=device, enable_pd_multiplexing=True, **options)
+
+
+def check_invariants(llm):
+    """One block manager, used by the prefilling and the decoding sequences alike."""
+    s = llm.scheduler
+    assert s.prefill_manager is s.block_manager and not s.transferring and not s.reserved
+    assert s.num_admitted() <= s.max_num_seqs
+    check_consistent(s.block_manager, s.prefilling + list(s.running))
+
+
+def assert_idle(llm):
+    assert not llm.has_unfinished_requests()
+    check_invariants(llm)
+    assert llm.scheduler.block_manager.num_free_blocks == len(llm.scheduler.block_manager.blocks)
+
+
+def assert_shared(llm):
+    """Both runners use the same weight tensors and the same KV cache."""
+    prefill, decode = llm.prefill_runner, llm.decode_runner
+    pairs = list(zip(prefill.model.parameters(), decode.model.parameters(), strict=True))
+    assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+    assert prefill.kv_cache.data_ptr() == decode.kv_cache.data_ptr()
+    layers = list(zip(prefill.attention_layers(), decode.attention_layers(), strict=True))
+    assert all(a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
+
+
+def collect(step_outputs, outputs: dict) -> None:
+    for request_id, new_tokens, _ in step_outputs:
+        outputs.setdefault(request_id, []).extend(new_tokens)
+
+
+def run_and_check(llm, expected, monkeypatch, preempted, options):
+    assert isinstance(llm, MuxEngine)
+    assert_shared(llm)
+    step = llm.step
+    monkeypatch.setattr(llm, "step", lambda: (step(), check_invariants(llm))[0])
+    assert tokens(llm, mixed_prompts()) == expected
+    assert_idle(llm)
+    first = llm.get_pd_statistics()
+    if options.get("num_kvcache_blocks") == BLOCKS_PER_SEQ:
+        assert preempted, "a cache of one sequence forces preemption"
+    # Again: now the prompts hit the prefix cache, and the answer is the same.
+    assert tokens(llm, mixed_prompts()) == expected
+    assert_idle(llm)
+    prefilled = llm.get_pd_statistics()["prefill_tokens"] - first["prefill_tokens"]
+    assert prefilled < sum(len(p) for p in mixed_prompts())
+    return llm.get_pd_statistics()
+
+
+OPTIONS = [
+    dict(),
+    dict(max_num_batched_tokens=40),  # chunked prefill
+    dict(num_kvcache_blocks=BLOCKS_PER_SEQ),  # preemption
+    dict(num_kvcache_blocks=BLOCKS_PER_SEQ + 3, max_num_batched_tokens=24, max_num_seqs=3),
+]
+OPTION_IDS = ["default", "chunked", "tiny-cache", "tiny-chunked"]
+
+
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[2]], ids=[OPTION_IDS[0], OPTION_IDS[2]])
+def test_cpu_fallback_matches_the_single_runner_engine(model_dir, expected, monkeypatch, capsys, options):
+    preempted = count_preemptions(monkeypatch)
+    llm = mux_llm(model_dir, **options)
+    assert "[PD-mux] green contexts unavailable" in capsys.readouterr().out
+    assert llm.split is None
+    stats = run_and_check(llm, expected, monkeypatch, preempted, options)
+    assert stats["partitions"].startswith("one stream")
+    assert stats["chosen_split"] is None
+    assert sum(stats["decode_steps_per_split"].values()) == stats["decode_steps"] > 0
+    assert set(stats["decode_steps_per_split"]) == {"one stream"}
+    assert stats["kv_transfers"] == 0 and stats["kv_transfer_bytes"] == 0
+
+
+def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected):
+    """Requests arriving while others decode: a prefill is launched and a decode step runs in the same step()."""
+    llm = mux_llm(model_dir)
+    prompts, outputs = mixed_prompts(), {}
+    ids = [llm.add_request(p, GREEDY) for p in prompts[:4]]
+    while not llm.scheduler.running:
+        collect(llm.step(), outputs)
+    ids += [llm.add_request(p, GREEDY) for p in prompts[4:]]
+    collect(llm.step(), outputs)
+    assert llm.get_pd_statistics()["prefill_batches"] >= 2 and llm.scheduler.running
+    while llm.has_unfinished_requests():
+        collect(llm.step(), outputs)
+    assert [outputs[i] for i in ids] == expected
+    assert set(llm.get_pd_statistics()["decode_steps_per_split"]) == {"one stream"}
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(tensor_parallel_size=2), ValueError, "enable_pd_multiplexing"),
+    (dict(enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=1), ValueError, "enable_pd_multiplexing"),
+    (dict(enable_pipeline=True), ValueError, "enable_pd_multiplexing"),
+    (dict(pd_max_itl_ms=0), ValueError, "pd_max_itl_ms"),
+    (dict(pd_max_itl_ms=-3.0), ValueError, "pd_max_itl_ms"),
+    (dict(pd_max_itl_ms="10"), TypeError, "pd_max_itl_ms"),
+    (dict(pd_max_itl_ms=True), TypeError, "pd_max_itl_ms"),
+    (dict(prefill_num_kvcache_blocks=20), ValueError, "prefill_num_kvcache_blocks"),
+    (dict(enable_pd_multiplexing=1), TypeError, "enable_pd_multiplexing"),
+    (dict(enable_pd_multiplexing="yes"), TypeError, "enable_pd_multiplexing"),
+])
+def test_bad_options(model_dir, options, error, match):
+    options = {"enable_pd_multiplexing": True, **options}
+    with pytest.raises(error, match=match):
+        LLM(model_dir, device="cpu", **options)
+
+
+def test_itl_bound_needs_the_mode(model_dir):
+    with pytest.raises(ValueError, match="pd_max_itl_ms"):
+        LLM(model_dir, device="cpu", pd_max_itl_ms=10.0)
+
+
+def test_same_device_ids_are_accepted(model_dir, expected):
+    llm = mux_llm(model_dir, enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=0)
+    assert isinstance(llm, MuxEngine)
+    assert tokens(llm, mixed_prompts()) == expected
+
+
+def test_candidate_splits():
+    assert candidate_sizes(8, 120) == [(48, 72), (64, 56), (80, 40)]  # an H100
+    assert candidate_sizes(4, 108) == [(44, 64), (56, 52), (72, 36)]
+    for unit, available in ((8, 16), (8, 24), (2, 10)):
+        sizes = candidate_sizes(unit, available)
+        assert sizes and all(d % unit == 0 and p % unit == 0 and d >= unit and p >= unit and d + p == available
+                             for d, p in sizes)
+
+
+def test_kernels_launched_on_a_partition_size_their_grids_for_it():
+    cpu = torch.device("cpu")
+    whole = num_sms_of(cpu)
+    with on_sms(48):
+        assert num_sms_of(cpu) == 48
+        assert choose_num_splits(4, 8, 4096, num_sms_of(cpu)) < choose_num_splits(4, 8, 4096, whole)
+        with on_sms(None):  # a launch without a lane inside keeps the partition's count
+            assert num_sms_of(cpu) == 48
+    assert num_sms_of(cpu) == whole
+    assert candidate_sizes(8, 8) == []  # one unit: no split
+
+
+def split(decode_ms, tokens_per_s, decode_sms):
+    s = Split(Lane(None, decode_sms), Lane(None, 120 - decode_sms))
+    s.profile = {"decode_step_ms": decode_ms, "tokens_per_s": tokens_per_s}
+    return s
+
+
+def test_choose_split_takes_the_fastest_within_the_itl_bound():
+    splits = [split(20.0, 9000, 48), split(14.0, 8000, 64), split(11.0, 6000, 80)]
+    assert choose_split(splits, None, 10.0) is splits[1]  # default bound 15 ms
+    assert choose_split(splits, 25.0, 10.0) is splits[0]
+    assert choose_split(splits, 12.0, 10.0) is splits[2]
+    assert choose_split(splits, 5.0, 10.0) is splits[2]  # none within: the shortest decode step
+
+
+class CountedReplay:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def test_split_profile_times_both_roles_and_stores_no_kv(model_dir):
+    """The profile's code path on CPU, with counted stand-ins for the graphs: every split gets its
+    measurements, the prefill stores no KV and the prefill runner gets its cache back."""
+    llm = mux_llm(model_dir, max_num_batched_tokens=64)
+    decode, prefill = llm.decode_runner, llm.prefill_runner
+    decode.graphs = DecodeGraphs([1, 2, 4, 8], decode.max_blocks_per_seq, decode.device)
+    splits = [Split(Lane(None, 8), Lane(None, 16)), Split(Lane(None, 16), Lane(None, 8))]
+    decode.plans = {n: {b: CountedReplay() for b in decode.graphs.buckets} for n in (None, 8, 16)}
+    cache = prefill.kv_cache.clone()
+    profiler = SplitProfiler(prefill, decode)
+    assert profiler.batch == 8  # 64 blocks of 16 tokens hold 6 sequences of 160: bucket 8
+    full_step_ms, full_prefill_ms = profiler.full_gpu()
+    assert full_step_ms > 0 and full_prefill_ms > 0
+    for split in splits:
+        profiler.profile(split, full_prefill_ms)
+        p = split.profile
+        assert p["batch"] == 8 and p["prefill_tokens"] == 64
+        assert all(p[k] > 0 for k in ("decode_step_ms", "prefill_ms", "decode_step_ms_alone", "tokens_per_s"))
+        assert decode.plans[split.decode.num_sms][8].replays >= 3 + 11
+    assert decode.plans[None][8].replays == 11
+    assert torch.equal(prefill.kv_cache, cache)
+    layers = list(zip(prefill.attention_layers(), decode.attention_layers(), strict=True))
+    assert all(a.k_cache is not None and a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
+    assert choose_split(splits, None, full_step_ms) in splits
+
+
+def decode_beside_every_prefill(llm, monkeypatch):
+    """Each prefill counts as in flight when the decode step after its launch starts, so that this step
+    runs on the split: on a GPU a tiny model's prefill may be done before."""
+    launch = llm._launch_prefill_batch
+
+    def launch_and_hold(seqs):
+        pending = launch(seqs)
+        ready, answers = pending.ready, [False]
+        pending.ready = lambda: answers.pop() if answers else ready()
+        return pending
+
+    monkeypatch.setattr(llm, "_launch_prefill_batch", launch_and_hold)
+
+
+@needs_cuda
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, options):
+    """Every prepared split in turn runs the decode steps beside prefills: the tokens stay the same."""
+    llm = mux_llm(model_dir, device=None, dtype="float32", **options)
+    if llm.split is None:
+        pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
+    splits = llm.decode_runner.splits
+    assert len(splits) >= 2 and set(llm.decode_runner.plans) == {None, *(s.decode.num_sms for s in splits)}
+    assert llm.get_pd_statistics()["chosen_split"] == llm.split.label
+    for chosen in splits:
+        preempted = count_preemptions(monkeypatch)
+        decode_beside_every_prefill(llm, monkeypatch)
+        llm.split = chosen
+        before = llm.get_pd_statistics()["decode_steps_per_split"].get(chosen.label, 0)
+        stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
+        if options:  # more than one prefill batch: later ones run beside decoding sequences
+            assert stats["decode_steps_per_split"][chosen.label] > before
+            assert stats["prefills_per_split"][chosen.label] > 0
+        monkeypatch.undo()
+    assert sum(stats["decode_steps_per_split"].values()) == stats["decode_steps"]
+    assert set(stats["decode_steps_per_split"]) <= {"full GPU", *(s.label for s in splits)}
+    assert set(stats["split_profiles"]) == {s.label for s in splits}
+    assert all(p["decode_step_ms"] > 0 and p["prefill_ms"] > 0 for p in stats["split_profiles"].values())
+
+
+@needs_cuda
+def test_gpu_decode_runs_on_the_split_beside_a_prefill(model_dir, cuda_expected):
+    """With a prefill held in flight, the decode step replays the split's graphs on its partition."""
+    llm = mux_llm(model_dir, device=None, dtype="float32")
+    if llm.split is None:
+        pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
+    prompts, outputs = mixed_prompts(), {}
+    ids = [llm.add_request(p, GREEDY) for p in prompts[:4]]
+    while not llm.scheduler.running:
+        collect(llm.step(), outputs)
+    ids += [llm.add_request(p, GREEDY) for p in prompts[4:]]
+    original = llm._launch_prefill_batch
+    held = []
+
+    def launch_held(seqs):
+        pending = original(seqs)
+        pending.ready = lambda: False  # the prefill counts as in flight during the decode step beside it
+        held.append(pending)
+        return pending
+
+    llm._launch_prefill_batch = launch_held
+    collect(llm.step(), outputs)
+    llm._launch_prefill_batch = original
+    assert held
+    for pending in held:
+        del pending.ready
+    while llm.has_unfinished_requests():
+        collect(llm.step(), outputs)
+    stats = llm.get_pd_statistics()
+    assert stats["decode_steps_per_split"].get(llm.split.label, 0) >= 1
+    assert stats["prefills_per_split"].get(llm.split.label, 0) >= 1
+    assert [outputs[i] for i in ids] == cuda_expected
