@@ -5,7 +5,7 @@ from transformers import Qwen3ForCausalLM
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils.context import reset_context, set_context
-from tests.helpers import BLOCK_SIZE, hf_greedy, random_prompts
+from tests.helpers import BLOCK_SIZE, MODEL_VARIANTS, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -81,10 +81,12 @@ def test_bfloat16_graph_replay_close_to_eager_in_every_bucket(model_dir, backend
         assert rel < 2e-2, f"bucket {bucket}: relative difference {rel}"
 
 
-def test_float32_greedy_matches_transformers(model_dir, prompts):
-    ours, llm = generate(model_dir, prompts, dtype="float32")
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_float32_greedy_matches_transformers(model_dirs, prompts, variant):
+    """Every parity checkpoint, its RoPE scaling types included, on the GPU path."""
+    ours, llm = generate(model_dirs(variant), prompts, dtype="float32")
     assert llm.model_runner.backend.name == "triton"
-    assert ours == hf_greedy(model_dir, prompts, 32)
+    assert ours == hf_greedy(model_dirs(variant), prompts, 32)
 
 
 def test_bfloat16_logits_close_to_transformers_at_every_step(model_dir):

@@ -36,7 +36,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq, scaling = inverse_frequencies(config, head_dim)
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float)
-        freqs = torch.outer(positions, inv_freq)
+        freqs = torch.outer(positions, inv_freq.to(positions.device))  # rope-type tables come from the CPU
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_sin_cache", torch.stack((emb.cos() * scaling, emb.sin() * scaling)),
                              persistent=False)
