@@ -50,6 +50,9 @@ class DecodeGraphs:
         graphs reuse the pool. forward sets the attention context itself. On `stream` (a green
         context's), the graphs keep that stream's SM partition when replayed."""
         graphs = {}
+        # Without a stream, torch captures on one side stream made on the first capture's device and
+        # reused for every later capture in the process, whichever device that is for.
+        stream = stream or torch.cuda.Stream(self.input_ids.device)
         for batch in reversed(self.buckets):
             args = (self.input_ids[:batch], self.positions[:batch])
             forward(*args)  # warm-up outside the graph: lazy initialisation and autotuning
