@@ -12,7 +12,7 @@ from nanovllm.disagg.streams import Lane
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from test_two_gpu import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, count_preemptions, mixed_prompts, needs_cuda,
                           tokens)
-from test_two_gpu import single_runner_tokens
+from test_two_gpu import generate_twice, single_runner_tokens
 from tests.helpers import BLOCK_SIZE, MODEL_VARIANTS, check_consistent, checkpoint_fixture
 
 model_dir = checkpoint_fixture("module", **MODEL_VARIANTS["untied"])
@@ -65,19 +65,12 @@ def collect(step_outputs, outputs: dict) -> None:
 def run_and_check(llm, expected, monkeypatch, preempted, options):
     assert isinstance(llm, MuxEngine)
     assert_shared(llm)
-    step = llm.step
-    monkeypatch.setattr(llm, "step", lambda: (step(), check_invariants(llm))[0])
-    assert tokens(llm, mixed_prompts()) == expected
-    assert_idle(llm)
-    first = llm.get_pd_statistics()
+    first, again = generate_twice(llm, expected, monkeypatch, check_invariants, assert_idle)
     if options.get("num_kvcache_blocks") == BLOCKS_PER_SEQ:
         assert preempted, "a cache of one sequence forces preemption"
-    # Again: now the prompts hit the prefix cache, and the answer is the same.
-    assert tokens(llm, mixed_prompts()) == expected
-    assert_idle(llm)
-    prefilled = llm.get_pd_statistics()["prefill_tokens"] - first["prefill_tokens"]
-    assert prefilled < sum(len(p) for p in mixed_prompts())
-    return llm.get_pd_statistics()
+    # The second run's prompts hit the prefix cache.
+    assert again["prefill_tokens"] - first["prefill_tokens"] < sum(len(p) for p in mixed_prompts())
+    return again
 
 
 OPTIONS = [
