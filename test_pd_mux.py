@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nanovllm import LLM
-from nanovllm.attention.triton_kernels import choose_num_splits, num_sms_of, on_sms
+from nanovllm.attention.triton_kernels import choose_num_splits
+from nanovllm.utils.sm_limit import num_sms_of, on_sms
 from nanovllm.disagg import MuxEngine
 from nanovllm.disagg.splits import Split, SplitProfiler, candidate_sizes, choose_split
 from nanovllm.disagg.streams import Lane

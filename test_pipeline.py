@@ -9,6 +9,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.pipeline import green_manager
 from nanovllm.pipeline.scheduler import PipelineScheduler
 from nanovllm.utils.context import Context, get_context
+from nanovllm.utils.sm_limit import num_sms_of
 from tests.helpers import BLOCK_SIZE, build_checkpoint, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -182,7 +183,7 @@ def test_green_context_failure_keeps_cuda_graphs(checkpoint, prompts, monkeypatc
 
 
 def test_micro_batch_attention_runs_with_the_partition_sm_count():
-    """Each micro-batch's attention context carries the attention partition's SM count, so that its
+    """Each micro-batch's attention runs with the attention partition's SM count in force, so that its
     kernels size their grids for the partition rather than the whole GPU."""
     seen = []
 
@@ -193,8 +194,7 @@ def test_micro_batch_attention_runs_with_the_partition_sm_count():
             return ids.float()[:, None]
 
         def forward_attention(self, layer, positions, hidden, residual):
-            ctx = get_context()
-            seen.append((ctx.num_sms, ctx.context_lens.tolist()))
+            seen.append((num_sms_of(positions.device), get_context().context_lens.tolist()))
             return hidden, hidden
 
         def forward_ffn(self, layer, hidden, residual):

@@ -1,4 +1,7 @@
 """The streaming API (add_request/step), cleanup after an interrupted generate, and threads sharing one LLM."""
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -90,3 +93,9 @@ def test_constructing_an_llm_leaves_torch_global_state_as_it_was(model_dir):
     llm = LLM(model_dir, device="cpu", dtype="float16", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=32)
     assert (list(_get_current_function_mode_stack()), torch.get_default_device(), torch.get_default_dtype()) == before
     llm.exit()
+
+
+def test_the_package_imports_where_triton_is_missing():
+    """triton is a Linux-only dependency: elsewhere the engine runs on the torch paths."""
+    code = "import sys; sys.modules['triton'] = None; import nanovllm, nanovllm.disagg.multiplex, nanovllm.pipeline.decode"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))

@@ -5,7 +5,7 @@ from nanovllm.utils.context import Context
 
 class TritonBackend(AttentionBackend):
     """Paged attention with the Triton kernels; decode is CUDA-graph capturable and sizes its split
-    count for the SMs it runs on (ctx.num_sms)."""
+    count for the SMs it runs on (nanovllm.utils.sm_limit)."""
 
     name = "triton"
 
@@ -19,5 +19,5 @@ class TritonBackend(AttentionBackend):
                                  block_tables=ctx.block_tables, kv_scales=kv_scales)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
-        return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, num_sms=ctx.num_sms,
+        return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
                             kv_scales=kv_scales)

@@ -9,14 +9,12 @@ quantizes, attention converts the loaded tiles to the query's dtype in registers
 scales outside the dot products (a head's key scale joins the score scale, its value scale the
 output).
 """
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm.attention.kv_quant import FP8_MAX
+from nanovllm.utils.sm_limit import num_sms_of
 
 LOG2E = 1.4426950408889634
 # Kernels may read module globals only as constexprs.
@@ -288,33 +286,6 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.size(1), QUANTIZE=quantize,
     )
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-_SM_LIMIT: int | None = None  # the SMs of the partition that kernels launched now run on; None: the device's
-
-
-@contextlib.contextmanager
-def on_sms(num_sms: int | None):
-    """Kernels launched inside size their grids for num_sms SMs (a partition's); None: the device's."""
-    global _SM_LIMIT
-    previous, _SM_LIMIT = _SM_LIMIT, num_sms or _SM_LIMIT
-    try:
-        yield
-    finally:
-        _SM_LIMIT = previous
-
-
-def num_sms_of(device: torch.device) -> int:
-    if _SM_LIMIT is not None:
-        return _SM_LIMIT
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 132
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:

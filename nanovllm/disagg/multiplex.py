@@ -1,10 +1,8 @@
 import copy
 import time
-from dataclasses import replace
 
 import torch
 
-from nanovllm.attention.triton_kernels import on_sms
 from nanovllm.config import Config
 from nanovllm.disagg.engine import PDEngine
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
@@ -12,9 +10,10 @@ from nanovllm.disagg.scheduler import SharedCacheScheduler
 from nanovllm.disagg.splits import DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, prepare_splits
 from nanovllm.disagg.stats import FULL_GPU, MuxStatistics
 from nanovllm.disagg.streams import use_streams
+from nanovllm.engine.cuda_graph import sequential_forward
 from nanovllm.engine.sequence import Sequence
 from nanovllm.pipeline.green_manager import GreenContextUnavailable
-from nanovllm.utils.context import set_context
+from nanovllm.utils.sm_limit import on_sms
 
 
 class SplitDecodeRunner(RoleRunner):
@@ -34,18 +33,10 @@ class SplitDecodeRunner(RoleRunner):
         for split in self.splits:
             lane = split.decode
             with use_streams(lane.stream), on_sms(lane.num_sms):
-                self.plans[lane.num_sms] = self.graphs.capture(self._forward_on(lane.num_sms), stream=lane.stream)
+                self.plans[lane.num_sms] = self.graphs.capture(sequential_forward(self.model, self.graphs), stream=lane.stream)
         if self.splits:
             print(f"[PD-mux] captured the decode graphs again for {len(self.splits)} decode partitions "
                   f"({', '.join(str(s.decode.num_sms) for s in self.splits)} SMs) in {time.perf_counter() - start:.1f} s")
-
-    def _forward_on(self, num_sms: int):
-        graphs, model = self.graphs, self.model
-
-        def forward(input_ids, positions):
-            set_context(replace(graphs.context(input_ids.size(0)), num_sms=num_sms))
-            return model(input_ids, positions)
-        return forward
 
     def launch_on(self, seqs: list[Sequence], split: Split | None) -> PendingTokens:
         """A decode step on the whole GPU (split None) or on the split's decode partition."""

@@ -1,11 +1,11 @@
 import torch
 
-from nanovllm.attention.triton_kernels import on_sms
 from nanovllm.config import Config
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.sampled_tokens import SampledTokens
 from nanovllm.engine.sequence import Sequence
+from nanovllm.utils.sm_limit import on_sms
 
 
 class PendingTokens:

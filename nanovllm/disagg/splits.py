@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanovllm.attention.triton_kernels import num_sms_of, on_sms
+from nanovllm.utils.sm_limit import num_sms_of, on_sms
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.pipeline.green_manager import GreenContextUnavailable, green_ctx, green_device_index, shared_split
 

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM, num_sms_of
+from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM
+from nanovllm.utils.sm_limit import num_sms_of
 
 
 @triton.jit

@@ -3,6 +3,7 @@ from contextlib import nullcontext
 import torch
 
 from nanovllm.utils.context import Context, set_context
+from nanovllm.utils.sm_limit import on_sms
 
 
 class PipelineScheduler:
@@ -40,7 +41,7 @@ class PipelineScheduler:
         """Hidden states after the final norm, equal to the model's sequential forward."""
         self.handed_over = []
         parts = self.micro_batches(input_ids.size(0))
-        contexts = [ctx.decode_rows(part, self.attention_sm_count) for part in parts]
+        contexts = [ctx.decode_rows(part) for part in parts]
         main = torch.cuda.current_stream() if self.uses_streams else None
         if main is not None:
             self.attention_stream.wait_stream(main)
@@ -51,7 +52,8 @@ class PipelineScheduler:
         ffn_done = [None] * len(parts)
         for layer in range(self.model.num_layers):
             for k, part in enumerate(parts):
-                with self._on(self.attention_stream):
+                # Its kernels size their grids for the attention partition's SMs.
+                with self._on(self.attention_stream), on_sms(self.attention_sm_count):
                     self._wait(self.attention_stream, ffn_done[k])
                     set_context(contexts[k])
                     states[k] = self.model.forward_attention(layer, positions[part], *states[k])

@@ -5,11 +5,7 @@ import torch
 
 @dataclass
 class Context:
-    """Attention metadata of the batch being run; see the attention backends for its use.
-
-    num_sms is the number of SMs the attention runs on (a partition's), None for the whole device:
-    kernels size their grids for it.
-    """
+    """Attention metadata of the batch being run; see the attention backends for its use."""
     is_prefill: bool = False
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
@@ -18,13 +14,12 @@ class Context:
     slot_mapping: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
-    num_sms: int | None = None
 
-    def decode_rows(self, rows: slice, num_sms: int | None = None) -> "Context":
-        """The decode context of a slice of the batch's sequences, run on num_sms SMs."""
+    def decode_rows(self, rows: slice) -> "Context":
+        """The decode context of a slice of the batch's sequences."""
         assert not self.is_prefill
         return replace(self, slot_mapping=self.slot_mapping[rows], context_lens=self.context_lens[rows],
-                       block_tables=self.block_tables[rows], num_sms=num_sms or self.num_sms)
+                       block_tables=self.block_tables[rows])
 
 
 _CONTEXT = Context()
