@@ -309,11 +309,9 @@ def online(args) -> list[dict]:
 def step_floor_ms(llm: LLM, batch: int, context: int, bandwidth: float, weight_reads: int = 1) -> float:
     """Fewest bytes a decode step moves (the layers' weights weight_reads times, every sequence's K
     and V once) over the copy bandwidth."""
-    hf = llm.config.hf_config
-    layers = llm.model_runner.model.model.layers
-    weight_bytes = sum(p.numel() * p.element_size() for p in layers.parameters())
-    kv_bytes = (batch * context * hf.num_hidden_layers * 2 * hf.num_key_value_heads * hf.head_dim
-                * llm.config.kv_dtype.itemsize)
+    runner = llm.model_runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.model.layers.parameters())
+    kv_bytes = batch * context * runner.kv_block_bytes() // runner.block_size
     return (weight_reads * weight_bytes + kv_bytes) / bandwidth * 1e3
 
 

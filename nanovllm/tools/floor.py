@@ -22,7 +22,7 @@ class ScheduleFloor:
         # (tied or not) runs for one token per sequence and step.
         self.layer_flops_per_token = 2 * (sum(p.numel() for p in runner.model.model.layers.parameters()))
         self.head_flops_per_seq = 2 * embedding
-        self.kv_bytes_per_token = hf.num_hidden_layers * 2 * hf.num_key_value_heads * hf.head_dim * runner.kv_cache.element_size()
+        self.kv_bytes_per_token = runner.kv_block_bytes() // runner.block_size
         # Per query-key pair: q·k and p·v, 2 FLOPs per head dimension each, in every layer and head.
         self.attention_flops_per_pair = 4 * hf.num_hidden_layers * hf.num_attention_heads * hf.head_dim
         self.seconds = 0.0
