@@ -115,12 +115,19 @@ class GreenPartitions:
         self.close()
 
 
+def _split_into_units(device_index: int):
+    """(device, unit, the device's SMs as groups of unit SMs, the SMs no group takes): the one split
+    every partition is made from."""
+    dev, resource = _open_device(device_index)
+    unit = _granularity(resource, device_index)
+    units, nb_units, remaining = _call("cuDevSmResourceSplitByCount", resource.sm.smCount // unit, resource, 0, unit)
+    return dev, unit, list(units)[:nb_units], remaining
+
+
 def available_sms(device_index: int) -> tuple[int, int]:
     """(unit, SMs that split_device can hand out): groups are multiples of unit and sum to at most that."""
-    _, resource = _open_device(device_index)
-    unit = _granularity(resource, device_index)
-    _, nb_units, _ = _call("cuDevSmResourceSplitByCount", resource.sm.smCount // unit, resource, 0, unit)
-    return unit, nb_units * unit
+    _, unit, units, _ = _split_into_units(device_index)
+    return unit, len(units) * unit
 
 
 def split_device(device_index: int, sm_counts: list[int], include_remaining: bool = False) -> GreenPartitions:
@@ -133,10 +140,7 @@ def split_device(device_index: int, sm_counts: list[int], include_remaining: boo
     """
     if not sm_counts or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in sm_counts):
         raise ValueError(f"sm_counts must be a non-empty list of positive ints, got {sm_counts!r}")
-    dev, resource = _open_device(device_index)
-    unit = _granularity(resource, device_index)
-    units, nb_units, remaining = _call("cuDevSmResourceSplitByCount", resource.sm.smCount // unit, resource, 0, unit)
-    units = list(units)[:nb_units]
+    dev, unit, units, remaining = _split_into_units(device_index)
     sizes = rounded_sm_counts(sm_counts, unit)
     if sum(sizes) > len(units) * unit:
         raise SmCountError(list(sm_counts), sizes, len(units) * unit, unit)
