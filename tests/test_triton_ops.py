@@ -165,8 +165,9 @@ def rms_norm_cases(small):
 
 
 def qk_norm_rope_cases(small):
-    cases = [("bf16", 1, 2, 1, 64), ("fp32", 3, 4, 2, 128), ("bf16", 2, 3, 3, 128), ("fp32", 0, 2, 1, 64)]
-    return cases if small else cases + [(d, n, 16, 8, 128) for d in DTYPES for n in (1, 64, 512)] + \
+    cases = [("bf16", 1, 2, 1, 64), ("fp32", 3, 4, 2, 128), ("bf16", 2, 3, 3, 128), ("fp32", 0, 2, 1, 64),
+             ("bf16", 9, 2, 1, 64)]
+    return cases if small else cases + [(d, n, 16, 8, 128) for d in DTYPES for n in (1, 64, 512, 5000)] + \
         [(d, 33, 32, 8, 128) for d in DTYPES]
 
 

@@ -61,7 +61,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.decode_plan: dict[int, CapturedGraph] = {}
         if device.type == "cuda":
-            # Compiles the sampling kernels now rather than inside the first request.
+            # Compiles the prefill and sampling kernels now rather than inside the first requests.
+            self.warm_up_paged_prefill()
             self.sampler.warm_up(config.hf_config.vocab_size, config.dtype, device)
             if not config.enforce_eager:
                 self.capture_cudagraphs()
@@ -169,6 +170,22 @@ class ModelRunner:
                   f"{num_blocks * self.block_size} tokens, {self.config.kv_cache_dtype} ({dtype}), "
                   f"{num_blocks * self.kv_block_bytes() / 2 ** 30:.2f} GiB")
         return num_blocks
+
+    @torch.inference_mode()
+    def warm_up_paged_prefill(self) -> None:
+        """A one-token prefill behind a cached block, storing nothing (slot -1): the kernels of a prompt
+        that continues a chunk or hits the prefix cache compile now, not in the middle of serving, where
+        they stalled the first such prefill for up to a second."""
+        def on_device(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        block = self.block_size
+        set_context(Context(is_prefill=True, cu_seqlens_q=on_device([0, 1], torch.int32),
+                            cu_seqlens_k=on_device([0, block + 1], torch.int32), max_seqlen_q=1,
+                            max_seqlen_k=block + 1, slot_mapping=on_device([-1], torch.int64),
+                            block_tables=on_device([[0, 1]], torch.int32)))  # the cache has at least 2 blocks
+        self.model.compute_logits(self.model(on_device([0], torch.int64), on_device([0], torch.int64)))
+        reset_context()
 
     def capture_cudagraphs(self) -> None:
         start = time.perf_counter()

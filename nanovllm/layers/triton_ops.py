@@ -13,6 +13,10 @@ import triton.language as tl
 from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM
 from nanovllm.utils.sm_limit import num_sms_of
 
+# qk_norm_rope: a program of one (token, head) costs more to schedule than its work, which made the
+# kernel 5x slower than its bytes on a prefill; four tokens per program were the fastest on an H200.
+QK_ROPE_TOKENS_PER_PROGRAM = 4
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
@@ -59,42 +63,46 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out.view(shape), residual_out.view(shape)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_out_ptr,
-                         stride_qn, stride_qh, stride_kn, stride_kh, stride_cos, eps,
+                         num_tokens, stride_qn, stride_qh, stride_kn, stride_kh, stride_cos, eps,
                          NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                         BLOCK_HALF: tl.constexpr):
-    """One program per (token, head): RMSNorm over the head, then rotate-half RoPE at the token's position."""
-    tok = tl.program_id(0).to(tl.int64)
+                         BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program per (BLOCK_T tokens, head): RMSNorm over the head, then rotate-half RoPE at each
+    token's position."""
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
+    rows = toks.to(tl.int64)
     if head < NUM_Q_HEADS:
-        src = q_ptr + tok * stride_qn + head * stride_qh
+        src = q_ptr + rows * stride_qn + head * stride_qh
         weight_ptr = q_weight_ptr
-        dst = q_out_ptr + (tok * NUM_Q_HEADS + head) * (2 * HALF)
+        dst = q_out_ptr + (rows * NUM_Q_HEADS + head) * (2 * HALF)
     else:
-        src = k_ptr + tok * stride_kn + (head - NUM_Q_HEADS) * stride_kh
+        src = k_ptr + rows * stride_kn + (head - NUM_Q_HEADS) * stride_kh
         weight_ptr = k_weight_ptr
-        dst = k_out_ptr + (tok * NUM_KV_HEADS + head - NUM_Q_HEADS) * (2 * HALF)
+        dst = k_out_ptr + (rows * NUM_KV_HEADS + head - NUM_Q_HEADS) * (2 * HALF)
     offs = tl.arange(0, BLOCK_HALF)
-    mask = offs < HALF
-    x1 = tl.load(src + offs, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
+    col_mask = offs < HALF
+    tok_mask = toks < num_tokens
+    mask = tok_mask[:, None] & col_mask[None, :]
+    x1 = tl.load(src[:, None] + offs[None, :], mask=mask, other=0.0)
+    x2 = tl.load(src[:, None] + HALF + offs[None, :], mask=mask, other=0.0)
     dtype = x1.dtype
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(a1 * a1, axis=0) + tl.sum(a2 * a2, axis=0)) / (2 * HALF) + eps)
-    w1 = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w2 = tl.load(weight_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(weight_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(weight_ptr + HALF + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     y1 = ((a1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
     y2 = ((a2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    pos = tl.load(pos_ptr + toks, mask=tok_mask, other=0).to(tl.int64)[:, None]
     # The table is float32; the reference rounds it to the activation dtype first.
-    cos = tl.load(cos_ptr + pos * stride_cos + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_cos + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * stride_cos + offs[None, :], mask=mask, other=0.0).to(dtype).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cos + offs[None, :], mask=mask, other=0.0).to(dtype).to(tl.float32)
     # x * cos + rotate_half(x) * sin with the reference's three roundings.
     out1 = (y1 * cos).to(dtype).to(tl.float32) + (-y2 * sin).to(dtype).to(tl.float32)
     out2 = (y2 * cos).to(dtype).to(tl.float32) + (y1 * sin).to(dtype).to(tl.float32)
-    tl.store(dst + offs, out1.to(dtype), mask=mask)
-    tl.store(dst + HALF + offs, out2.to(dtype), mask=mask)
+    tl.store(dst[:, None] + offs[None, :], out1.to(dtype), mask=mask)
+    tl.store(dst[:, None] + HALF + offs[None, :], out2.to(dtype), mask=mask)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
@@ -111,10 +119,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if num_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
-    _qk_norm_rope_kernel[(num_tokens, num_q_heads + num_kv_heads)](
+    _qk_norm_rope_kernel[(triton.cdiv(num_tokens, QK_ROPE_TOKENS_PER_PROGRAM), num_q_heads + num_kv_heads)](
         q, k, q_weight, k_weight, cos_sin_cache[0], cos_sin_cache[1], positions, q_out, k_out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(1), eps,
+        num_tokens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(1), eps,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_T=QK_ROPE_TOKENS_PER_PROGRAM,
         # Fused multiply-adds would skip the reference's rounding of each product.
         num_warps=1, enable_fp_fusion=False)
     return q_out, k_out
@@ -169,8 +178,10 @@ def _sample_kernel(logits_ptr, temperatures_ptr, row_seeds_ptr, part_val_ptr, pa
         own = row_seed >= 0
         key = tl.where(own, row_seed, seed)
         row_counter = tl.where(own, tl.load(row_seeds_ptr + 2 * row + 1) << 32, row_counter.to(tl.int64))
-    best_val = tl.full([], float("-inf"), tl.float32)
-    best_idx = tl.zeros([], tl.int32)
+    # Each lane keeps its own best across tiles (the earliest on ties); lanes meet once, at the end:
+    # reducing every tile across the program would make the loop wait on each reduction.
+    best_val = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
     lo = part * chunk
     hi = tl.minimum(lo + chunk, vocab_size)
     for start in range(lo, hi, BLOCK):
@@ -182,13 +193,14 @@ def _sample_kernel(logits_ptr, temperatures_ptr, row_seeds_ptr, part_val_ptr, pa
             u0, u1, u2, u3 = tl.rand4x(key, counters)
             u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
             score = tl.where(mask, score * inv_t - tl.log(-tl.log(u)), float("-inf"))
-        tile_max = tl.max(score, 0)
-        tile_arg = tl.argmax(score, 0).to(tl.int32)
-        better = tile_max > best_val
-        best_idx = tl.where(better, start + tile_arg, best_idx)
-        best_val = tl.where(better, tile_max, best_val)
-    tl.store(part_val_ptr + row * num_chunks + part, best_val)
-    tl.store(part_idx_ptr + row * num_chunks + part, best_idx)
+        better = score > best_val
+        best_idx = tl.where(better, cols, best_idx)
+        best_val = tl.where(better, score, best_val)
+    chunk_max = tl.max(best_val, 0)
+    # The lowest index among the lanes holding the maximum, as torch's argmax picks.
+    chunk_arg = tl.min(tl.where(best_val == chunk_max, best_idx, vocab_size), 0)
+    tl.store(part_val_ptr + row * num_chunks + part, chunk_max)
+    tl.store(part_idx_ptr + row * num_chunks + part, chunk_arg)
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
