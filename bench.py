@@ -2,7 +2,7 @@
 
 python bench.py                                   # graph mode on the default workload
 python bench.py --compare eager,graph,pipeline,pipeline-forced --hf-peer 32
-python bench.py --compare graph,graph-sync         # async scheduling on and off
+python bench.py --compare graph,graph-sync         # async scheduling on and off (also two-gpu-sync, pd-mux-sync)
 python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 python bench.py --sampler
@@ -45,7 +45,9 @@ MODES = {
     "pipeline": {"enable_pipeline": True},
     "pipeline-forced": {"enable_pipeline": True, "pipeline_force": True},
     "two-gpu": {"enable_two_gpu_pd": True},
+    "two-gpu-sync": {"enable_two_gpu_pd": True, "async_scheduling": False},
     "pd-mux": {"enable_pd_multiplexing": True},
+    "pd-mux-sync": {"enable_pd_multiplexing": True, "async_scheduling": False},
 }
 WORKLOADS = ("default", "prefill-heavy", "steady")
 # The steady workload: this many requests of the default lengths, all queued at the start, at most
@@ -57,7 +59,7 @@ STEADY_MAX_NUM_SEQS = 256
 def mode_options(mode: str) -> dict:
     """The LLM options of a mode; two-gpu takes GPUs 0 and 1, or runs same-device mode on one device."""
     options = dict(MODES[mode])
-    if mode == "two-gpu":
+    if options.get("enable_two_gpu_pd"):
         decode_device = 1 if torch.cuda.device_count() >= 2 else 0
         if decode_device == 0:
             print("[bench] two-gpu: fewer than 2 GPUs here, running same-device mode (both runners on one device)")

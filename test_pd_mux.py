@@ -79,11 +79,12 @@ OPTIONS = [
     dict(max_num_batched_tokens=40),  # chunked prefill
     dict(num_kvcache_blocks=BLOCKS_PER_SEQ),  # preemption
     dict(num_kvcache_blocks=BLOCKS_PER_SEQ + 3, max_num_batched_tokens=24, max_num_seqs=3),
+    dict(num_kvcache_blocks=BLOCKS_PER_SEQ, async_scheduling=False),
 ]
-OPTION_IDS = ["default", "chunked", "tiny-cache", "tiny-chunked"]
+OPTION_IDS = ["default", "chunked", "tiny-cache", "tiny-chunked", "tiny-cache-sync"]
 
 
-@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[2]], ids=[OPTION_IDS[0], OPTION_IDS[2]])
+@pytest.mark.parametrize("options", [OPTIONS[i] for i in (0, 2, 4)], ids=[OPTION_IDS[i] for i in (0, 2, 4)])
 def test_cpu_fallback_matches_the_single_runner_engine(model_dir, expected, monkeypatch, capsys, options):
     preempted = count_preemptions(monkeypatch)
     llm = mux_llm(model_dir, **options)

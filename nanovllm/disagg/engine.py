@@ -1,11 +1,13 @@
 import copy
 import time
+from dataclasses import dataclass
 
 from nanovllm.config import Config
 from nanovllm.disagg.kv_transfer import KVTransfer, Transfer
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import PDScheduler
 from nanovllm.disagg.stats import PDStatistics
+from nanovllm.disagg.streams import StreamTimer
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.sequence import Sequence
 
@@ -36,20 +38,35 @@ def build_runners(config: Config) -> tuple[RoleRunner, RoleRunner]:
     return prefill, decode
 
 
+@dataclass(eq=False)
+class DecodeStep:
+    """A launched decode step: its sequences, their tokens on the way, whether a prefill was in flight
+    beside it, and (multiplexing) the part of the GPU it runs on."""
+    seqs: list[Sequence]
+    pending: PendingTokens
+    beside_prefill: bool
+    where: str = ""
+
+
 class PDEngine(LLMEngine):
     """Prefill/decode disaggregation: a prefill runner and a decode runner, each with its own KV cache,
     under one scheduler; the request-level API (add_request, generate, abort_requests) is LLMEngine's.
 
     One thread drives both runners with asynchronous launches: each step() launches a prefill batch on
     the prefill runner's stream when none is in flight, runs a decode step on the decode runner, and
-    collects the prefill (then its KV handoff) only once its event has completed. On CPU every launch
-    completes at once and the same logic runs in order.
+    collects the prefill (then its KV handoff) only once its event has completed. With async_scheduling
+    the decode step is launched and the tokens of the one before are taken in, as the sequential engine
+    does. On CPU every launch completes at once and the same logic runs in order.
     """
 
     def _build(self, config: Config) -> None:
         self._build_roles(config)
         self._prefill: tuple[list[Sequence], PendingTokens] | None = None  # the prefill batch in flight
         self._transfers: list[tuple[list[Sequence], Transfer]] = []  # handoffs in flight, oldest first
+        self._decoding: DecodeStep | None = None  # async scheduling: the decode step whose tokens are not taken in
+        # The latest decode step launched, collected or not: work that writes into blocks freed while
+        # it ran (a sequence that stopped or was preempted) is queued after it.
+        self._last_decode: StreamTimer | None = None
         # Tokens not yet returned by step(): collected by abort_requests (which waits for the work in
         # flight) or by a step() that raised half-way.
         self._collected: dict[int, tuple[Sequence, list[int]]] = {}
@@ -115,19 +132,50 @@ class PDEngine(LLMEngine):
     def _launch_prefill_batch(self, seqs: list[Sequence]) -> PendingTokens:
         return self.prefill_runner.launch(seqs, is_prefill=True)
 
-    def _launch_decode_batch(self, seqs: list[Sequence]) -> PendingTokens:
+    def _launch_decode_batch(self, seqs: list[Sequence], beside_prefill: bool) -> PendingTokens:
         return self.decode_runner.launch(seqs, is_prefill=False)
 
-    def _decode(self, produced: dict) -> bool:
-        seqs = self.scheduler.schedule_decode()
-        if not seqs:
-            return False
+    def _launch_decode(self, seqs: list[Sequence]) -> DecodeStep:
         beside_prefill = self._prefill is not None and not self._prefill[1].ready()
-        start = time.perf_counter()
-        token_ids = self._launch_decode_batch(seqs).result()
-        self.stats.record_decode(len(seqs), time.perf_counter() - start, beside_prefill)
-        self._report(self.scheduler.postprocess(seqs, token_ids), produced)
+        step = DecodeStep(seqs, self._launch_decode_batch(seqs, beside_prefill), beside_prefill)
+        self._last_decode = step.pending.timer
+        return step
+
+    def _decode(self, produced: dict) -> bool:
+        """Runs a decode step: without async scheduling to its tokens; with it, launches the step and
+        then takes in the tokens of the one before, which the device computed meanwhile. Returns False
+        when there was nothing to decode."""
+        seqs = self.scheduler.schedule_decode()
+        if not seqs and self._decoding is None:
+            return False
+        try:
+            step = self._launch_decode(seqs) if seqs else None
+            if self._decoding is not None:
+                previous = self._decoding
+                self._report(self.scheduler.fill(previous.seqs, self._decode_tokens(previous)), produced)
+                self._decoding = None
+            if step is not None and not self.config.async_scheduling:
+                self._report(self.scheduler.postprocess(seqs, self._decode_tokens(step)), produced)
+            elif step is not None:
+                self.scheduler.book(seqs)
+                self._decoding = step
+        except BaseException:
+            # The tokens in flight are lost with the steps that were to deliver them: their sequences
+            # cannot go on.
+            lost = {seq.seq_id for seq in seqs + (self._decoding.seqs if self._decoding else [])}
+            self._decoding = None
+            self.scheduler.abort(lost)
+            self._streamed.difference_update(lost)
+            raise
         return True
+
+    def _decode_tokens(self, step: DecodeStep) -> list[int]:
+        token_ids = step.pending.result()
+        self._record_decode(step)
+        return token_ids
+
+    def _record_decode(self, step: DecodeStep) -> None:
+        self.stats.record_decode(len(step.seqs), step.pending.timer.seconds(), step.beside_prefill)
 
     def _wait_for_work(self) -> None:
         """The decode side has nothing to run: wait for the oldest handoff, else for the prefill."""
@@ -152,7 +200,7 @@ class PDEngine(LLMEngine):
             if handover:
                 src = [b for _, blocks in handover for b in blocks]
                 dst = [b for seq, _ in handover for b in seq.block_table]
-                transfer = self.kv_transfer.start(src, dst, after=pending.timer)
+                transfer = self.kv_transfer.start(src, dst, after=(pending.timer, self._last_decode))
                 self._transfers.append(([seq for seq, _ in handover], transfer))
         while self._transfers and (wait or self._transfers[0][1].done()):
             seqs, transfer = self._transfers.pop(0)

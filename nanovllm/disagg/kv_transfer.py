@@ -67,8 +67,10 @@ class KVTransfer:
             print(f"[KVTransfer] {src.device} and {dst.device} have no peer access: KV copies are staged through "
                   "pinned host memory")
 
-    def start(self, src_blocks: list[int], dst_blocks: list[int], after: StreamTimer | None = None) -> Transfer:
-        """Queues the copy of src_blocks into dst_blocks, to start once the work `after` marks is done."""
+    def start(self, src_blocks: list[int], dst_blocks: list[int],
+              after: tuple[StreamTimer | None, ...] = ()) -> Transfer:
+        """Queues the copy of src_blocks into dst_blocks, to start once the work each timer of `after`
+        marks is done (the prefill that wrote the blocks; a decode step that may still write freed ones)."""
         runs = block_runs(src_blocks, dst_blocks)
         num_bytes = len(src_blocks) * self.block_bytes
         if self.staged:
@@ -76,21 +78,19 @@ class KVTransfer:
         # A copy between GPUs runs on the source device's current stream, fenced against the destination
         # device's current stream: both are this transfer's streams, so no other work waits on it.
         with use_streams(self.src_stream, self.dst_stream):
-            if after is not None:
-                after.order_before(self.src_stream)
+            _order_after(after, self.src_stream)
             timer = StreamTimer(self.src_stream)
             for src, dst, n in runs:
                 self.dst[dst:dst + n].copy_(self.src[src:src + n], non_blocking=True)
             timer.stop()
         return Transfer([timer], num_bytes, len(runs), None)
 
-    def _staged(self, runs, num_blocks: int, num_bytes: int, after: StreamTimer | None) -> Transfer:
+    def _staged(self, runs, num_blocks: int, num_bytes: int, after: tuple[StreamTimer | None, ...]) -> Transfer:
         staging = torch.empty((num_blocks, *self.src.shape[1:]), dtype=self.src.dtype,
                               pin_memory=torch.cuda.is_available())
         offsets = list(accumulate((n for _, _, n in runs), initial=0))
         with use_streams(self.src_stream):
-            if after is not None:
-                after.order_before(self.src_stream)
+            _order_after(after, self.src_stream)  # the copy up waits for the copy down, so for these too
             down = StreamTimer(self.src_stream)
             for (src, _, n), offset in zip(runs, offsets):
                 staging[offset:offset + n].copy_(self.src[src:src + n], non_blocking=True)
@@ -102,3 +102,9 @@ class KVTransfer:
                 self.dst[dst:dst + n].copy_(staging[offset:offset + n], non_blocking=True)
             up.stop()
         return Transfer([down, up], num_bytes, 2 * len(runs), staging)
+
+
+def _order_after(timers: tuple[StreamTimer | None, ...], stream: torch.cuda.Stream | None) -> None:
+    for timer in timers:
+        if timer is not None:
+            timer.order_before(stream)

@@ -4,12 +4,12 @@ import time
 import torch
 
 from nanovllm.config import Config
-from nanovllm.disagg.engine import PDEngine
+from nanovllm.disagg.engine import DecodeStep, PDEngine
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import SharedCacheScheduler
 from nanovllm.disagg.splits import DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, prepare_splits
 from nanovllm.disagg.stats import FULL_GPU, MuxStatistics
-from nanovllm.disagg.streams import use_streams
+from nanovllm.disagg.streams import StreamTimer, use_streams
 from nanovllm.engine.cuda_graph import sequential_forward
 from nanovllm.engine.sequence import Sequence
 from nanovllm.pipeline.green_manager import GreenContextUnavailable
@@ -38,11 +38,12 @@ class SplitDecodeRunner(RoleRunner):
             print(f"[PD-mux] captured the decode graphs again for {len(self.splits)} decode partitions "
                   f"({', '.join(str(s.decode.num_sms) for s in self.splits)} SMs) in {time.perf_counter() - start:.1f} s")
 
-    def launch_on(self, seqs: list[Sequence], split: Split | None) -> PendingTokens:
-        """A decode step on the whole GPU (split None) or on the split's decode partition."""
+    def launch_on(self, seqs: list[Sequence], split: Split | None, after: StreamTimer | None) -> PendingTokens:
+        """A decode step on the whole GPU (split None) or on the split's decode partition, queued after
+        the work `after` marks."""
         if self.plans:
             self.decode_plan = self.plans[split.decode.num_sms if split else None]
-        return self.launch(seqs, is_prefill=False, lane=split.decode if split else None)
+        return self.launch(seqs, is_prefill=False, lane=split.decode if split else None, after=after)
 
     def close(self) -> None:
         self.plans = {}
@@ -117,19 +118,23 @@ class MuxEngine(PDEngine):
         self._prefill_split = self.split if self.scheduler.running else None
         self.stats.record_split_prefill(self._split_label(self._prefill_split))
         lane = self._prefill_split.prefill if self._prefill_split else None
-        return self.prefill_runner.launch(seqs, is_prefill=True, lane=lane)
+        # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
+        # still writes them.
+        return self.prefill_runner.launch(seqs, is_prefill=True, lane=lane, after=self._last_decode)
 
-    def _decode(self, produced: dict) -> bool:
-        beside_prefill = self._prefill is not None and not self._prefill[1].ready()
+    def _launch_decode_batch(self, seqs: list[Sequence], beside_prefill: bool) -> PendingTokens:
+        # A step on another stream than the step before reads that step's tokens and reuses its inputs.
         self._decode_split = self._prefill_split if beside_prefill else None
-        start = time.perf_counter()
-        ran = super()._decode(produced)
-        if ran:
-            self.stats.record_split_decode(self._split_label(self._decode_split), time.perf_counter() - start)
-        return ran
+        return self.decode_runner.launch_on(seqs, self._decode_split, after=self._last_decode)
 
-    def _launch_decode_batch(self, seqs: list[Sequence]) -> PendingTokens:
-        return self.decode_runner.launch_on(seqs, self._decode_split)
+    def _launch_decode(self, seqs: list[Sequence]) -> DecodeStep:
+        step = super()._launch_decode(seqs)
+        step.where = self._split_label(self._decode_split)
+        return step
+
+    def _record_decode(self, step: DecodeStep) -> None:
+        super()._record_decode(step)
+        self.stats.record_split_decode(step.where, step.pending.timer.seconds())
 
     def _split_label(self, split: Split | None) -> str:
         if split is not None:

@@ -68,10 +68,13 @@ class RoleRunner(ModelRunner):
             layer.k_cache, layer.v_cache, layer.kv_scales = shared.k_cache, shared.v_cache, shared.kv_scales
         return source.num_kvcache_blocks
 
-    def launch(self, seqs: list[Sequence], is_prefill: bool, lane: Lane | None = None) -> PendingTokens:
+    def launch(self, seqs: list[Sequence], is_prefill: bool, lane: Lane | None = None,
+               after: StreamTimer | None = None) -> PendingTokens:
         """Launches the batch on this runner's stream, or on lane's stream with its kernels sized for
-        lane's SMs."""
+        lane's SMs; with `after`, once the work it marks is done."""
         stream = self.stream if lane is None else lane.stream
         with use_streams(stream), on_sms(lane and lane.num_sms):
+            if after is not None:
+                after.order_before(stream)
             timer = StreamTimer(stream)
             return PendingTokens(self.sample(seqs, is_prefill), timer)
