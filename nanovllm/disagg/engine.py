@@ -160,12 +160,8 @@ class PDEngine(LLMEngine):
                 self.scheduler.book(seqs)
                 self._decoding = step
         except BaseException:
-            # The tokens in flight are lost with the steps that were to deliver them: their sequences
-            # cannot go on.
-            lost = {seq.seq_id for seq in seqs + (self._decoding.seqs if self._decoding else [])}
-            self._decoding = None
-            self.scheduler.abort(lost)
-            self._streamed.difference_update(lost)
+            previous, self._decoding = self._decoding, None
+            self._abort_lost(seqs, previous.seqs if previous else [])
             raise
         return True
 

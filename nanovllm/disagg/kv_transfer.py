@@ -2,7 +2,7 @@ from itertools import accumulate
 
 import torch
 
-from nanovllm.disagg.streams import StreamTimer, use_streams
+from nanovllm.disagg.streams import StreamTimer, order_after, use_streams
 
 
 def block_runs(src_blocks: list[int], dst_blocks: list[int]) -> list[tuple[int, int, int]]:
@@ -78,7 +78,7 @@ class KVTransfer:
         # A copy between GPUs runs on the source device's current stream, fenced against the destination
         # device's current stream: both are this transfer's streams, so no other work waits on it.
         with use_streams(self.src_stream, self.dst_stream):
-            _order_after(after, self.src_stream)
+            order_after(after, self.src_stream)
             timer = StreamTimer(self.src_stream)
             for src, dst, n in runs:
                 self.dst[dst:dst + n].copy_(self.src[src:src + n], non_blocking=True)
@@ -90,7 +90,7 @@ class KVTransfer:
                               pin_memory=torch.cuda.is_available())
         offsets = list(accumulate((n for _, _, n in runs), initial=0))
         with use_streams(self.src_stream):
-            _order_after(after, self.src_stream)  # the copy up waits for the copy down, so for these too
+            order_after(after, self.src_stream)  # the copy up waits for the copy down, so for these too
             down = StreamTimer(self.src_stream)
             for (src, _, n), offset in zip(runs, offsets):
                 staging[offset:offset + n].copy_(self.src[src:src + n], non_blocking=True)
@@ -103,8 +103,3 @@ class KVTransfer:
             up.stop()
         return Transfer([down, up], num_bytes, 2 * len(runs), staging)
 
-
-def _order_after(timers: tuple[StreamTimer | None, ...], stream: torch.cuda.Stream | None) -> None:
-    for timer in timers:
-        if timer is not None:
-            timer.order_before(stream)

@@ -1,7 +1,7 @@
 import torch
 
 from nanovllm.config import Config
-from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
+from nanovllm.disagg.streams import Lane, StreamTimer, order_after, use_streams
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.sampled_tokens import SampledTokens
 from nanovllm.engine.sequence import Sequence
@@ -74,7 +74,6 @@ class RoleRunner(ModelRunner):
         lane's SMs; with `after`, once the work it marks is done."""
         stream = self.stream if lane is None else lane.stream
         with use_streams(stream), on_sms(lane and lane.num_sms):
-            if after is not None:
-                after.order_before(stream)
+            order_after((after,), stream)
             timer = StreamTimer(stream)
             return PendingTokens(self.sample(seqs, is_prefill), timer)

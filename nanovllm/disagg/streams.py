@@ -61,3 +61,10 @@ class StreamTimer:
         """Makes work queued later on `stream` wait for the work this timer marks."""
         if stream is not None and self.stream is not None:
             stream.wait_event(self.end)
+
+
+def order_after(timers: tuple[StreamTimer | None, ...], stream: torch.cuda.Stream | None) -> None:
+    """Makes work queued later on `stream` wait for the work each timer (None: no work) marks."""
+    for timer in timers:
+        if timer is not None:
+            timer.order_before(stream)

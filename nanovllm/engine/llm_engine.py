@@ -150,15 +150,18 @@ class LLMEngine:
             if launched:
                 self.scheduler.book(seqs)
         except BaseException:
-            # The tokens in flight are lost with the steps that were to deliver them: their
-            # sequences cannot go on.
-            lost = {seq.seq_id for batch in (seqs, previous[0] if previous else []) for seq in batch}
-            self.scheduler.abort(lost)
-            self._streamed.difference_update(lost)
+            self._abort_lost(seqs, previous[0] if previous else [])
             raise
         # Once every sequence has stopped, no token of the launched step will be used.
         self._in_flight = None if self.scheduler.is_finished() else launched
         return outputs
+
+    def _abort_lost(self, *batches: list[Sequence]) -> None:
+        """After a step failed: the tokens in flight are lost with the steps that were to deliver them,
+        so the sequences of those batches cannot go on."""
+        lost = {seq.seq_id for batch in batches for seq in batch}
+        self.scheduler.abort(lost)
+        self._streamed.difference_update(lost)
 
     def has_unfinished_requests(self) -> bool:
         return not self.scheduler.is_finished()
