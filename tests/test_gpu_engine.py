@@ -29,6 +29,44 @@ def test_float32_graph_replay_matches_eager(model_dir, backend):
     assert graph == eager
 
 
+def test_float32_prefill_graphs_match_eager(model_dir):
+    """Prompts sharing a prefix (prefix-cache hits), a token budget that cuts prompts into chunks and a
+    KV cache small enough to preempt; then a burst of short prompts, more than one bucket's graph
+    holds, which runs eagerly in the same engine: the same greedy tokens as an engine without graphs."""
+    shared = random_prompts([40], seed=3)[0]
+    batches = [[shared + p for p in random_prompts([3 + 11 * i % 150 for i in range(20)], seed=11)],
+               random_prompts([2 + i % 5 for i in range(30)], seed=12)]
+    options = dict(dtype="float32", kvcache_block_size=BLOCK_SIZE, max_num_seqs=64, max_model_len=512,
+                   max_num_batched_tokens=300, num_kvcache_blocks=60)
+
+    def tokens(llm):
+        return [[o["token_ids"] for o in llm.generate(batch, GREEDY, use_tqdm=False)] for batch in batches]
+
+    eager = tokens(LLM(model_dir, device="cuda", enforce_eager=True, **options))
+    llm = LLM(model_dir, device="cuda", **options)
+    runner, scheduler = llm.model_runner, llm.scheduler
+    assert runner.prefill_graphs.buckets[-1] == 300
+    prefills, replayed, preempted = [], [], []
+    prefill_hidden, load, preempt = runner.prefill_hidden, runner.prefill_graphs.load, scheduler._preempt
+
+    def counted_prefill(seqs, *args):
+        prefills.append(len(seqs))
+        return prefill_hidden(seqs, *args)
+
+    def counted_load(*args):
+        replayed.append(load(*args))
+        return replayed[-1]
+
+    def counted_preempt(seq):
+        preempted.append(seq.seq_id)
+        preempt(seq)
+
+    runner.prefill_hidden, runner.prefill_graphs.load, scheduler._preempt = counted_prefill, counted_load, counted_preempt
+    assert tokens(llm) == eager
+    assert preempted and 0 < len(replayed) < len(prefills)
+    assert 30 in prefills and runner.prefill_graphs.seqs_in(300) < 30  # the burst, eagerly
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_float8_cache_graph_replay_matches_eager(model_dir, backend):
     """Teacher-forced, since graph and eager steps differ in float summation order (split counts of

@@ -156,7 +156,9 @@ def check_decode(device, dtype, cache_dtype, block_size, group, head_dim, contex
 
 
 def check_prefill(device, dtype, cache_dtype, block_size, group, head_dim, q_lens, prefix_lens, paged,
-                  num_kv_heads=2):
+                  num_kv_heads=2, padded=False):
+    """padded: as a captured prefill runs it, with rows past the last sequence's and empty sequences
+    after it; the padding is NaN, which must reach no real row."""
     from nanovllm.attention.triton_kernels import prefill_attention
     gen = torch.Generator().manual_seed(block_size + 17 * group + head_dim + sum(q_lens) + paged)
     num_heads = group * num_kv_heads
@@ -180,16 +182,23 @@ def check_prefill(device, dtype, cache_dtype, block_size, group, head_dim, q_len
             keys, values = fill_context(k_cache, v_cache, tables[b], keys, values, scales)
         refs.append(reference_attention(q[new], keys, values, scale))
 
+    num_tokens = q.size(0)
+    if padded:
+        pad_rows, empty_seqs = 37, 3
+        q, k, v = (torch.cat([x, torch.full((pad_rows, *x.shape[1:]), float("nan")).to(dtype)]) for x in (q, k, v))
+        cu_q = torch.cat([cu_q, cu_q[-1:].repeat(empty_seqs)])
+        cu_k = torch.cat([cu_k, cu_k[-1:].repeat(empty_seqs)])
+        if paged:
+            tables = torch.cat([tables, torch.full((empty_seqs, tables.size(1)), -1, dtype=tables.dtype)])
     if paged:
         kv_cache = kv_cache.to(device)
         out = prefill_attention(q.to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], cu_q.to(device),
-                                cu_k.to(device), max(q_lens), scale, block_tables=tables.to(device),
+                                cu_k.to(device), scale, block_tables=tables.to(device),
                                 kv_scales=None if scales is None else scales.to(device))
     else:
-        out = prefill_attention(q.to(device), k.to(device), v.to(device), cu_q.to(device), cu_q.to(device),
-                                max(q_lens), scale)
+        out = prefill_attention(q.to(device), k.to(device), v.to(device), cu_q.to(device), cu_q.to(device), scale)
     assert out.shape == q.shape and out.dtype == dtype
-    assert_close(out, torch.cat(refs), dtype)
+    assert_close(out[:num_tokens], torch.cat(refs), dtype)
 
 
 def check_backend(device, dtype, cache_dtype):
@@ -301,7 +310,10 @@ def prefill_cases(small):
     cases = [("fp32", 16, 1, 64, [1, 70, 33], [0, 0, 0], False), ("bf16", 16, 4, 128, [65, 2], [0, 0], False),
              ("fp32", 16, 2, 128, [40, 1, 20], [37, 0, 70], True), ("bf16", 64, 8, 64, [70, 3], [130, 64], True),
              ("fp32", 256, 4, 64, [1, 30], [300, 0], True), ("bf16", 256, 1, 128, [66, 10], [255, 513], True),
-             ("bf16-fp8", 16, 2, 64, [40, 1], [37, 70], True), ("fp32-fp8", 64, 1, 128, [20, 5], [0, 64], True)]
+             ("bf16-fp8", 16, 2, 64, [40, 1], [37, 70], True), ("fp32-fp8", 64, 1, 128, [20, 5], [0, 64], True),
+             ("fp32", 16, 2, 64, [40, 1, 20], [37, 0, 70], True, True), ("bf16", 16, 1, 64, [70, 3], [0, 0], False, True),
+             # More sequences than a program looks through at once (QUERY_BLOCK_SEARCH).
+             ("fp32", 16, 1, 64, [1 + i % 3 for i in range(130)], [0] * 130, False, True)]
     q_lens = [1, 70, 33, 200, 129]
     return cases if small else _covering(cases, [(bs, g) for bs in (16, 64, 256) for g in (1, 2, 4, 8)],
                                           [(q_lens, [0] * 5, False), (q_lens, [0] * 5, True),
@@ -319,8 +331,8 @@ def run_decode(device, case):
 
 
 def run_prefill(device, case):
-    dtype, bs, g, d, q_lens, prefix, paged = case
-    check_prefill(device, *dtypes(dtype), bs, g, d, q_lens, prefix, paged)
+    dtype, bs, g, d, q_lens, prefix, paged, *padded = case
+    check_prefill(device, *dtypes(dtype), bs, g, d, q_lens, prefix, paged, padded=bool(padded))
 
 
 def run_backend(device, case):

@@ -11,6 +11,9 @@ class AttentionBackend:
     """
 
     name = "base"
+    # Whether prefill runs inside a CUDA graph: a launch that depends on shapes only, with every key
+    # read from the cache (block_tables given).
+    captures_prefill = False
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:

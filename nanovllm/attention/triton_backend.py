@@ -4,18 +4,19 @@ from nanovllm.utils.context import Context
 
 
 class TritonBackend(AttentionBackend):
-    """Paged attention with the Triton kernels; decode is CUDA-graph capturable and sizes its split
-    count for the SMs it runs on (nanovllm.utils.sm_limit)."""
+    """Paged attention with the Triton kernels; prefill and decode are CUDA-graph capturable, and decode
+    sizes its split count for the SMs it runs on (nanovllm.utils.sm_limit)."""
 
     name = "triton"
+    captures_prefill = True
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):
         store_kv(k, v, k_cache, v_cache, slot_mapping, kv_scales)
 
     def prefill(self, q, k, v, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
         if ctx.block_tables is None:
-            return prefill_attention(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_q, ctx.max_seqlen_q, scale)
-        return prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, scale,
+            return prefill_attention(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_q, scale)
+        return prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, scale,
                                  block_tables=ctx.block_tables, kv_scales=kv_scales)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales=None):

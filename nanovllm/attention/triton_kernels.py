@@ -28,6 +28,8 @@ PROGRAMS_PER_SM = 4
 # A split shorter than this spends more on its partial result than it saves.
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
+# Sequences a prefill program looks through at a time to find its own.
+QUERY_BLOCK_SEARCH = 128
 
 
 @triton.jit
@@ -192,26 +194,48 @@ def _decode_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, num_hea
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit
+def _query_block(cu_q_ptr, num_seqs, pid, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr):
+    """(sequence, query block) of program pid, where the sequences take cdiv(q_len, BLOCK_M) programs
+    each, in order; sequence -1 past the last. Found on the device, so that the grid depends only on
+    the token and sequence counts, which a captured prefill fixes."""
+    offs = tl.arange(0, SEARCH)
+    seq = -1
+    block = 0
+    before = 0  # programs of the sequences before this chunk of SEARCH
+    for first in range(0, num_seqs, SEARCH):
+        idx = first + offs
+        mask = idx < num_seqs
+        q_len = tl.load(cu_q_ptr + idx + 1, mask=mask, other=0) - tl.load(cu_q_ptr + idx, mask=mask, other=0)
+        count = tl.where(mask, (q_len + BLOCK_M - 1) // BLOCK_M, 0)
+        start = tl.cumsum(count, 0) - count + before
+        hit = (pid >= start) & (pid < start + count)
+        seq = tl.maximum(seq, tl.max(tl.where(hit, idx, -1), 0))
+        block += tl.sum(tl.where(hit, pid - start, 0), 0)
+        before += tl.sum(count, 0)
+    return seq, block
+
+
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, block_tables_ptr, scales_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, block_tables_ptr, scales_ptr, qk_scale, num_seqs,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_s, stride_on, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, DEQUANTIZE: tl.constexpr, FP16_DOT: tl.constexpr,
+    SEARCH: tl.constexpr,
 ):
     """One program: BLOCK_M new queries of one sequence and one query head.
 
     PAGED: keys/values come from the cache through the block table and the queries are the last
     tokens of the context; otherwise k/v are the new tokens' own [N, Hkv, D] rows.
     """
-    m_block = tl.program_id(0)
+    b, m_block = _query_block(cu_q_ptr, num_seqs, tl.program_id(0), BLOCK_M, SEARCH)
+    if b < 0:
+        return
     head = tl.program_id(1)
-    b = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
-    if m_block * BLOCK_M >= q_len:
-        return
     if PAGED:
         k_len = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
     else:
@@ -378,13 +402,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, scale: float,
+                      cu_seqlens_k: torch.Tensor, scale: float,
                       block_tables: torch.Tensor | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal varlen attention for q [N, Hq, D] -> [N, Hq, D].
 
     With block_tables, k/v are the paged caches (float8 ones dequantized with kv_scales) and
     sequence b's queries are the last of its cu_seqlens_k[b+1] - cu_seqlens_k[b] context tokens;
     without, k/v are [N, Hkv, D] rows laid out like q (no prefix) and cu_seqlens_k is ignored.
+    Rows of q past cu_seqlens_q[-1] (padding) are left unwritten; so are empty sequences. The launch
+    depends on the shapes only (CUDA-graph capturable).
     """
     num_tokens, num_heads, head_dim = q.shape
     _check_head_dim(head_dim)
@@ -409,12 +435,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     fp32 = q.dtype == torch.float32
     # Wide fp32 tiles spill registers on sm_90.
     block_m = block_n = 32 if fp32 or head_dim > 128 else 64
-    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, batch)
+    # Each sequence takes cdiv(q_len, block_m) programs: at most cdiv(num_tokens, block_m) + batch.
+    grid = (triton.cdiv(num_tokens, block_m) + batch, num_heads)
     _prefill_kernel[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_tables, scales, scale * LOG2E,
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_tables, scales, scale * LOG2E, batch,
         q.stride(0), q.stride(1), *k_strides, *v_strides, stride_bt, stride_s, out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, PAGED=paged, DEQUANTIZE=dequantize, FP16_DOT=_fp16_dot(q, dequantize),
-        num_warps=4, num_stages=2 if fp32 else 3,
+        SEARCH=QUERY_BLOCK_SEARCH, num_warps=4, num_stages=2 if fp32 else 3,
     )
     return out

@@ -31,7 +31,6 @@ def build_runners(config: Config) -> tuple[RoleRunner, RoleRunner]:
     decode runner shares the prefill runner's weights."""
     prefill_config = copy.copy(config)
     prefill_config.num_kvcache_blocks = prefill_cache_blocks(config)
-    prefill_config.enforce_eager = True  # it never decodes: no decode graphs
     prefill_config.enable_pipeline = False  # the attention/FFN pipeline is a decode-side path
     prefill = RoleRunner(prefill_config, config.prefill_device, "prefill")
     decode = RoleRunner(config, config.decode_device, "decode", prefill_runner=prefill)

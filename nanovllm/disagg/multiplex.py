@@ -9,41 +9,59 @@ from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import SharedCacheScheduler
 from nanovllm.disagg.splits import DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, prepare_splits
 from nanovllm.disagg.stats import FULL_GPU, MuxStatistics
-from nanovllm.disagg.streams import StreamTimer, use_streams
+from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.cuda_graph import sequential_forward
 from nanovllm.engine.sequence import Sequence
 from nanovllm.pipeline.green_manager import GreenContextUnavailable
 from nanovllm.utils.sm_limit import on_sms
 
 
-class SplitDecodeRunner(RoleRunner):
-    """The decode runner of the multiplexing engine. Besides the full-GPU decode graphs it captures one
-    set per split on that split's decode partition, with kernels sized for its SMs; `plans` maps the
-    partition's SM count (None: the whole GPU) to its graphs, so switching splits re-captures nothing."""
+class SplitRunner(RoleRunner):
+    """A runner of the multiplexing engine. Besides the whole-GPU graphs of its role it captures a set
+    on each split's partition for that role, with kernels sized for its SMs (a graph runs on the
+    partition it was captured on, wherever it is launched); `plans` maps the partition's SM count
+    (None: the whole GPU) to its graphs, so switching splits re-captures nothing."""
 
-    def __init__(self, config: Config, device: torch.device, splits: list[Split], prefill_runner: RoleRunner):
+    def __init__(self, config: Config, device: torch.device, role: str, splits: list[Split], **role_options):
         self.splits = splits
         self.plans: dict[int | None, dict] = {}
-        super().__init__(config, device, "decode", prefill_runner=prefill_runner, share_kv_cache=True)
+        super().__init__(config, device, role, **role_options)
+
+    def lane(self, split: Split | None) -> Lane | None:
+        if split is None:
+            return None
+        return split.prefill if self.role == "prefill" else split.decode
 
     def capture_cudagraphs(self) -> None:
         super().capture_cudagraphs()
-        self.plans = {None: self.decode_plan}
+        prefill = self.role == "prefill"
+        if prefill and self.prefill_graphs is None:  # the attention backend runs prefill eagerly
+            return
+        self.plans = {None: self.prefill_plan if prefill else self.decode_plan}
         start = time.perf_counter()
         for split in self.splits:
-            lane = split.decode
+            lane = self.lane(split)
             with use_streams(lane.stream), on_sms(lane.num_sms):
-                self.plans[lane.num_sms] = self.graphs.capture(sequential_forward(self.model, self.graphs), stream=lane.stream)
+                self.plans[lane.num_sms] = (self.prefill_graphs.capture(self.model, stream=lane.stream) if prefill else
+                                            self.graphs.capture(sequential_forward(self.model, self.graphs),
+                                                                stream=lane.stream))
         if self.splits:
-            print(f"[PD-mux] captured the decode graphs again for {len(self.splits)} decode partitions "
-                  f"({', '.join(str(s.decode.num_sms) for s in self.splits)} SMs) in {time.perf_counter() - start:.1f} s")
+            print(f"[PD-mux] captured the {self.role} graphs again for {len(self.splits)} {self.role} partitions "
+                  f"({', '.join(str(self.lane(s).num_sms) for s in self.splits)} SMs) "
+                  f"in {time.perf_counter() - start:.1f} s")
 
     def launch_on(self, seqs: list[Sequence], split: Split | None, after: StreamTimer | None) -> PendingTokens:
-        """A decode step on the whole GPU (split None) or on the split's decode partition, queued after
-        the work `after` marks."""
+        """The batch on the whole GPU (split None) or on the split's partition for this role, queued
+        after the work `after` marks."""
+        lane = self.lane(split)
+        prefill = self.role == "prefill"
         if self.plans:
-            self.decode_plan = self.plans[split.decode.num_sms if split else None]
-        return self.launch(seqs, is_prefill=False, lane=split.decode if split else None, after=after)
+            plan = self.plans[lane.num_sms if lane else None]
+            if prefill:
+                self.prefill_plan = plan
+            else:
+                self.decode_plan = plan
+        return self.launch(seqs, is_prefill=prefill, lane=lane, after=after)
 
     def close(self) -> None:
         self.plans = {}
@@ -70,12 +88,11 @@ class MuxEngine(PDEngine):
             splits, partitions = [], f"one stream ({e.reason})"
             print(f"[PD-mux] green contexts unavailable ({e.reason}): prefill and decode run one after the other "
                   "on one stream")
-        prefill_config = copy.copy(config)
-        prefill_config.enforce_eager = True  # it never decodes: no decode graphs
-        self.prefill_runner = RoleRunner(prefill_config, device, "prefill")
+        self.prefill_runner = SplitRunner(config, device, "prefill", splits)
         decode_config = copy.copy(config)
         decode_config.num_kvcache_blocks = self.prefill_runner.num_kvcache_blocks
-        self.decode_runner = SplitDecodeRunner(decode_config, device, splits, self.prefill_runner)
+        self.decode_runner = SplitRunner(decode_config, device, "decode", splits, prefill_runner=self.prefill_runner,
+                                         share_kv_cache=True)
         if not splits:
             self.prefill_runner.stream = self.decode_runner.stream
         self.scheduler = SharedCacheScheduler(config, self.decode_runner.num_kvcache_blocks, self.tokenizer)
@@ -117,10 +134,9 @@ class MuxEngine(PDEngine):
         # With nothing decoding the prefill has the whole GPU; beside decode steps, its partition.
         self._prefill_split = self.split if self.scheduler.running else None
         self.stats.record_split_prefill(self._split_label(self._prefill_split))
-        lane = self._prefill_split.prefill if self._prefill_split else None
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
         # still writes them.
-        return self.prefill_runner.launch(seqs, is_prefill=True, lane=lane, after=self._last_decode)
+        return self.prefill_runner.launch_on(seqs, self._prefill_split, after=self._last_decode)
 
     def _launch_decode_batch(self, seqs: list[Sequence], beside_prefill: bool) -> PendingTokens:
         # A step on another stream than the step before reads that step's tokens and reuses its inputs.

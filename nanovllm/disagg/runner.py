@@ -25,12 +25,12 @@ class PendingTokens:
 
 
 class RoleRunner(ModelRunner):
-    """A ModelRunner that serves one role ("prefill" or "decode") of the PD engine. Its batches go to
-    its own stream (a high-priority one for decode) and are launched without waiting for their
-    tokens. The decode runner is given the prefill runner: it takes its float8 KV scales (the caches
-    exchange KV bytes, which must mean the same on both sides), on the same device its weight tensors
-    instead of a second copy, and with share_kv_cache its KV cache itself (then config.num_kvcache_blocks
-    must be that cache's size)."""
+    """A ModelRunner that serves one role ("prefill" or "decode") of the PD engine, with the CUDA graphs
+    of that role alone. Its batches go to its own stream (a high-priority one for decode) and are
+    launched without waiting for their tokens. The decode runner is given the prefill runner: it takes
+    its float8 KV scales (the caches exchange KV bytes, which must mean the same on both sides), on the
+    same device its weight tensors instead of a second copy, and with share_kv_cache its KV cache
+    itself (then config.num_kvcache_blocks must be that cache's size)."""
 
     def __init__(self, config: Config, device: torch.device, role: str, prefill_runner: ModelRunner | None = None,
                  share_kv_cache: bool = False):
@@ -45,6 +45,12 @@ class RoleRunner(ModelRunner):
             self.stream = torch.cuda.Stream(device, priority=-1 if role == "decode" else 0)
             # The cache was zeroed on the default stream, which this runner's stream does not wait for.
             torch.cuda.synchronize(device)
+
+    def capture_cudagraphs(self) -> None:
+        if self.role == "prefill":
+            self.capture_prefill_graphs()
+        else:
+            self.capture_decode_graphs()
 
     def load_weights(self, model) -> None:
         if self.prefill_runner is None or self.prefill_runner.device != self.device:

@@ -13,7 +13,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class CapturedGraph:
-    """One decode forward captured for one batch bucket; replay() returns its static output."""
+    """One forward captured for one bucket; replay() returns its static output."""
 
     def __init__(self, graph: torch.cuda.CUDAGraph, output: torch.Tensor):
         self.graph = graph
@@ -22,6 +22,18 @@ class CapturedGraph:
     def replay(self) -> torch.Tensor:
         self.graph.replay()
         return self.output
+
+
+def capture(forward: Callable[[], torch.Tensor], pool, stream: torch.cuda.Stream) -> CapturedGraph:
+    """forward() captured on stream into the memory pool (None: a new one, graph.pool() afterwards), after
+    a warm-up run outside the graph for lazy initialisation and autotuning. On a green context's stream,
+    the graph keeps that stream's SM partition when replayed."""
+    forward()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool, stream=stream):
+        output = forward()
+    torch.cuda.synchronize()
+    return CapturedGraph(graph, output)
 
 
 class DecodeGraphs:
@@ -47,21 +59,14 @@ class DecodeGraphs:
 
     def capture(self, forward: DecodeForward, stream: torch.cuda.Stream | None = None) -> dict[int, CapturedGraph]:
         """Captures forward(input_ids, positions) for every bucket, largest first so that smaller
-        graphs reuse the pool. forward sets the attention context itself. On `stream` (a green
-        context's), the graphs keep that stream's SM partition when replayed."""
+        graphs reuse the pool. forward sets the attention context itself; see capture() for `stream`."""
         graphs = {}
         # Without a stream, torch captures on one side stream made on the first capture's device and
         # reused for every later capture in the process, whichever device that is for.
         stream = stream or torch.cuda.Stream(self.input_ids.device)
         for batch in reversed(self.buckets):
-            args = (self.input_ids[:batch], self.positions[:batch])
-            forward(*args)  # warm-up outside the graph: lazy initialisation and autotuning
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, self.pool, stream=stream):
-                output = forward(*args)
-            self.pool = graph.pool()
-            graphs[batch] = CapturedGraph(graph, output)
-            torch.cuda.synchronize()
+            graphs[batch] = capture(lambda: forward(self.input_ids[:batch], self.positions[:batch]), self.pool, stream)
+            self.pool = graphs[batch].graph.pool()
         reset_context()
         return graphs
 

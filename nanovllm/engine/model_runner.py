@@ -10,6 +10,7 @@ from nanovllm.engine.cuda_graph import CapturedGraph, DecodeGraphs, batch_bucket
 from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.kv_calibration import (CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, record_kv_amax,
                                             scales_from_amax)
+from nanovllm.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from nanovllm.engine.sampled_tokens import SampledTokens
 from nanovllm.engine.sampling_inputs import sampling_inputs
 from nanovllm.engine.sequence import Sequence
@@ -60,6 +61,8 @@ class ModelRunner:
         self.num_kvcache_blocks = self.allocate_kv_cache(num_blocks)
         self.graphs: DecodeGraphs | None = None
         self.decode_plan: dict[int, CapturedGraph] = {}
+        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_plan: dict[int, CapturedGraph] = {}
         if device.type == "cuda":
             # Compiles the prefill and sampling kernels now rather than inside the first requests.
             self.warm_up_paged_prefill()
@@ -188,6 +191,10 @@ class ModelRunner:
         reset_context()
 
     def capture_cudagraphs(self) -> None:
+        self.capture_decode_graphs()
+        self.capture_prefill_graphs()
+
+    def capture_decode_graphs(self) -> None:
         start = time.perf_counter()
         max_batch = min(self.config.max_num_seqs, 512)
         self.graphs = DecodeGraphs(batch_buckets(max_batch), self.max_blocks_per_seq, self.device)
@@ -199,9 +206,23 @@ class ModelRunner:
             self.decode_plan = self.pipeline.plan(self.graphs, self.decode_plan, self.num_kvcache_blocks,
                                                   self.backend.name)
 
+    def capture_prefill_graphs(self) -> None:
+        """Prefill graphs at bucketed token counts, where the attention backend can run in one."""
+        if not self.backend.captures_prefill:
+            return
+        start = time.perf_counter()
+        self.prefill_graphs = PrefillGraphs(prefill_buckets(self.config.max_num_batched_tokens),
+                                            self.config.max_num_seqs, self.max_blocks_per_seq, self.device)
+        self.prefill_plan = self.prefill_graphs.capture(self.model)
+        if self.rank == 0:
+            buckets = self.prefill_graphs.buckets
+            print(f"[ModelRunner] captured {len(buckets)} prefill CUDA graphs ({buckets[0]}..{buckets[-1]} tokens) "
+                  f"in {time.perf_counter() - start:.1f} s")
+
     def close(self) -> None:
-        """Frees the decode graphs and their memory pool."""
+        """Frees the CUDA graphs and their memory pools."""
         self.graphs, self.decode_plan = None, {}
+        self.prefill_graphs, self.prefill_plan = None, {}
         if self.pipeline is not None:
             self.pipeline.close()
 
@@ -213,8 +234,7 @@ class ModelRunner:
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(seq.block_table) for seq in seqs)
-        return torch.tensor([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs],
-                            dtype=torch.int32)
+        return self._to_device([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs], torch.int32)
 
     def prepare_prefill(self, seqs: list[Sequence]):
         input_ids, positions, slots, cu_q, cu_k = [], [], [], [0], [0]
@@ -231,7 +251,7 @@ class ModelRunner:
                       max_seqlen_q=max(len(s.scheduled_positions) for s in seqs),
                       max_seqlen_k=max(s.scheduled_positions.stop for s in seqs),
                       slot_mapping=self._to_device(slots, torch.int64),
-                      block_tables=self._block_tables(seqs).to(self.device) if has_prefix else None)
+                      block_tables=self._block_tables(seqs) if has_prefix else None)
         last_indices = self._to_device(cu_q[1:], torch.int64) - 1
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), ctx, last_indices
 
@@ -240,7 +260,7 @@ class ModelRunner:
         ctx = Context(is_prefill=False,
                       slot_mapping=self._to_device([self._slots(s, [p])[0] for s, p in zip(seqs, positions)], torch.int64),
                       context_lens=self._to_device([seq.num_tokens for seq in seqs], torch.int32),
-                      block_tables=self._block_tables(seqs).to(self.device))
+                      block_tables=self._block_tables(seqs))
         return self._to_device([seq.last_token for seq in seqs], torch.int64), self._to_device(positions, torch.int64), ctx
 
     def prepare_decode_ahead(self, seqs: list[Sequence]):
@@ -285,13 +305,23 @@ class ModelRunner:
         """The next-token logits [len(seqs), vocab] of one step's sequences (complete on rank 0)."""
         if is_prefill:
             input_ids, positions, ctx, last_indices = self.prepare_prefill(seqs)
-            set_context(ctx)
-            logits = self.model.compute_logits(self.model(input_ids, positions)[last_indices])
+            logits = self.model.compute_logits(self.prefill_hidden(seqs, input_ids, positions, ctx)[last_indices])
         else:
             prepare = self.prepare_decode_ahead if self.config.async_scheduling else self.prepare_decode
             logits = self.decode_logits(*prepare(seqs))
         reset_context()
         return logits
+
+    def prefill_hidden(self, seqs: list[Sequence], input_ids: torch.Tensor, positions: torch.Tensor,
+                       ctx: Context) -> torch.Tensor:
+        """The prompt batch's final hidden states, from the captured graph of its bucket where one holds it."""
+        graphs = self.prefill_graphs
+        bucket = graphs.bucket_for(input_ids.size(0), len(seqs)) if graphs is not None else None
+        if bucket is None:
+            set_context(ctx)
+            return self.model(input_ids, positions)
+        graphs.load(input_ids, positions, ctx, ctx.block_tables if ctx.block_tables is not None else self._block_tables(seqs))
+        return self.prefill_plan[bucket].replay()
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch = input_ids.size(0)
