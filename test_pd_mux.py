@@ -9,6 +9,7 @@ from nanovllm.attention.triton_kernels import choose_num_splits
 from nanovllm.utils.sm_limit import num_sms_of, on_sms
 from nanovllm.disagg import MuxEngine
 from nanovllm.disagg.splits import Split, SplitProfiler, candidate_sizes, choose_split
+from nanovllm.disagg.stats import IN_LINE
 from nanovllm.disagg.streams import Lane
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from test_two_gpu import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, count_preemptions, mixed_prompts, needs_cuda,
@@ -250,6 +251,24 @@ def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, 
     assert set(stats["decode_steps_per_split"]) <= {"full GPU", *(s.label for s in splits)}
     assert set(stats["split_profiles"]) == {s.label for s in splits}
     assert all(p["decode_step_ms"] > 0 and p["prefill_ms"] > 0 for p in stats["split_profiles"].values())
+
+
+@needs_cuda
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_gpu_short_prefills_run_between_decode_steps(model_dir, cuda_expected, monkeypatch, options):
+    """With every prefill short enough to run in line, a prefill beside decoding sequences runs on the
+    whole GPU and the decode step after it waits for it: the tokens stay the same, no step uses the split."""
+    llm = mux_llm(model_dir, device=None, dtype="float32", **options)
+    if llm.split is None:
+        pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
+    llm.in_line_prefill_tokens = 10 ** 9
+    preempted = count_preemptions(monkeypatch)
+    decode_beside_every_prefill(llm, monkeypatch)
+    stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
+    if options:  # more than one prefill batch: later ones run beside decoding sequences
+        assert stats["prefills_per_split"][IN_LINE] > 0
+    assert llm.split.label not in stats["decode_steps_per_split"]
+    assert llm.split.label not in stats["prefills_per_split"]
 
 
 @needs_cuda

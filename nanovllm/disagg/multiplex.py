@@ -8,7 +8,7 @@ from nanovllm.disagg.engine import DecodeStep, PDEngine
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import SharedCacheScheduler
 from nanovllm.disagg.splits import DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, prepare_splits
-from nanovllm.disagg.stats import FULL_GPU, MuxStatistics
+from nanovllm.disagg.stats import FULL_GPU, IN_LINE, MuxStatistics
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.cuda_graph import sequential_forward
 from nanovllm.engine.sequence import Sequence
@@ -50,9 +50,9 @@ class SplitRunner(RoleRunner):
                   f"({', '.join(str(self.lane(s).num_sms) for s in self.splits)} SMs) "
                   f"in {time.perf_counter() - start:.1f} s")
 
-    def launch_on(self, seqs: list[Sequence], split: Split | None, after: StreamTimer | None) -> PendingTokens:
+    def launch_on(self, seqs: list[Sequence], split: Split | None, after: tuple[StreamTimer | None, ...]) -> PendingTokens:
         """The batch on the whole GPU (split None) or on the split's partition for this role, queued
-        after the work `after` marks."""
+        after the work the timers in `after` mark."""
         lane = self.lane(split)
         prefill = self.role == "prefill"
         if self.plans:
@@ -72,11 +72,12 @@ class MuxEngine(PDEngine):
     """Prefill and decode at the same time on one GPU (enable_pd_multiplexing=True).
 
     The PD engine's loop with both runners on one device sharing the weights and one KV cache (a
-    finished prompt decodes from the blocks it was prefilled into). While a prefill runs beside
-    decoding sequences, it runs on the prefill partition of the chosen split and the decode steps on
-    the decode partition, from graphs captured there; otherwise each uses the whole GPU. The split is
-    the one the start-up profile finds fastest within pd_max_itl_ms. Without green contexts (CPU, an
-    old driver, no cuda-python) both runners share one stream and the scheduling is the same.
+    finished prompt decodes from the blocks it was prefilled into). While a prefill runs beside decoding
+    sequences, it runs on the prefill partition of the chosen split and the decode steps on the decode
+    partition, from graphs captured there; otherwise each uses the whole GPU. The split is the one the
+    start-up profile finds fastest within pd_max_itl_ms; a prefill short enough for a decode step and it
+    to fit that bound runs between two decode steps instead. Without green contexts (CPU, an old driver,
+    no cuda-python) both runners share one stream and the scheduling is the same.
     """
 
     def _build_roles(self, config: Config) -> None:
@@ -98,8 +99,11 @@ class MuxEngine(PDEngine):
         self.scheduler = SharedCacheScheduler(config, self.decode_runner.num_kvcache_blocks, self.tokenizer)
         self.kv_transfer = None
         self.stats = MuxStatistics(device, partitions)
+        # Prefills of at most this many tokens run between decode steps (from the start-up profile).
+        self.in_line_prefill_tokens = 0
         self.split = self._choose(splits, config.pd_max_itl_ms) if splits else None
         self._prefill_split: Split | None = None  # where the prefill in flight runs (None: the whole GPU)
+        self._prefill_in_line = False  # whether it runs between decode steps
         self._decode_split: Split | None = None  # where the decode step being run runs
         print(f"[PD-mux] prefill and decode share {self.decode_runner.num_kvcache_blocks} KV blocks of "
               f"{self.decode_runner.block_size} tokens on {device}; "
@@ -124,24 +128,32 @@ class MuxEngine(PDEngine):
                       f"of the SMs), {p['prefill_ms']:.1f} ms beside decode; {p['tokens_per_s']:.0f} tok/s")
             split = choose_split(splits, max_itl_ms, full_step_ms)
             limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x {full_step_ms:.2f} ms"
-            print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit})")
+            limit_ms = max_itl_ms if max_itl_ms is not None else DEFAULT_ITL_FACTOR * full_step_ms
+            self.in_line_prefill_tokens = max(0, int((limit_ms - full_step_ms) / full_prefill_ms * profiler.prefill_tokens))
+            print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit}); prefills of up to "
+                  f"{self.in_line_prefill_tokens} tokens run between decode steps on the whole GPU")
             self.stats.split_profiles = {s.label: s.profile for s in splits}
             torch.cuda.empty_cache()  # the profile's prefill activations, cached per stream
         self.stats.chosen_split = split.label
         return split
 
     def _launch_prefill_batch(self, seqs: list[Sequence]) -> PendingTokens:
-        # With nothing decoding the prefill has the whole GPU; beside decode steps, its partition.
-        self._prefill_split = self.split if self.scheduler.running else None
-        self.stats.record_split_prefill(self._split_label(self._prefill_split))
+        # With nothing decoding the prefill has the whole GPU. Beside decode steps it runs on the split's
+        # partition, unless it is short enough to run between two decode steps within the ITL bound:
+        # then the split would cost throughput and bound nothing.
+        tokens = sum(seq.num_scheduled_tokens for seq in seqs)
+        self._prefill_in_line = bool(self.scheduler.running) and tokens <= self.in_line_prefill_tokens
+        self._prefill_split = self.split if self.scheduler.running and not self._prefill_in_line else None
+        self.stats.record_split_prefill(IN_LINE if self._prefill_in_line else self._split_label(self._prefill_split))
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
         # still writes them.
-        return self.prefill_runner.launch_on(seqs, self._prefill_split, after=self._last_decode)
+        return self.prefill_runner.launch_on(seqs, self._prefill_split, after=(self._last_decode,))
 
     def _launch_decode_batch(self, seqs: list[Sequence], beside_prefill: bool) -> PendingTokens:
         # A step on another stream than the step before reads that step's tokens and reuses its inputs.
         self._decode_split = self._prefill_split if beside_prefill else None
-        return self.decode_runner.launch_on(seqs, self._decode_split, after=self._last_decode)
+        in_line = (self._prefill[1].timer,) if beside_prefill and self._prefill_in_line else ()
+        return self.decode_runner.launch_on(seqs, self._decode_split, after=(self._last_decode, *in_line))
 
     def _launch_decode(self, seqs: list[Sequence]) -> DecodeStep:
         step = super()._launch_decode(seqs)

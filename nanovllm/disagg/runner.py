@@ -75,11 +75,11 @@ class RoleRunner(ModelRunner):
         return source.num_kvcache_blocks
 
     def launch(self, seqs: list[Sequence], is_prefill: bool, lane: Lane | None = None,
-               after: StreamTimer | None = None) -> PendingTokens:
+               after: tuple[StreamTimer | None, ...] = ()) -> PendingTokens:
         """Launches the batch on this runner's stream, or on lane's stream with its kernels sized for
-        lane's SMs; with `after`, once the work it marks is done."""
+        lane's SMs, once the work that the timers in `after` mark is done."""
         stream = self.stream if lane is None else lane.stream
         with use_streams(stream), on_sms(lane and lane.num_sms):
-            order_after((after,), stream)
+            order_after(after, stream)
             timer = StreamTimer(stream)
             return PendingTokens(self.sample(seqs, is_prefill), timer)

@@ -95,11 +95,13 @@ class PDStatistics:
 
 
 FULL_GPU = "full GPU"
+IN_LINE = "full GPU, between decode steps"
 
 
 class MuxStatistics(PDStatistics):
     """PDStatistics of the multiplexing engine, plus where its work ran: each decode step and each
-    prefill on the whole GPU or on the chosen split, and the start-up profile of every split."""
+    prefill on the whole GPU (a prefill alone, or between decode steps) or on the chosen split, and
+    the start-up profile of every split."""
 
     def __init__(self, device, partitions: str):
         super().__init__(device, device, "none (one KV cache shared by both runners)")
