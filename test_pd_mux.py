@@ -234,8 +234,10 @@ def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, 
     llm = mux_llm(model_dir, device=None, dtype="float32", **options)
     if llm.split is None:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
+    llm.in_line_prefill_tokens = 0  # every prefill beside decoding sequences on the split
     splits = llm.decode_runner.splits
     assert len(splits) >= 2 and set(llm.decode_runner.plans) == {None, *(s.decode.num_sms for s in splits)}
+    assert set(llm.prefill_runner.plans) == {None, *(s.prefill.num_sms for s in splits)}
     assert llm.get_pd_statistics()["chosen_split"] == llm.split.label
     for chosen in splits:
         preempted = count_preemptions(monkeypatch)
@@ -277,6 +279,7 @@ def test_gpu_decode_runs_on_the_split_beside_a_prefill(model_dir, cuda_expected)
     llm = mux_llm(model_dir, device=None, dtype="float32")
     if llm.split is None:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
+    llm.in_line_prefill_tokens = 0
     prompts, outputs = mixed_prompts(), {}
     ids = [llm.add_request(p, GREEDY) for p in prompts[:4]]
     while not llm.scheduler.running:

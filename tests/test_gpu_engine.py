@@ -67,6 +67,29 @@ def test_float32_prefill_graphs_match_eager(model_dir):
     assert 30 in prefills and runner.prefill_graphs.seqs_in(300) < 30  # the burst, eagerly
 
 
+def test_capture_survives_unreachable_graphs():
+    """A graph left in a reference cycle (as a dropped engine leaves its graphs) is not destroyed in the
+    middle of a later capture, which would invalidate it: the forward below allocates enough to trigger
+    the garbage collector."""
+    import gc
+
+    from nanovllm.engine.cuda_graph import capture
+    x = torch.arange(4.0, device="cuda")
+    stream = torch.cuda.Stream()
+    gc.collect()
+    cycle = [capture(lambda: x * 2, None, stream)]
+    cycle.append(cycle)
+    del cycle
+
+    def forward():
+        _ = [[] for _ in range(10 * gc.get_threshold()[0])]
+        return x + 1
+
+    graph = capture(forward, None, stream)
+    x.fill_(5.0)
+    assert graph.replay().tolist() == [6.0] * 4
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_float8_cache_graph_replay_matches_eager(model_dir, backend):
     """Teacher-forced, since graph and eager steps differ in float summation order (split counts of

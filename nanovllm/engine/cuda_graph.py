@@ -1,3 +1,4 @@
+import gc
 from collections.abc import Callable
 
 import torch
@@ -30,8 +31,16 @@ def capture(forward: Callable[[], torch.Tensor], pool, stream: torch.cuda.Stream
     the graph keeps that stream's SM partition when replayed."""
     forward()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool, stream=stream):
-        output = forward()
+    # A garbage collection inside the capture could destroy another, unreachable graph (an engine
+    # dropped earlier), which CUDA forbids while a stream captures: it would invalidate this capture.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool, stream=stream):
+            output = forward()
+    finally:
+        if collecting:
+            gc.enable()
     torch.cuda.synchronize()
     return CapturedGraph(graph, output)
 
