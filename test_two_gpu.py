@@ -433,7 +433,9 @@ def cuda_expected(model_dir):
 def test_same_device_mode_on_one_gpu_matches_the_single_runner_engine(model_dir, cuda_expected, monkeypatch, options):
     preempted = count_preemptions(monkeypatch)
     llm = pd_llm(model_dir, device=None, dtype="float32", **{"num_kvcache_blocks": 64, **options})
+    # Each runner captures the graphs of its role only.
     assert llm.decode_runner.graphs is not None and llm.prefill_runner.graphs is None
+    assert llm.prefill_runner.prefill_graphs is not None and llm.decode_runner.prefill_graphs is None
     assert llm.prefill_runner.device == llm.decode_runner.device
     assert llm.kv_transfer.mode == "device-local"
     assert_shared_weights(llm)

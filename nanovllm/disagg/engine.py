@@ -80,7 +80,8 @@ class PDEngine(LLMEngine):
         same = " (same-device mode)" if config.prefill_device == config.decode_device else ""
         for runner, duty in ((self.prefill_runner, "prompts in flight and the prefix cache"),
                              (self.decode_runner, "decoding sequences")):
-            graphs = "CUDA graphs" if runner.graphs is not None else "eager"
+            captured = runner.prefill_graphs if runner.role == "prefill" else runner.graphs
+            graphs = "CUDA graphs" if captured is not None else "eager"
             print(f"[PD] {runner.role} runner on {runner.device}{same}: {runner.num_kvcache_blocks} KV blocks of "
                   f"{runner.block_size} tokens for {duty}; {graphs}")
         print(f"[PD] KV handoff: {self.kv_transfer.mode} block copies on a copy stream")
