@@ -6,6 +6,7 @@ python bench.py --compare graph,graph-sync         # async scheduling on and off
 python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 python bench.py --sampler
+python bench.py --prefill-latency --compare graph,eager   # one prompt at a time: host and GPU time of its prefill
 python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu,pd-mux [--workload prefill-heavy]
 python bench.py --workload steady --compare graph,pd-mux   # 2048 requests queued at once, max_num_seqs=256
 python bench.py --kv-cache-dtype auto,fp8_e4m3    # the default workload with each KV cache dtype
@@ -308,6 +309,45 @@ def online(args) -> list[dict]:
     return rows
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prefill_latency(args) -> list[dict]:
+    """One prompt at a time on an otherwise idle engine of each mode: the host time of the step()
+    that launches its prefill, and the time until the device has run it; medians of --repeats prompts,
+    each different from the others (no prefix-cache hits)."""
+    model = args.model or str(ensure_model(default_preset()))
+    top = min(10000, AutoConfig.from_pretrained(model).vocab_size - 1)
+    lengths = [int(n) for n in args.prompt_lens.split(",")]
+    rows = []
+    for mode in args.compare.split(","):
+        llm = new_llm(model, mode, {"max_model_len": max(lengths) + 16})
+        rng = Random(args.seed)
+        for n in lengths:
+            host, done = [], []
+            for _ in range(args.repeats):
+                llm.add_request([rng.randint(0, top) for _ in range(n)], SamplingParams(max_tokens=1))
+                synchronize()
+                start = time.perf_counter()
+                llm.step()
+                host.append(1e3 * (time.perf_counter() - start))
+                synchronize()
+                done.append(1e3 * (time.perf_counter() - start))
+                while llm.has_unfinished_requests():
+                    llm.step()
+            rows.append({"mode": mode, "prompt_tokens": n, "host_ms": percentile(host, 0.5),
+                         "done_ms": percentile(done, 0.5)})
+        llm.exit()
+        del llm
+        free_gpu()
+    print(f"\nprefill latency: one prompt at a time, medians of {args.repeats}; model {model}; device {device_name()}")
+    print("host_ms: the step() that launches the prefill; done_ms: until the device has run it")
+    print_table(rows, ["mode", "prompt_tokens", "host_ms", "done_ms"])
+    return rows
+
+
 def step_floor_ms(llm: LLM, batch: int, context: int, bandwidth: float, weight_reads: int = 1) -> float:
     """Fewest bytes a decode step moves (the layers' weights weight_reads times, every sequence's K
     and V once) over the copy bandwidth."""
@@ -573,6 +613,9 @@ def main():
     parser.add_argument("--decode-sweep", action="store_true")
     parser.add_argument("--attention-kernel", action="store_true", help="time the Triton decode attention kernel")
     parser.add_argument("--sampler", action="store_true", help="time the sampler alone per batch and option")
+    parser.add_argument("--prefill-latency", action="store_true",
+                        help="host and device time of one prompt's prefill per --compare mode and --prompt-lens")
+    parser.add_argument("--prompt-lens", default="100,500,2000,4000,8000", help="prompt lengths for --prefill-latency")
     parser.add_argument("--fp8-tiles", default="64,128",
                         help="--attention-kernel: tile sizes to time the float8 cache at")
     parser.add_argument("--kv-cache-dtype", default="auto",
@@ -609,6 +652,8 @@ def main():
         rows = sampler_bench(args)
     elif args.online:
         rows = online(args)
+    elif args.prefill_latency:
+        rows = prefill_latency(args)
     elif args.kv_quality:
         rows = kv_quality(args)
     else:
