@@ -227,6 +227,23 @@ def decode_beside_every_prefill(llm, monkeypatch):
     monkeypatch.setattr(llm, "_launch_prefill_batch", launch_and_hold)
 
 
+@pytest.mark.parametrize("in_line_tokens", [0, 10 ** 9], ids=["on-the-split", "in-line"])
+def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model_dir, expected, monkeypatch,
+                                                                           in_line_tokens):
+    """The choice's code path on CPU, with a stand-in split (lanes without streams): a prefill beside
+    decoding sequences runs on the split, or between decode steps when it has at most
+    in_line_prefill_tokens tokens; the decode steps beside it follow. The tokens stay the same."""
+    llm = mux_llm(model_dir, max_num_batched_tokens=40)
+    stand_in = Split(Lane(None, 8), Lane(None, 16))
+    llm.split, llm.in_line_prefill_tokens = stand_in, in_line_tokens
+    decode_beside_every_prefill(llm, monkeypatch)
+    assert tokens(llm, mixed_prompts()) == expected
+    stats = llm.get_pd_statistics()
+    assert stats["prefills_per_split"][IN_LINE if in_line_tokens else stand_in.label] > 0
+    assert (stand_in.label in stats["decode_steps_per_split"]) == (not in_line_tokens)
+    assert (IN_LINE in stats["prefills_per_split"]) == bool(in_line_tokens)
+
+
 @needs_cuda
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, options):
