@@ -320,7 +320,7 @@ def prefill_latency(args) -> list[dict]:
     each different from the others (no prefix-cache hits)."""
     model = args.model or str(ensure_model(default_preset()))
     top = min(10000, AutoConfig.from_pretrained(model).vocab_size - 1)
-    lengths = [int(n) for n in args.prompt_lens.split(",")]
+    lengths = args.prompt_lens
     rows = []
     for mode in args.compare.split(","):
         llm = new_llm(model, mode, {"max_model_len": max(lengths) + 16})
@@ -595,6 +595,16 @@ def plot_online(plt, rows: list[dict], path: str) -> None:
     fig.savefig(path)
 
 
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (default: the qwen3-0.6b random-weight preset; tiny on CPU)")
@@ -615,7 +625,8 @@ def main():
     parser.add_argument("--sampler", action="store_true", help="time the sampler alone per batch and option")
     parser.add_argument("--prefill-latency", action="store_true",
                         help="host and device time of one prompt's prefill per --compare mode and --prompt-lens")
-    parser.add_argument("--prompt-lens", default="100,500,2000,4000,8000", help="prompt lengths for --prefill-latency")
+    parser.add_argument("--prompt-lens", type=positive_ints, default="100,500,2000,4000,8000",
+                        help="comma-separated prompt lengths (integers >= 1) for --prefill-latency")
     parser.add_argument("--fp8-tiles", default="64,128",
                         help="--attention-kernel: tile sizes to time the float8 cache at")
     parser.add_argument("--kv-cache-dtype", default="auto",

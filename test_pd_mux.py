@@ -8,7 +8,8 @@ from nanovllm import LLM
 from nanovllm.attention.triton_kernels import choose_num_splits
 from nanovllm.utils.sm_limit import num_sms_of, on_sms
 from nanovllm.disagg import MuxEngine
-from nanovllm.disagg.splits import Split, SplitProfiler, candidate_sizes, choose_split
+from nanovllm.disagg.splits import (Split, SplitProfiler, candidate_sizes, choose_split, in_line_prefill_tokens,
+                                    itl_bound_ms)
 from nanovllm.disagg.stats import IN_LINE
 from nanovllm.disagg.streams import Lane
 from nanovllm.engine.cuda_graph import DecodeGraphs
@@ -177,6 +178,13 @@ def test_choose_split_takes_the_fastest_within_the_itl_bound():
     assert choose_split(splits, 25.0, 10.0) is splits[0]
     assert choose_split(splits, 12.0, 10.0) is splits[2]
     assert choose_split(splits, 5.0, 10.0) is splits[2]  # none within: the shortest decode step
+
+
+def test_in_line_prefills_fit_a_decode_step_into_the_bound():
+    # A 10 ms step, a bound of 15 ms, 16384 tokens in 40 ms: 5 ms of prefill is 2048 tokens.
+    assert in_line_prefill_tokens(itl_bound_ms(None, 10.0), 10.0, 40.0, 16384) == 2048
+    assert in_line_prefill_tokens(12.0, 10.0, 40.0, 16384) == 819
+    assert in_line_prefill_tokens(8.0, 10.0, 40.0, 16384) == 0  # the step alone exceeds the bound
 
 
 class CountedReplay:

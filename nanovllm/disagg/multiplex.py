@@ -7,7 +7,8 @@ from nanovllm.config import Config
 from nanovllm.disagg.engine import DecodeStep, PDEngine
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import SharedCacheScheduler
-from nanovllm.disagg.splits import DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, prepare_splits
+from nanovllm.disagg.splits import (DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, in_line_prefill_tokens,
+                                    itl_bound_ms, prepare_splits)
 from nanovllm.disagg.stats import FULL_GPU, IN_LINE, MuxStatistics
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.cuda_graph import sequential_forward
@@ -128,8 +129,8 @@ class MuxEngine(PDEngine):
                       f"of the SMs), {p['prefill_ms']:.1f} ms beside decode; {p['tokens_per_s']:.0f} tok/s")
             split = choose_split(splits, max_itl_ms, full_step_ms)
             limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x {full_step_ms:.2f} ms"
-            limit_ms = max_itl_ms if max_itl_ms is not None else DEFAULT_ITL_FACTOR * full_step_ms
-            self.in_line_prefill_tokens = max(0, int((limit_ms - full_step_ms) / full_prefill_ms * profiler.prefill_tokens))
+            self.in_line_prefill_tokens = in_line_prefill_tokens(itl_bound_ms(max_itl_ms, full_step_ms), full_step_ms,
+                                                                 full_prefill_ms, profiler.prefill_tokens)
             print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit}); prefills of up to "
                   f"{self.in_line_prefill_tokens} tokens run between decode steps on the whole GPU")
             self.stats.split_profiles = {s.label: s.profile for s in splits}

@@ -59,11 +59,22 @@ def prepare_splits(device: torch.device) -> list[Split]:
     return splits
 
 
+def itl_bound_ms(max_itl_ms: float | None, full_step_ms: float) -> float:
+    """The bound on a decode step beside a prefill: max_itl_ms, by default DEFAULT_ITL_FACTOR x the
+    full-GPU step."""
+    return max_itl_ms if max_itl_ms is not None else DEFAULT_ITL_FACTOR * full_step_ms
+
+
+def in_line_prefill_tokens(bound_ms: float, full_step_ms: float, prefill_ms: float, prefill_tokens: int) -> int:
+    """The most tokens a prefill may have for a decode step and it, one after the other on the whole
+    GPU, to stay within bound_ms, at the profiled prefill's time per token."""
+    return max(0, int((bound_ms - full_step_ms) / prefill_ms * prefill_tokens))
+
+
 def choose_split(splits: list[Split], max_itl_ms: float | None, full_step_ms: float) -> Split:
     """The split with the most tokens per second (decode and prefill together) whose decode step
-    beside a prefill stays within max_itl_ms (default: DEFAULT_ITL_FACTOR x the full-GPU step); if
-    none does, the one with the shortest decode step."""
-    limit = max_itl_ms if max_itl_ms is not None else DEFAULT_ITL_FACTOR * full_step_ms
+    beside a prefill stays within itl_bound_ms; if none does, the one with the shortest decode step."""
+    limit = itl_bound_ms(max_itl_ms, full_step_ms)
     within = [s for s in splits if s.profile["decode_step_ms"] <= limit]
     if within:
         return max(within, key=lambda s: s.profile["tokens_per_s"])
