@@ -69,7 +69,10 @@ def mode_options(mode: str) -> dict:
 
 
 def new_llm(model: str, mode: str, options: dict) -> LLM:
-    llm = LLM(model, **mode_options(mode), **options)
+    options = {**mode_options(mode), **options}
+    if not options.get("enable_pd_multiplexing") or options.get("pd_max_itl_ms") is None:
+        options.pop("pd_max_itl_ms", None)  # --pd-max-itl-ms is for the multiplexing modes only
+    llm = LLM(model, **options)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     return llm
 
@@ -97,6 +100,10 @@ def workload(args, vocab_size: int) -> tuple[list[list[int]], list[SamplingParam
 def max_model_len(args) -> int:
     (_, max_in), (_, max_out) = request_lengths(args)
     return max_in + max_out + 16
+
+
+def engine_options(args, **options) -> dict:
+    return {"max_model_len": max_model_len(args), "pd_max_itl_ms": args.pd_max_itl_ms, **options}
 
 
 def uses_pd(llm: LLM) -> bool:
@@ -175,7 +182,7 @@ def steady(args) -> list[dict]:
     arrivals = [(0.0, prompt, p) for prompt, p in zip(prompts, params)]
     rows = []
     for mode in args.compare.split(","):
-        llm = new_llm(model, mode, {"max_model_len": max_model_len(args), "max_num_seqs": STEADY_MAX_NUM_SEQS})
+        llm = new_llm(model, mode, engine_options(args, max_num_seqs=STEADY_MAX_NUM_SEQS))
         row = {"mode": mode, **replay(llm, arrivals)}
         if uses_pd(llm):
             llm.print_pd_statistics()
@@ -202,7 +209,7 @@ def compare(args) -> list[dict]:
         print("[bench] no CUDA device: these are CPU numbers, not comparable with the GPU figures in docs/benchmarks.md")
     model = args.model or str(ensure_model(default_preset()))
     prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
-    options = {"max_model_len": max_model_len(args)}
+    options = engine_options(args)
     ceilings = (copy_bytes_per_s(), gemm_flops_per_s()) if torch.cuda.is_available() else None
     if ceilings:
         print(f"[bench] ceilings: copy {ceilings[0] / 1e12:.2f} TB/s (read + write), bf16 matrix {ceilings[1] / 1e12:.0f} TFLOP/s")
@@ -254,9 +261,12 @@ def poisson_arrivals(args, rate: float, vocab_size: int) -> list[tuple[float, li
 
 def replay(llm: LLM, arrivals) -> dict:
     """Feeds the arrivals through the streaming API in real time; every time is taken when step()
-    returns the tokens. TTFT counts from the scheduled arrival, so it includes any queueing."""
+    returns the tokens. TTFT counts from the scheduled arrival, so it includes any queueing.
+    Steps taken while every request had its first token (no prefill queued or running) give the
+    decode step time without prefills that the ITL is judged against, with their batch sizes."""
     pending, arrival, last_seen = deque(arrivals), {}, {}
     ttft, itl, num_tokens, completed = [], [], 0, 0
+    decode_only_ms, decode_only_batch = [], []
     start = time.perf_counter()
     while pending or llm.has_unfinished_requests():
         now = time.perf_counter() - start
@@ -266,7 +276,12 @@ def replay(llm: LLM, arrivals) -> dict:
         if not llm.has_unfinished_requests():
             time.sleep(pending[0][0] - now)
             continue
+        without_prefills = len(ttft) == len(arrival)
+        step_start = time.perf_counter()
         outputs = llm.step()
+        if without_prefills and outputs:
+            decode_only_ms.append(1e3 * (time.perf_counter() - step_start))
+            decode_only_batch.append(len(outputs))
         now = time.perf_counter() - start
         for request_id, new_token_ids, finished in outputs:
             num_tokens += len(new_token_ids)
@@ -281,7 +296,9 @@ def replay(llm: LLM, arrivals) -> dict:
     ms = [1e3 * v for v in itl]
     return {"requests": len(arrivals), "seconds": seconds, "req_per_s": completed / seconds,
             "tok_per_s": num_tokens / seconds, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-            "itl_p50_ms": percentile(ms, 0.5), "itl_p99_ms": percentile(ms, 0.99), "itl_max_ms": max(ms, default=None)}
+            "itl_p50_ms": percentile(ms, 0.5), "itl_p99_ms": percentile(ms, 0.99), "itl_max_ms": max(ms, default=None),
+            "decode_only_steps": len(decode_only_ms), "decode_only_step_p50_ms": percentile(decode_only_ms, 0.5),
+            "decode_only_batch_p50": percentile(decode_only_batch, 0.5)}
 
 
 def online(args) -> list[dict]:
@@ -291,9 +308,11 @@ def online(args) -> list[dict]:
     rates = [float(r) for r in args.rates.split(",")]
     rows = []
     for mode in args.compare.split(","):
-        llm = new_llm(model, mode, {"max_model_len": max_model_len(args)})
+        llm = new_llm(model, mode, engine_options(args))
         for rate in rates:
             row = {"mode": mode, "rate": rate, **replay(llm, poisson_arrivals(args, rate, vocab_size))}
+            if row["itl_p99_ms"] and row["decode_only_step_p50_ms"]:
+                row["itl_p99/decode_step"] = row["itl_p99_ms"] / row["decode_only_step_p50_ms"]
             print(f"[bench] {mode} at {rate:g} req/s: {row['req_per_s']:.2f} req/s, {row['tok_per_s']:.0f} tok/s, "
                   f"ITL p99 {row['itl_p99_ms'] or 0:.1f} ms", flush=True)
             rows.append(row)
@@ -304,8 +323,11 @@ def online(args) -> list[dict]:
         free_gpu()
     print(f"\nonline: Poisson arrivals for {args.duration:g} s per rate, {describe_workload(args)}; model {model}; "
           f"device {device_name()}")
+    print("decode_only_*: the steps taken with no prefill queued or running (their count, median time and batch);"
+          " itl_p99/decode_step: the ITL p99 over that median")
     print_table(rows, ["mode", "rate", "requests", "req_per_s", "tok_per_s", "ttft_p50_s", "ttft_p99_s",
-                       "itl_p50_ms", "itl_p99_ms", "itl_max_ms"])
+                       "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "decode_only_steps", "decode_only_step_p50_ms",
+                       "decode_only_batch_p50", "itl_p99/decode_step"])
     return rows
 
 
@@ -323,7 +345,7 @@ def prefill_latency(args) -> list[dict]:
     lengths = args.prompt_lens
     rows = []
     for mode in args.compare.split(","):
-        llm = new_llm(model, mode, {"max_model_len": max(lengths) + 16})
+        llm = new_llm(model, mode, engine_options(args, max_model_len=max(lengths) + 16))
         rng = Random(args.seed)
         for n in lengths:
             host, done = [], []
@@ -605,6 +627,16 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (default: the qwen3-0.6b random-weight preset; tiny on CPU)")
@@ -619,6 +651,8 @@ def main():
     parser.add_argument("--online", action="store_true", help="replay Poisson arrivals through the streaming API")
     parser.add_argument("--rates", default="2,8,32", help="arrival rates (requests/s) for --online")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate for --online")
+    parser.add_argument("--pd-max-itl-ms", type=positive_float,
+                        help="pd_max_itl_ms of the pd-mux modes (default: the engine's, 1.5x the full-GPU decode step)")
     parser.add_argument("--hf-peer", type=int, default=0, help="also run transformers' generate on this many seqs")
     parser.add_argument("--decode-sweep", action="store_true")
     parser.add_argument("--attention-kernel", action="store_true", help="time the Triton decode attention kernel")

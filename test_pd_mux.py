@@ -182,9 +182,10 @@ def test_choose_split_takes_the_fastest_within_the_itl_bound():
 
 def test_in_line_prefills_fit_a_decode_step_into_the_bound():
     # A 10 ms step, a bound of 15 ms, 16384 tokens in 40 ms: 5 ms of prefill is 2048 tokens.
-    assert in_line_prefill_tokens(itl_bound_ms(None, 10.0), 10.0, 40.0, 16384) == 2048
-    assert in_line_prefill_tokens(12.0, 10.0, 40.0, 16384) == 819
-    assert in_line_prefill_tokens(8.0, 10.0, 40.0, 16384) == 0  # the step alone exceeds the bound
+    per_token = 40.0 / 16384
+    assert in_line_prefill_tokens(itl_bound_ms(None, 10.0), 10.0, per_token) == 2048
+    assert in_line_prefill_tokens(12.0, 10.0, per_token) == 819
+    assert in_line_prefill_tokens(8.0, 10.0, per_token) == 0  # the step alone exceeds the bound
 
 
 class CountedReplay:
@@ -240,16 +241,31 @@ def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model
                                                                            in_line_tokens):
     """The choice's code path on CPU, with a stand-in split (lanes without streams): a prefill beside
     decoding sequences runs on the split, or between decode steps when it has at most
-    in_line_prefill_tokens tokens; the decode steps beside it follow. The tokens stay the same."""
+    in_line_tokens(batch) tokens; the decode steps beside it follow. The tokens stay the same."""
     llm = mux_llm(model_dir, max_num_batched_tokens=40)
     stand_in = Split(Lane(None, 8), Lane(None, 16))
-    llm.split, llm.in_line_prefill_tokens = stand_in, in_line_tokens
+    llm.split, llm.in_line_tokens = stand_in, lambda batch: in_line_tokens
     decode_beside_every_prefill(llm, monkeypatch)
     assert tokens(llm, mixed_prompts()) == expected
     stats = llm.get_pd_statistics()
     assert stats["prefills_per_split"][IN_LINE if in_line_tokens else stand_in.label] > 0
     assert (stand_in.label in stats["decode_steps_per_split"]) == (not in_line_tokens)
     assert (IN_LINE in stats["prefills_per_split"]) == bool(in_line_tokens)
+
+
+def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
+    """The decode steps run on the whole GPU without a prefill beside time their batch's bucket, and
+    the in-line size follows that time: a bucket not timed yet runs no prefill in line."""
+    llm = mux_llm(model_dir, max_num_batched_tokens=40)
+    llm.split = Split(Lane(None, 8), Lane(None, 16))
+    llm.prefill_ms_per_token = 40.0 / 16384
+    assert tokens(llm, mixed_prompts()) == expected
+    assert llm.decode_step_ms and all(ms > 0 for ms in llm.decode_step_ms.values())
+    llm.decode_step_ms = {4: 10.0}  # on CPU a batch is its own bucket
+    assert llm.in_line_tokens(4) == 2048  # 5 ms of prefill within the default bound of 15 ms
+    assert llm.in_line_tokens(3) == 0
+    llm.config.pd_max_itl_ms = 12.0
+    assert llm.in_line_tokens(4) == 819
 
 
 @needs_cuda
@@ -259,7 +275,7 @@ def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, 
     llm = mux_llm(model_dir, device=None, dtype="float32", **options)
     if llm.split is None:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
-    llm.in_line_prefill_tokens = 0  # every prefill beside decoding sequences on the split
+    llm.in_line_tokens = lambda batch: 0  # every prefill beside decoding sequences on the split
     splits = llm.decode_runner.splits
     assert len(splits) >= 2 and set(llm.decode_runner.plans) == {None, *(s.decode.num_sms for s in splits)}
     assert set(llm.prefill_runner.plans) == {None, *(s.prefill.num_sms for s in splits)}
@@ -288,7 +304,7 @@ def test_gpu_short_prefills_run_between_decode_steps(model_dir, cuda_expected, m
     llm = mux_llm(model_dir, device=None, dtype="float32", **options)
     if llm.split is None:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
-    llm.in_line_prefill_tokens = 10 ** 9
+    llm.in_line_tokens = lambda batch: 10 ** 9
     preempted = count_preemptions(monkeypatch)
     decode_beside_every_prefill(llm, monkeypatch)
     stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
@@ -304,7 +320,7 @@ def test_gpu_decode_runs_on_the_split_beside_a_prefill(model_dir, cuda_expected)
     llm = mux_llm(model_dir, device=None, dtype="float32")
     if llm.split is None:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
-    llm.in_line_prefill_tokens = 0
+    llm.in_line_tokens = lambda batch: 0
     prompts, outputs = mixed_prompts(), {}
     ids = [llm.add_request(p, GREEDY) for p in prompts[:4]]
     while not llm.scheduler.running:

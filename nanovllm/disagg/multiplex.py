@@ -1,4 +1,5 @@
 import copy
+import math
 import time
 
 import torch
@@ -100,8 +101,10 @@ class MuxEngine(PDEngine):
         self.scheduler = SharedCacheScheduler(config, self.decode_runner.num_kvcache_blocks, self.tokenizer)
         self.kv_transfer = None
         self.stats = MuxStatistics(device, partitions)
-        # Prefills of at most this many tokens run between decode steps (from the start-up profile).
-        self.in_line_prefill_tokens = 0
+        # Full-GPU decode step times per graph bucket, from the start-up profile and then from the steps
+        # run without a prefill beside; with the profiled prefill time per token they size in-line prefills.
+        self.decode_step_ms: dict[int, float] = {}
+        self.prefill_ms_per_token = math.inf
         self.split = self._choose(splits, config.pd_max_itl_ms) if splits else None
         self._prefill_split: Split | None = None  # where the prefill in flight runs (None: the whole GPU)
         self._prefill_in_line = False  # whether it runs between decode steps
@@ -129,21 +132,37 @@ class MuxEngine(PDEngine):
                       f"of the SMs), {p['prefill_ms']:.1f} ms beside decode; {p['tokens_per_s']:.0f} tok/s")
             split = choose_split(splits, max_itl_ms, full_step_ms)
             limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x {full_step_ms:.2f} ms"
-            self.in_line_prefill_tokens = in_line_prefill_tokens(itl_bound_ms(max_itl_ms, full_step_ms), full_step_ms,
-                                                                 full_prefill_ms, profiler.prefill_tokens)
-            print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit}); prefills of up to "
-                  f"{self.in_line_prefill_tokens} tokens run between decode steps on the whole GPU")
+            self.decode_step_ms[profiler.batch] = full_step_ms
+            self.prefill_ms_per_token = full_prefill_ms / profiler.prefill_tokens
+            print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit}); a prefill runs between "
+                  f"decode steps on the whole GPU if a step of the running batch and it stay within the bound "
+                  f"(at batch {profiler.batch}: up to {self.in_line_tokens(profiler.batch)} tokens)")
             self.stats.split_profiles = {s.label: s.profile for s in splits}
             torch.cuda.empty_cache()  # the profile's prefill activations, cached per stream
         self.stats.chosen_split = split.label
         return split
+
+    def in_line_tokens(self, batch: int) -> int:
+        """The most tokens a prefill may have to run between two decode steps of `batch` sequences: the
+        step (its bucket's latest full-GPU time) and the prefill within the ITL bound; 0 for a bucket
+        not timed yet."""
+        step_ms = self.decode_step_ms.get(self._bucket(batch))
+        if step_ms is None:
+            return 0
+        return in_line_prefill_tokens(itl_bound_ms(self.config.pd_max_itl_ms, step_ms), step_ms,
+                                      self.prefill_ms_per_token)
+
+    def _bucket(self, batch: int) -> int:
+        graphs = self.decode_runner.graphs
+        return graphs.bucket_for(batch) if graphs is not None else batch
 
     def _launch_prefill_batch(self, seqs: list[Sequence]) -> PendingTokens:
         # With nothing decoding the prefill has the whole GPU. Beside decode steps it runs on the split's
         # partition, unless it is short enough to run between two decode steps within the ITL bound:
         # then the split would cost throughput and bound nothing.
         tokens = sum(seq.num_scheduled_tokens for seq in seqs)
-        self._prefill_in_line = bool(self.scheduler.running) and tokens <= self.in_line_prefill_tokens
+        running = len(self.scheduler.running)
+        self._prefill_in_line = running > 0 and tokens <= self.in_line_tokens(running)
         self._prefill_split = self.split if self.scheduler.running and not self._prefill_in_line else None
         self.stats.record_split_prefill(IN_LINE if self._prefill_in_line else self._split_label(self._prefill_split))
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
@@ -163,7 +182,10 @@ class MuxEngine(PDEngine):
 
     def _record_decode(self, step: DecodeStep) -> None:
         super()._record_decode(step)
-        self.stats.record_split_decode(step.where, step.pending.timer.seconds())
+        seconds = step.pending.timer.seconds()
+        self.stats.record_split_decode(step.where, seconds)
+        if self.split is not None and step.where == FULL_GPU and not step.beside_prefill:
+            self.decode_step_ms[self._bucket(len(step.seqs))] = 1e3 * seconds
 
     def _split_label(self, split: Split | None) -> str:
         if split is not None:

@@ -65,10 +65,10 @@ def itl_bound_ms(max_itl_ms: float | None, full_step_ms: float) -> float:
     return max_itl_ms if max_itl_ms is not None else DEFAULT_ITL_FACTOR * full_step_ms
 
 
-def in_line_prefill_tokens(bound_ms: float, full_step_ms: float, prefill_ms: float, prefill_tokens: int) -> int:
+def in_line_prefill_tokens(bound_ms: float, full_step_ms: float, prefill_ms_per_token: float) -> int:
     """The most tokens a prefill may have for a decode step and it, one after the other on the whole
-    GPU, to stay within bound_ms, at the profiled prefill's time per token."""
-    return max(0, int((bound_ms - full_step_ms) / prefill_ms * prefill_tokens))
+    GPU, to stay within bound_ms."""
+    return max(0, int((bound_ms - full_step_ms) / prefill_ms_per_token))
 
 
 def choose_split(splits: list[Split], max_itl_ms: float | None, full_step_ms: float) -> Split:
