@@ -8,7 +8,7 @@ python bench.py --attention-kernel
 python bench.py --sampler
 python bench.py --prefill-latency --compare graph,eager   # one prompt at a time: host and GPU time of its prefill
 python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu,pd-mux [--workload prefill-heavy]
-python bench.py --workload steady --compare graph,pd-mux   # 2048 requests queued at once, max_num_seqs=256
+python bench.py --workload steady --compare graph,pd-mux [--pd-max-itl-ms 30]   # 2048 requests queued at once, max_num_seqs=256
 python bench.py --kv-cache-dtype auto,fp8_e4m3    # the default workload with each KV cache dtype
 python bench.py --kv-quality --presets hf-parity,qwen3-0.6b,qwen3-8b
 """
