@@ -163,7 +163,7 @@ class MuxEngine(PDEngine):
         tokens = sum(seq.num_scheduled_tokens for seq in seqs)
         running = len(self.scheduler.running)
         self._prefill_in_line = running > 0 and tokens <= self.in_line_tokens(running)
-        self._prefill_split = self.split if self.scheduler.running and not self._prefill_in_line else None
+        self._prefill_split = self.split if running and not self._prefill_in_line else None
         self.stats.record_split_prefill(IN_LINE if self._prefill_in_line else self._split_label(self._prefill_split))
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
         # still writes them.
