@@ -70,7 +70,7 @@ def mode_options(mode: str) -> dict:
 
 def new_llm(model: str, mode: str, options: dict) -> LLM:
     options = {**mode_options(mode), **options}
-    if not options.get("enable_pd_multiplexing") or options.get("pd_max_itl_ms") is None:
+    if not options.get("enable_pd_multiplexing"):
         options.pop("pd_max_itl_ms", None)  # --pd-max-itl-ms is for the multiplexing modes only
     llm = LLM(model, **options)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up

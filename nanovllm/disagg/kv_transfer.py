@@ -102,4 +102,3 @@ class KVTransfer:
                 self.dst[dst:dst + n].copy_(staging[offset:offset + n], non_blocking=True)
             up.stop()
         return Transfer([down, up], num_bytes, 2 * len(runs), staging)
-
