@@ -188,7 +188,10 @@ def steady(args) -> list[dict]:
             llm.print_pd_statistics()
             shares = llm.get_pd_statistics().get("decode_time_share_per_split", {})
             row["split_time_share"] = ", ".join(f"{split}: {100 * share:.0f}%" for split, share in shares.items())
-        row["ratio"] = row["tok_per_s"] / rows[0]["tok_per_s"] if rows else 1.0
+        first = rows[0] if rows else row
+        row["ratio"] = row["tok_per_s"] / first["tok_per_s"]
+        mid = row["tok_per_s_mid"], first["tok_per_s_mid"]
+        row["mid_ratio"] = mid[0] / mid[1] if all(mid) else None
         print(f"[bench] {mode}: {row['tok_per_s']:.0f} tok/s, ITL p99 {row['itl_p99_ms'] or 0:.1f} ms", flush=True)
         rows.append(row)
         llm.exit()
@@ -196,9 +199,12 @@ def steady(args) -> list[dict]:
         free_gpu()
     print(f"\nsteady: {args.num_seqs} requests queued at once, max_num_seqs={STEADY_MAX_NUM_SEQS}, "
           f"{describe_workload(args)}; model {model}; device {device_name()}")
-    print("ratio: tok/s over the first mode's; split_time_share: pd-mux's decode time per SM split")
-    print_table(rows, ["mode", "requests", "seconds", "tok_per_s", "ratio", "itl_p50_ms", "itl_p99_ms", "itl_max_ms",
-                       "ttft_p50_s", "ttft_p99_s", "split_time_share"])
+    print("ratio: tok/s over the first mode's; tok_per_s_mid: over the middle half of the output tokens (mid_ratio "
+          "likewise); tokens_per_step: output tokens per step() that returned any; split_time_share: pd-mux's decode "
+          "time per SM split")
+    print_table(rows, ["mode", "requests", "seconds", "tok_per_s", "ratio", "tok_per_s_mid", "mid_ratio",
+                       "tokens_per_step", "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "ttft_p50_s", "ttft_p99_s",
+                       "split_time_share"])
     return rows
 
 
@@ -263,9 +269,12 @@ def replay(llm: LLM, arrivals) -> dict:
     """Feeds the arrivals through the streaming API in real time; every time is taken when step()
     returns the tokens. TTFT counts from the scheduled arrival, so it includes any queueing.
     Steps taken while every request had its first token (no prefill queued or running) give the
-    decode step time without prefills that the ITL is judged against, with their batch sizes."""
+    decode step time without prefills that the ITL is judged against, with their batch sizes.
+    tok_per_s_mid counts the middle half of the output tokens only, away from the first fill and
+    the final drain."""
     pending, arrival, last_seen = deque(arrivals), {}, {}
     ttft, itl, num_tokens, completed = [], [], 0, 0
+    progress = []  # (seconds, output tokens so far) after each step with outputs
     decode_only_ms, decode_only_batch = [], []
     start = time.perf_counter()
     while pending or llm.has_unfinished_requests():
@@ -292,13 +301,25 @@ def replay(llm: LLM, arrivals) -> dict:
                 itl += [0.0] * (len(new_token_ids) - 1)
             last_seen[request_id] = now
             completed += finished
+        if outputs:
+            progress.append((now, num_tokens))
     seconds = time.perf_counter() - start
     ms = [1e3 * v for v in itl]
     return {"requests": len(arrivals), "seconds": seconds, "req_per_s": completed / seconds,
             "tok_per_s": num_tokens / seconds, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "itl_p50_ms": percentile(ms, 0.5), "itl_p99_ms": percentile(ms, 0.99), "itl_max_ms": max(ms, default=None),
             "decode_only_steps": len(decode_only_ms), "decode_only_step_p50_ms": percentile(decode_only_ms, 0.5),
-            "decode_only_batch_p50": percentile(decode_only_batch, 0.5)}
+            "decode_only_batch_p50": percentile(decode_only_batch, 0.5),
+            "tokens_per_step": num_tokens / len(progress) if progress else None, "tok_per_s_mid": middle_rate(progress)}
+
+
+def middle_rate(progress: list[tuple[float, int]]) -> float | None:
+    """Tokens per second between the steps that passed a quarter and three quarters of the tokens."""
+    if not progress:
+        return None
+    total = progress[-1][1]
+    (t0, n0), (t1, n1) = (next(p for p in progress if p[1] >= share * total) for share in (0.25, 0.75))
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 def online(args) -> list[dict]:

@@ -8,8 +8,8 @@ from nanovllm import LLM
 from nanovllm.attention.triton_kernels import choose_num_splits
 from nanovllm.utils.sm_limit import num_sms_of, on_sms
 from nanovllm.disagg import MuxEngine
-from nanovllm.disagg.splits import (Split, SplitProfiler, candidate_sizes, choose_split, in_line_prefill_tokens,
-                                    itl_bound_ms)
+from nanovllm.disagg.splits import (STEPS_PER_BUCKET, Split, SplitProfiler, candidate_sizes, choose_splits,
+                                    in_line_prefill_tokens, itl_bound_ms, split_ranges)
 from nanovllm.disagg.stats import IN_LINE
 from nanovllm.disagg.streams import Lane
 from nanovllm.engine.cuda_graph import DecodeGraphs
@@ -91,10 +91,10 @@ def test_cpu_fallback_matches_the_single_runner_engine(model_dir, expected, monk
     preempted = count_preemptions(monkeypatch)
     llm = mux_llm(model_dir, **options)
     assert "[PD-mux] green contexts unavailable" in capsys.readouterr().out
-    assert llm.split is None
+    assert not llm.splits and not llm.split_by_bucket
     stats = run_and_check(llm, expected, monkeypatch, preempted, options)
     assert stats["partitions"].startswith("one stream")
-    assert stats["chosen_split"] is None
+    assert stats["split_per_batch"] == {}
     assert sum(stats["decode_steps_per_split"].values()) == stats["decode_steps"] > 0
     assert set(stats["decode_steps_per_split"]) == {"one stream"}
     assert stats["kv_transfers"] == 0 and stats["kv_transfer_bytes"] == 0
@@ -166,18 +166,42 @@ def test_kernels_launched_on_a_partition_size_their_grids_for_it():
     assert candidate_sizes(8, 8) == []  # one unit: no split
 
 
-def split(decode_ms, tokens_per_s, decode_sms):
+def profiled_split(decode_sms, alone_ms_per_batch, prefill_slowdown, beside_over_alone=1.0):
     s = Split(Lane(None, decode_sms), Lane(None, 120 - decode_sms))
-    s.profile = {"decode_step_ms": decode_ms, "tokens_per_s": tokens_per_s}
+    s.profile = {"decode_step_ms_per_batch": alone_ms_per_batch, "decode_step_ms_alone": 10.0,
+                 "decode_step_ms": 10.0 * beside_over_alone, "prefill_slowdown": prefill_slowdown}
     return s
 
 
-def test_choose_split_takes_the_fastest_within_the_itl_bound():
-    splits = [split(20.0, 9000, 48), split(14.0, 8000, 64), split(11.0, 6000, 80)]
-    assert choose_split(splits, None, 10.0) is splits[1]  # default bound 15 ms
-    assert choose_split(splits, 25.0, 10.0) is splits[0]
-    assert choose_split(splits, 12.0, 10.0) is splits[2]
-    assert choose_split(splits, 5.0, 10.0) is splits[2]  # none within: the shortest decode step
+def test_choose_splits_follows_the_batch():
+    """Per bucket, of the splits whose decode step stays within the bound, the largest prefill
+    partition among those that give up about the least decode time per unit of prefill work; if none
+    stays within the bound, the shortest decode step."""
+    full = {8: 6.0, 64: 8.0, 256: 15.0}
+    wide = profiled_split(48, {8: 6.0, 64: 10.0, 256: 30.0}, 1.4)  # small batches lose nothing on 48 SMs
+    middle = profiled_split(64, {8: 6.2, 64: 8.4, 256: 22.0}, 1.8)
+    narrow = profiled_split(80, {8: 6.1, 64: 8.5, 256: 19.0}, 2.6)
+    splits = [wide, middle, narrow]
+    assert wide.prefill_cost(8, 6.0) == 0.0
+    assert middle.prefill_cost(64, 8.0) == pytest.approx((1 - 8.0 / 8.4) * 1.8)
+    # 256, default bound 22.5 ms: narrow costs 0.547, middle 0.573, within COST_TOLERANCE: the larger prefill side.
+    assert narrow.prefill_cost(256, 15.0) < middle.prefill_cost(256, 15.0) < narrow.prefill_cost(256, 15.0) + 0.05
+    assert choose_splits(splits, full, None) == {8: wide, 64: middle, 256: middle}
+    assert choose_splits(splits, full, 20.0) == {8: wide, 64: middle, 256: narrow}  # middle's 22 ms step is out
+    assert choose_splits(splits, full, 5.0) == {8: wide, 64: middle, 256: narrow}  # none within: shortest step
+    cheaper = profiled_split(80, {8: 6.1, 64: 8.5, 256: 19.0}, 2.0)  # cost 0.42 at 256: clearly the least
+    assert choose_splits([middle, cheaper], full, None)[256] is cheaper
+    # The decode step beside a prefill scales the step alone by the slow-down measured at the profile's batch.
+    slowed = profiled_split(48, {8: 6.0, 64: 10.0, 256: 30.0}, 1.4, beside_over_alone=1.2)
+    assert slowed.decode_step_ms(64) == pytest.approx(12.0) and slowed.prefill_cost(8, 6.0) > 0.2
+    assert choose_splits([slowed, middle], full, None)[8] is middle
+
+
+def test_split_ranges():
+    a, b = profiled_split(48, {}, 1.0), profiled_split(64, {}, 1.0)
+    assert split_ranges({8: a, 16: a, 64: b, 256: a}) == {"1-16": a.label, "17-64": b.label, "65-256": a.label}
+    assert split_ranges({1: a}) == {"1": a.label}
+    assert split_ranges({}) == {}
 
 
 def test_in_line_prefills_fit_a_decode_step_into_the_bound():
@@ -207,19 +231,23 @@ def test_split_profile_times_both_roles_and_stores_no_kv(model_dir):
     cache = prefill.kv_cache.clone()
     profiler = SplitProfiler(prefill, decode)
     assert profiler.batch == 8  # 64 blocks of 16 tokens hold 6 sequences of 160: bucket 8
-    full_step_ms, full_prefill_ms = profiler.full_gpu()
-    assert full_step_ms > 0 and full_prefill_ms > 0
+    full_steps_ms, full_prefill_ms = profiler.full_gpu()
+    assert set(full_steps_ms) == {1, 2, 4, 8} and all(ms > 0 for ms in full_steps_ms.values()) and full_prefill_ms > 0
+    timed = 1 + STEPS_PER_BUCKET  # a warm-up replay, then the timed ones
     for split in splits:
         profiler.profile(split, full_prefill_ms)
         p = split.profile
         assert p["batch"] == 8 and p["prefill_tokens"] == 64
-        assert all(p[k] > 0 for k in ("decode_step_ms", "prefill_ms", "decode_step_ms_alone", "tokens_per_s"))
-        assert decode.plans[split.decode.num_sms][8].replays >= 3 + 11
-    assert decode.plans[None][8].replays == 11
+        assert all(p[k] > 0 for k in ("decode_step_ms", "prefill_ms", "decode_step_ms_alone", "prefill_slowdown"))
+        assert set(p["decode_step_ms_per_batch"]) == {1, 2, 4, 8}
+        plan = decode.plans[split.decode.num_sms]
+        assert [plan[b].replays for b in (1, 2, 4)] == [timed] * 3 and plan[8].replays >= timed + 3
+    assert [decode.plans[None][b].replays for b in (1, 2, 4, 8)] == [timed] * 4
     assert torch.equal(prefill.kv_cache, cache)
     layers = list(zip(prefill.attention_layers(), decode.attention_layers(), strict=True))
     assert all(a.k_cache is not None and a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
-    assert choose_split(splits, None, full_step_ms) in splits
+    chosen = choose_splits(splits, full_steps_ms, None)
+    assert set(chosen) == {1, 2, 4, 8} and set(chosen.values()) <= set(splits)
 
 
 def decode_beside_every_prefill(llm, monkeypatch):
@@ -236,28 +264,40 @@ def decode_beside_every_prefill(llm, monkeypatch):
     monkeypatch.setattr(llm, "_launch_prefill_batch", launch_and_hold)
 
 
+def use_splits(llm, split_by_bucket: dict):
+    """Stand-in splits (lanes without streams) for an engine without green contexts."""
+    llm.splits, llm.split_by_bucket = list(dict.fromkeys(split_by_bucket.values())), split_by_bucket
+
+
 @pytest.mark.parametrize("in_line_tokens", [0, 10 ** 9], ids=["on-the-split", "in-line"])
 def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model_dir, expected, monkeypatch,
                                                                            in_line_tokens):
-    """The choice's code path on CPU, with a stand-in split (lanes without streams): a prefill beside
-    decoding sequences runs on the split, or between decode steps when it has at most
+    """The choice's code path on CPU, with stand-in splits: a prefill beside decoding sequences runs on
+    the split of the running batch's bucket, or between decode steps when it has at most
     in_line_tokens(batch) tokens; the decode steps beside it follow. The tokens stay the same."""
     llm = mux_llm(model_dir, max_num_batched_tokens=40)
-    stand_in = Split(Lane(None, 8), Lane(None, 16))
-    llm.split, llm.in_line_tokens = stand_in, lambda batch: in_line_tokens
+    small, large = Split(Lane(None, 8), Lane(None, 16)), Split(Lane(None, 16), Lane(None, 8))
+    use_splits(llm, {2: small, llm.config.max_num_seqs: large})
+    assert llm.split_for(1) is small and llm.split_for(2) is small and llm.split_for(3) is large
+    llm.in_line_tokens = lambda batch: in_line_tokens
+    chosen = []
+    split_for = llm.split_for
+    monkeypatch.setattr(llm, "split_for", lambda batch: chosen.append(split_for(batch)) or chosen[-1])
     decode_beside_every_prefill(llm, monkeypatch)
     assert tokens(llm, mixed_prompts()) == expected
     stats = llm.get_pd_statistics()
-    assert stats["prefills_per_split"][IN_LINE if in_line_tokens else stand_in.label] > 0
-    assert (stand_in.label in stats["decode_steps_per_split"]) == (not in_line_tokens)
+    on_splits = {label: n for label, n in stats["prefills_per_split"].items() if label in (small.label, large.label)}
+    assert on_splits == {s.label: chosen.count(s) for s in set(chosen)}
+    assert bool(on_splits) == (not in_line_tokens)
     assert (IN_LINE in stats["prefills_per_split"]) == bool(in_line_tokens)
+    assert set(stats["decode_steps_per_split"]) - {"full GPU"} == set(on_splits)
 
 
 def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
     """The decode steps run on the whole GPU without a prefill beside time their batch's bucket, and
     the in-line size follows that time: a bucket not timed yet runs no prefill in line."""
     llm = mux_llm(model_dir, max_num_batched_tokens=40)
-    llm.split = Split(Lane(None, 8), Lane(None, 16))
+    use_splits(llm, {llm.config.max_num_seqs: Split(Lane(None, 8), Lane(None, 16))})
     llm.prefill_ms_per_token = 40.0 / 16384
     assert tokens(llm, mixed_prompts()) == expected
     assert llm.decode_step_ms and all(ms > 0 for ms in llm.decode_step_ms.values())
@@ -273,17 +313,19 @@ def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
 def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, options):
     """Every prepared split in turn runs the decode steps beside prefills: the tokens stay the same."""
     llm = mux_llm(model_dir, device=None, dtype="float32", **options)
-    if llm.split is None:
+    if not llm.splits:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 0  # every prefill beside decoding sequences on the split
     splits = llm.decode_runner.splits
     assert len(splits) >= 2 and set(llm.decode_runner.plans) == {None, *(s.decode.num_sms for s in splits)}
     assert set(llm.prefill_runner.plans) == {None, *(s.prefill.num_sms for s in splits)}
-    assert llm.get_pd_statistics()["chosen_split"] == llm.split.label
+    chosen_per_batch = llm.get_pd_statistics()["split_per_batch"]
+    assert chosen_per_batch and set(chosen_per_batch.values()) <= {s.label for s in splits}
+    assert set(llm.split_by_bucket) == set(llm.decode_runner.graphs.buckets)
     for chosen in splits:
         preempted = count_preemptions(monkeypatch)
         decode_beside_every_prefill(llm, monkeypatch)
-        llm.split = chosen
+        monkeypatch.setattr(llm, "split_by_bucket", dict.fromkeys(llm.split_by_bucket, chosen))
         before = llm.get_pd_statistics()["decode_steps_per_split"].get(chosen.label, 0)
         stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
         if options:  # more than one prefill batch: later ones run beside decoding sequences
@@ -302,7 +344,7 @@ def test_gpu_short_prefills_run_between_decode_steps(model_dir, cuda_expected, m
     """With every prefill short enough to run in line, a prefill beside decoding sequences runs on the
     whole GPU and the decode step after it waits for it: the tokens stay the same, no step uses the split."""
     llm = mux_llm(model_dir, device=None, dtype="float32", **options)
-    if llm.split is None:
+    if not llm.splits:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 10 ** 9
     preempted = count_preemptions(monkeypatch)
@@ -310,17 +352,20 @@ def test_gpu_short_prefills_run_between_decode_steps(model_dir, cuda_expected, m
     stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
     if options:  # more than one prefill batch: later ones run beside decoding sequences
         assert stats["prefills_per_split"][IN_LINE] > 0
-    assert llm.split.label not in stats["decode_steps_per_split"]
-    assert llm.split.label not in stats["prefills_per_split"]
+    assert set(stats["decode_steps_per_split"]) == {"full GPU"}
+    assert not {s.label for s in llm.splits} & set(stats["prefills_per_split"])
 
 
 @needs_cuda
 def test_gpu_decode_runs_on_the_split_beside_a_prefill(model_dir, cuda_expected):
     """With a prefill held in flight, the decode step replays the split's graphs on its partition."""
     llm = mux_llm(model_dir, device=None, dtype="float32")
-    if llm.split is None:
+    if not llm.splits:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 0
+    chosen = []
+    split_for = llm.split_for
+    llm.split_for = lambda batch: chosen.append(split_for(batch)) or chosen[-1]
     prompts, outputs = mixed_prompts(), {}
     ids = [llm.add_request(p, GREEDY) for p in prompts[:4]]
     while not llm.scheduler.running:
@@ -344,6 +389,7 @@ def test_gpu_decode_runs_on_the_split_beside_a_prefill(model_dir, cuda_expected)
     while llm.has_unfinished_requests():
         collect(llm.step(), outputs)
     stats = llm.get_pd_statistics()
-    assert stats["decode_steps_per_split"].get(llm.split.label, 0) >= 1
-    assert stats["prefills_per_split"].get(llm.split.label, 0) >= 1
+    assert chosen
+    assert stats["decode_steps_per_split"].get(chosen[0].label, 0) >= 1
+    assert stats["prefills_per_split"].get(chosen[0].label, 0) >= 1
     assert [outputs[i] for i in ids] == cuda_expected

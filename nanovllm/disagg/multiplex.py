@@ -8,8 +8,8 @@ from nanovllm.config import Config
 from nanovllm.disagg.engine import DecodeStep, PDEngine
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import SharedCacheScheduler
-from nanovllm.disagg.splits import (DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, in_line_prefill_tokens,
-                                    itl_bound_ms, prepare_splits)
+from nanovllm.disagg.splits import (DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_splits, in_line_prefill_tokens,
+                                    itl_bound_ms, prepare_splits, split_ranges)
 from nanovllm.disagg.stats import FULL_GPU, IN_LINE, MuxStatistics
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.cuda_graph import sequential_forward
@@ -75,10 +75,11 @@ class MuxEngine(PDEngine):
 
     The PD engine's loop with both runners on one device sharing the weights and one KV cache (a
     finished prompt decodes from the blocks it was prefilled into). While a prefill runs beside decoding
-    sequences, it runs on the prefill partition of the chosen split and the decode steps on the decode
-    partition, from graphs captured there; otherwise each uses the whole GPU. The split is the one the
-    start-up profile finds fastest within pd_max_itl_ms; a prefill short enough for a decode step and it
-    to fit that bound runs between two decode steps instead. Without green contexts (CPU, an old driver,
+    sequences, it runs on the prefill partition of a split and the decode steps on the decode partition,
+    from graphs captured there; otherwise each uses the whole GPU. The split follows the running batch:
+    per decode bucket, the start-up profile picks the one that gives up the least decode time for the
+    prefill work done beside it, with the decode step within pd_max_itl_ms. A prefill short enough for
+    a decode step and it to fit that bound runs between two decode steps instead. Without green contexts (CPU, an old driver,
     no cuda-python) both runners share one stream and the scheduling is the same.
     """
 
@@ -105,7 +106,8 @@ class MuxEngine(PDEngine):
         # run without a prefill beside; with the profiled prefill time per token they size in-line prefills.
         self.decode_step_ms: dict[int, float] = {}
         self.prefill_ms_per_token = math.inf
-        self.split = self._choose(splits, config.pd_max_itl_ms) if splits else None
+        self.splits = splits
+        self.split_by_bucket = self._choose(splits, config.pd_max_itl_ms) if splits else {}
         self._prefill_split: Split | None = None  # where the prefill in flight runs (None: the whole GPU)
         self._prefill_in_line = False  # whether it runs between decode steps
         self._decode_split: Split | None = None  # where the decode step being run runs
@@ -113,34 +115,48 @@ class MuxEngine(PDEngine):
               f"{self.decode_runner.block_size} tokens on {device}; "
               f"{'CUDA graphs' if self.decode_runner.graphs is not None else 'eager'}")
 
-    def _choose(self, splits: list[Split], max_itl_ms: float | None) -> Split:
-        """Profiles every split and logs the measurements and the choice."""
+    def _choose(self, splits: list[Split], max_itl_ms: float | None) -> dict[int, Split]:
+        """Profiles every split, picks one per decode bucket, and logs the measurements and the choice."""
         if self.decode_runner.graphs is None:
             split = splits[len(splits) // 2]
             print(f"[PD-mux] enforce_eager: no decode graphs to profile; split under prefill: {split.label}")
+            split_by_bucket = {self.config.max_num_seqs: split}
         else:
+            start = time.perf_counter()
             profiler = SplitProfiler(self.prefill_runner, self.decode_runner)
-            full_step_ms, full_prefill_ms = profiler.full_gpu()
-            print(f"[PD-mux] profile: decode step of {profiler.batch} x {profiler.context} tokens {full_step_ms:.2f} ms, "
-                  f"prefill of {profiler.prefill_tokens} tokens {full_prefill_ms:.1f} ms on the whole GPU")
+            full_steps_ms, full_prefill_ms = profiler.full_gpu()
+            print(f"[PD-mux] profile: decode step of {profiler.batch} x {profiler.context} tokens "
+                  f"{full_steps_ms[profiler.batch]:.2f} ms, prefill of {profiler.prefill_tokens} tokens "
+                  f"{full_prefill_ms:.1f} ms on the whole GPU")
             for split in splits:
                 profiler.profile(split, full_prefill_ms)
                 p = split.profile
                 print(f"[PD-mux]   {split.label}: decode step {p['decode_step_ms_alone']:.2f} ms alone, "
                       f"{p['decode_step_ms']:.2f} ms beside prefill; prefill {p['prefill_ms_alone']:.1f} ms alone "
                       f"({p['prefill_slowdown_alone']:.2f}x the whole GPU on {100 * p['prefill_sm_share']:.0f}% "
-                      f"of the SMs), {p['prefill_ms']:.1f} ms beside decode; {p['tokens_per_s']:.0f} tok/s")
-            split = choose_split(splits, max_itl_ms, full_step_ms)
-            limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x {full_step_ms:.2f} ms"
-            self.decode_step_ms[profiler.batch] = full_step_ms
+                      f"of the SMs), {p['prefill_ms']:.1f} ms beside decode; decode time given up per ms of "
+                      f"prefill work {split.prefill_cost(profiler.batch, full_steps_ms[profiler.batch]):.2f}")
+            split_by_bucket = choose_splits(splits, full_steps_ms, max_itl_ms)
+            self.decode_step_ms.update(full_steps_ms)
             self.prefill_ms_per_token = full_prefill_ms / profiler.prefill_tokens
-            print(f"[PD-mux] split under prefill: {split.label} (decode step bound {limit}); a prefill runs between "
-                  f"decode steps on the whole GPU if a step of the running batch and it stay within the bound "
-                  f"(at batch {profiler.batch}: up to {self.in_line_tokens(profiler.batch)} tokens)")
+            limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x its full-GPU step"
+            ranges = "; ".join(f"{batches}: {label}" for batches, label in split_ranges(split_by_bucket).items())
+            print(f"[PD-mux] split under prefill, by decode batch (step bound {limit}): {ranges}. A prefill runs "
+                  f"between decode steps on the whole GPU if a step of the running batch and it stay within the "
+                  f"bound (at batch {profiler.batch}: up to {self.in_line_tokens(profiler.batch)} tokens). "
+                  f"Profiled in {time.perf_counter() - start:.1f} s")
             self.stats.split_profiles = {s.label: s.profile for s in splits}
             torch.cuda.empty_cache()  # the profile's prefill activations, cached per stream
-        self.stats.chosen_split = split.label
-        return split
+        self.stats.split_per_batch = split_ranges(split_by_bucket)
+        return split_by_bucket
+
+    def split_for(self, batch: int) -> Split | None:
+        """The split to run a prefill on beside `batch` decoding sequences: that of the smallest bucket
+        that holds the batch (past the graphs' buckets, the largest); None without green contexts."""
+        if not self.split_by_bucket:
+            return None
+        buckets = sorted(self.split_by_bucket)
+        return self.split_by_bucket[next((b for b in buckets if b >= batch), buckets[-1])]
 
     def in_line_tokens(self, batch: int) -> int:
         """The most tokens a prefill may have to run between two decode steps of `batch` sequences: the
@@ -163,7 +179,7 @@ class MuxEngine(PDEngine):
         tokens = sum(seq.num_scheduled_tokens for seq in seqs)
         running = len(self.scheduler.running)
         self._prefill_in_line = running > 0 and tokens <= self.in_line_tokens(running)
-        self._prefill_split = self.split if running and not self._prefill_in_line else None
+        self._prefill_split = self.split_for(running) if running and not self._prefill_in_line else None
         self.stats.record_split_prefill(IN_LINE if self._prefill_in_line else self._split_label(self._prefill_split))
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
         # still writes them.
@@ -184,10 +200,10 @@ class MuxEngine(PDEngine):
         super()._record_decode(step)
         seconds = step.pending.timer.seconds()
         self.stats.record_split_decode(step.where, seconds)
-        if self.split is not None and step.where == FULL_GPU and not step.beside_prefill:
+        if self.splits and step.where == FULL_GPU and not step.beside_prefill:
             self.decode_step_ms[self._bucket(len(step.seqs))] = 1e3 * seconds
 
     def _split_label(self, split: Split | None) -> str:
         if split is not None:
             return split.label
-        return FULL_GPU if self.split is not None else "one stream"
+        return FULL_GPU if self.splits else "one stream"

@@ -15,6 +15,10 @@ DECODE_SHARES = (2 / 5, 8 / 15, 2 / 3)
 # The decode step of the profile: sequences of this many tokens (or max_model_len), as many as fit the cache.
 PROFILE_CONTEXT = 1024
 DEFAULT_ITL_FACTOR = 1.5  # pd_max_itl_ms unset: this times the full-GPU decode step
+STEPS_PER_BUCKET = 5  # timed decode steps per bucket and partition in the profile
+# Splits whose prefill_cost is within this of the least count as equally cheap (the profile's noise);
+# of those, the one with the largest prefill partition admits new sequences soonest.
+COST_TOLERANCE = 0.05
 
 
 @dataclass(eq=False)
@@ -27,6 +31,20 @@ class Split:
     @property
     def label(self) -> str:
         return f"decode {self.decode.num_sms} / prefill {self.prefill.num_sms} SMs"
+
+    def decode_step_ms(self, bucket: int) -> float:
+        """A decode step of the bucket's batch beside a prefill: its time alone on the decode partition,
+        times the slow-down beside a prefill measured at the profile's batch."""
+        p = self.profile
+        return p["decode_step_ms_per_batch"][bucket] * p["decode_step_ms"] / p["decode_step_ms_alone"]
+
+    def prefill_cost(self, bucket: int, full_step_ms: float) -> float:
+        """The decode time this split gives up per millisecond of prefill work (a prefill's time on the
+        whole GPU) beside the bucket's batch: the prefill runs prefill_slowdown times as long, and
+        meanwhile decode advances at full_step_ms / decode_step_ms of its whole-GPU rate. A prefill
+        between decode steps on the whole GPU costs 1; the split pays where this is less."""
+        decode_rate = full_step_ms / self.decode_step_ms(bucket)
+        return max(0.0, 1.0 - decode_rate) * self.profile["prefill_slowdown"]
 
 
 def candidate_sizes(unit: int, available: int) -> list[tuple[int, int]]:
@@ -71,21 +89,41 @@ def in_line_prefill_tokens(bound_ms: float, full_step_ms: float, prefill_ms_per_
     return max(0, int((bound_ms - full_step_ms) / prefill_ms_per_token))
 
 
-def choose_split(splits: list[Split], max_itl_ms: float | None, full_step_ms: float) -> Split:
-    """The split with the most tokens per second (decode and prefill together) whose decode step
-    beside a prefill stays within itl_bound_ms; if none does, the one with the shortest decode step."""
-    limit = itl_bound_ms(max_itl_ms, full_step_ms)
-    within = [s for s in splits if s.profile["decode_step_ms"] <= limit]
-    if within:
-        return max(within, key=lambda s: s.profile["tokens_per_s"])
-    return min(splits, key=lambda s: s.profile["decode_step_ms"])
+def choose_splits(splits: list[Split], full_step_ms: dict[int, float], max_itl_ms: float | None) -> dict[int, Split]:
+    """For each decode bucket (its full-GPU step time in full_step_ms), the split to run a prefill on
+    beside that batch: of the splits whose decode step stays within itl_bound_ms, the one with the
+    largest prefill partition among those within COST_TOLERANCE of the least prefill_cost; if none
+    stays within the bound, the one with the shortest decode step."""
+    chosen = {}
+    for bucket, full_ms in full_step_ms.items():
+        limit = itl_bound_ms(max_itl_ms, full_ms)
+        costs = {s: s.prefill_cost(bucket, full_ms) for s in splits if s.decode_step_ms(bucket) <= limit}
+        if costs:
+            cheap = [s for s, cost in costs.items() if cost <= min(costs.values()) + COST_TOLERANCE]
+            chosen[bucket] = max(cheap, key=lambda s: s.prefill.num_sms)
+        else:
+            chosen[bucket] = min(splits, key=lambda s: s.decode_step_ms(bucket))
+    return chosen
+
+
+def split_ranges(split_by_bucket: dict[int, Split]) -> dict[str, str]:
+    """The buckets as ranges of decode batches ("1-48") with the label of the split each takes."""
+    ranges, start = {}, 1
+    buckets = sorted(split_by_bucket)
+    for i, bucket in enumerate(buckets):
+        split = split_by_bucket[bucket]
+        if i + 1 == len(buckets) or split_by_bucket[buckets[i + 1]] is not split:
+            ranges[f"{start}-{bucket}" if start != bucket else str(bucket)] = split.label
+            start = bucket + 1
+    return ranges
 
 
 class SplitProfiler:
-    """Times, for each split, a decode step (its captured graph at one batch, on synthetic inputs that
-    store nothing) and a prefill of a full token budget, alone on their partitions and side by side;
-    and both on the whole GPU. The decode runner's layers are other modules than the prefill runner's,
-    so detaching the prefill runner's cache leaves the decode graphs reading theirs."""
+    """Times a decode step of every bucket (its captured graph, on synthetic inputs that store nothing)
+    on the whole GPU and on each split's decode partition; a prefill of a full token budget on the
+    whole GPU and on each prefill partition; and, per split, the two side by side at one batch. The
+    decode runner's layers are other modules than the prefill runner's, so detaching the prefill
+    runner's cache leaves the decode graphs reading theirs."""
 
     def __init__(self, prefill_runner, decode_runner):
         self.prefill_runner, self.decode = prefill_runner, decode_runner
@@ -93,36 +131,44 @@ class SplitProfiler:
         graphs = decode_runner.graphs
         context = min(config.max_model_len, PROFILE_CONTEXT)
         fits = decode_runner.num_kvcache_blocks * decode_runner.block_size // context
+        # The side-by-side batch: as many sequences as the cache holds; larger buckets reuse its blocks.
         self.batch = graphs.bucket_for(max(1, min(fits, graphs.buckets[-1])))
+        self.buckets = graphs.buckets
         self.context = context
         self.prefill_tokens = config.max_num_batched_tokens
-        graphs.load_synthetic(self.batch, context, decode_runner.num_kvcache_blocks)
+        graphs.load_synthetic(graphs.buckets[-1], context, decode_runner.num_kvcache_blocks)
 
-    def full_gpu(self) -> tuple[float, float]:
-        """(decode step ms, prefill ms) on the whole GPU, one after the other."""
+    def full_gpu(self) -> tuple[dict[int, float], float]:
+        """(decode step ms per bucket, prefill ms) on the whole GPU, one after the other."""
         stream = self.decode.stream
-        return self._decode_ms(None, stream, 10), self._prefill_ms(stream, None)
+        return self._decode_ms_per_bucket(None, stream), self._prefill_ms(stream, None)
 
     def profile(self, split: Split, full_prefill_ms: float) -> None:
-        decode_alone = self._decode_ms(split.decode.num_sms, split.decode.stream, 10)
+        per_batch = self._decode_ms_per_bucket(split.decode.num_sms, split.decode.stream)
+        decode_alone = per_batch[self.batch]
         prefill_alone = self._prefill_ms(split.prefill.stream, split.prefill.num_sms)
         # Side by side: the prefill first, then enough decode steps to cover it.
         steps = max(3, math.ceil(prefill_alone / decode_alone))
         prefill_timer = self._prefill_timer(split.prefill.stream, split.prefill.num_sms)
-        decode_ms = self._decode_ms(split.decode.num_sms, split.decode.stream, steps, warm=False)
+        decode_ms = self._decode_ms(split.decode.num_sms, split.decode.stream, self.batch, steps, warm=False)
         prefill_ms = prefill_timer.seconds() * 1e3
         split.profile = {
             "batch": self.batch, "context": self.context, "prefill_tokens": self.prefill_tokens,
             "decode_step_ms_alone": decode_alone, "prefill_ms_alone": prefill_alone,
-            "decode_step_ms": decode_ms, "prefill_ms": prefill_ms,
-            "tokens_per_s": 1e3 * (self.batch / decode_ms + self.prefill_tokens / prefill_ms),
+            "decode_step_ms": decode_ms, "prefill_ms": prefill_ms, "decode_step_ms_per_batch": per_batch,
+            "prefill_slowdown": prefill_ms / full_prefill_ms,
             # The GEMM library sizes its grids for the whole device; this shows what a partition costs it.
             "prefill_slowdown_alone": prefill_alone / full_prefill_ms,
             "prefill_sm_share": split.prefill.num_sms / num_sms_of(self.decode.device),
         }
 
-    def _decode_ms(self, num_sms: int | None, stream, steps: int, warm: bool = True) -> float:
-        graph = self.decode.plans[num_sms][self.batch]
+    def _decode_ms_per_bucket(self, num_sms: int | None, stream) -> dict[int, float]:
+        return {bucket: self._decode_ms(num_sms, stream, bucket, STEPS_PER_BUCKET) for bucket in self.buckets}
+
+    def _decode_ms(self, num_sms: int | None, stream, bucket: int, steps: int, warm: bool = True) -> float:
+        """A bucket's graph on the partition (None: the whole GPU) timed over `steps` replays, after
+        one more unless warm is False."""
+        graph = self.decode.plans[num_sms][bucket]
         with use_streams(stream):
             if warm:
                 graph.replay()

@@ -100,13 +100,13 @@ IN_LINE = "full GPU, between decode steps"
 
 class MuxStatistics(PDStatistics):
     """PDStatistics of the multiplexing engine, plus where its work ran: each decode step and each
-    prefill on the whole GPU (a prefill alone, or between decode steps) or on the chosen split, and
-    the start-up profile of every split."""
+    prefill on the whole GPU (a prefill alone, or between decode steps) or on a split, the split
+    chosen for each range of decode batches, and the start-up profile of every split."""
 
     def __init__(self, device, partitions: str):
         super().__init__(device, device, "none (one KV cache shared by both runners)")
         self.partitions = partitions  # how prefill and decode share the GPU
-        self.chosen_split: str | None = None
+        self.split_per_batch: dict[str, str] = {}  # ranges of decode batches -> the split each takes
         self.split_profiles: dict[str, dict] = {}
         self.decode_steps_in: dict[str, int] = {}
         self.decode_seconds_in: dict[str, float] = {}
@@ -122,7 +122,7 @@ class MuxStatistics(PDStatistics):
     def as_dict(self) -> dict:
         total = sum(self.decode_seconds_in.values())
         return {
-            **super().as_dict(), "partitions": self.partitions, "chosen_split": self.chosen_split,
+            **super().as_dict(), "partitions": self.partitions, "split_per_batch": dict(self.split_per_batch),
             "split_profiles": self.split_profiles, "decode_steps_per_split": dict(self.decode_steps_in),
             "decode_time_per_split_s": dict(self.decode_seconds_in),
             "decode_time_share_per_split": {k: v / total for k, v in self.decode_seconds_in.items()} if total else {},
@@ -132,7 +132,8 @@ class MuxStatistics(PDStatistics):
     def print(self) -> None:
         super().print()
         stats = self.as_dict()
-        print(f"  Partitions: {stats['partitions']}; split under prefill: {stats['chosen_split'] or 'none'}")
+        chosen = "; ".join(f"{batches}: {split}" for batches, split in stats["split_per_batch"].items())
+        print(f"  Partitions: {stats['partitions']}; split under prefill by decode batch: {chosen or 'none'}")
         for split, steps in stats["decode_steps_per_split"].items():
             share = stats["decode_time_share_per_split"].get(split, 0.0)
             print(f"  Decode on {split}: {steps} steps, {stats['decode_time_per_split_s'][split]:.3f} s "
