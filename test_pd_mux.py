@@ -168,7 +168,7 @@ def test_kernels_launched_on_a_partition_size_their_grids_for_it():
 
 def profiled_split(decode_sms, alone_ms_per_batch, prefill_slowdown, beside_over_alone=1.0):
     s = Split(Lane(None, decode_sms), Lane(None, 120 - decode_sms))
-    s.profile = {"decode_step_ms_per_batch": alone_ms_per_batch, "decode_step_ms_alone": 10.0,
+    s.profile = {"decode_step_ms_alone_per_batch": alone_ms_per_batch, "decode_step_ms_alone": 10.0,
                  "decode_step_ms": 10.0 * beside_over_alone, "prefill_slowdown": prefill_slowdown}
     return s
 
@@ -239,7 +239,7 @@ def test_split_profile_times_both_roles_and_stores_no_kv(model_dir):
         p = split.profile
         assert p["batch"] == 8 and p["prefill_tokens"] == 64
         assert all(p[k] > 0 for k in ("decode_step_ms", "prefill_ms", "decode_step_ms_alone", "prefill_slowdown"))
-        assert set(p["decode_step_ms_per_batch"]) == {1, 2, 4, 8}
+        assert set(p["decode_step_ms_alone_per_batch"]) == {1, 2, 4, 8}
         plan = decode.plans[split.decode.num_sms]
         assert [plan[b].replays for b in (1, 2, 4)] == [timed] * 3 and plan[8].replays >= timed + 3
     assert [decode.plans[None][b].replays for b in (1, 2, 4, 8)] == [timed] * 4

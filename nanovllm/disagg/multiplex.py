@@ -79,8 +79,9 @@ class MuxEngine(PDEngine):
     from graphs captured there; otherwise each uses the whole GPU. The split follows the running batch:
     per decode bucket, the start-up profile picks the one that gives up the least decode time for the
     prefill work done beside it, with the decode step within pd_max_itl_ms. A prefill short enough for
-    a decode step and it to fit that bound runs between two decode steps instead. Without green contexts (CPU, an old driver,
-    no cuda-python) both runners share one stream and the scheduling is the same.
+    a decode step and it to fit that bound runs between two decode steps instead. Without green
+    contexts (CPU, an old driver, no cuda-python) both runners share one stream and the scheduling is
+    the same.
     """
 
     def _build_roles(self, config: Config) -> None:

@@ -36,7 +36,7 @@ class Split:
         """A decode step of the bucket's batch beside a prefill: its time alone on the decode partition,
         times the slow-down beside a prefill measured at the profile's batch."""
         p = self.profile
-        return p["decode_step_ms_per_batch"][bucket] * p["decode_step_ms"] / p["decode_step_ms_alone"]
+        return p["decode_step_ms_alone_per_batch"][bucket] * p["decode_step_ms"] / p["decode_step_ms_alone"]
 
     def prefill_cost(self, bucket: int, full_step_ms: float) -> float:
         """The decode time this split gives up per millisecond of prefill work (a prefill's time on the
@@ -155,7 +155,7 @@ class SplitProfiler:
         split.profile = {
             "batch": self.batch, "context": self.context, "prefill_tokens": self.prefill_tokens,
             "decode_step_ms_alone": decode_alone, "prefill_ms_alone": prefill_alone,
-            "decode_step_ms": decode_ms, "prefill_ms": prefill_ms, "decode_step_ms_per_batch": per_batch,
+            "decode_step_ms": decode_ms, "prefill_ms": prefill_ms, "decode_step_ms_alone_per_batch": per_batch,
             "prefill_slowdown": prefill_ms / full_prefill_ms,
             # The GEMM library sizes its grids for the whole device; this shows what a partition costs it.
             "prefill_slowdown_alone": prefill_alone / full_prefill_ms,
