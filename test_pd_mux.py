@@ -91,7 +91,7 @@ def test_cpu_fallback_matches_the_single_runner_engine(model_dir, expected, monk
     preempted = count_preemptions(monkeypatch)
     llm = mux_llm(model_dir, **options)
     assert "[PD-mux] green contexts unavailable" in capsys.readouterr().out
-    assert not llm.splits and not llm.split_by_bucket
+    assert not llm.split_by_bucket
     stats = run_and_check(llm, expected, monkeypatch, preempted, options)
     assert stats["partitions"].startswith("one stream")
     assert stats["split_per_batch"] == {}
@@ -264,11 +264,6 @@ def decode_beside_every_prefill(llm, monkeypatch):
     monkeypatch.setattr(llm, "_launch_prefill_batch", launch_and_hold)
 
 
-def use_splits(llm, split_by_bucket: dict):
-    """Stand-in splits (lanes without streams) for an engine without green contexts."""
-    llm.splits, llm.split_by_bucket = list(dict.fromkeys(split_by_bucket.values())), split_by_bucket
-
-
 @pytest.mark.parametrize("in_line_tokens", [0, 10 ** 9], ids=["on-the-split", "in-line"])
 def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model_dir, expected, monkeypatch,
                                                                            in_line_tokens):
@@ -277,7 +272,7 @@ def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model
     in_line_tokens(batch) tokens; the decode steps beside it follow. The tokens stay the same."""
     llm = mux_llm(model_dir, max_num_batched_tokens=40)
     small, large = Split(Lane(None, 8), Lane(None, 16)), Split(Lane(None, 16), Lane(None, 8))
-    use_splits(llm, {2: small, llm.config.max_num_seqs: large})
+    llm.split_by_bucket = {2: small, llm.config.max_num_seqs: large}  # stand-ins: lanes without streams
     assert llm.split_for(1) is small and llm.split_for(2) is small and llm.split_for(3) is large
     llm.in_line_tokens = lambda batch: in_line_tokens
     chosen = []
@@ -297,7 +292,7 @@ def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
     """The decode steps run on the whole GPU without a prefill beside time their batch's bucket, and
     the in-line size follows that time: a bucket not timed yet runs no prefill in line."""
     llm = mux_llm(model_dir, max_num_batched_tokens=40)
-    use_splits(llm, {llm.config.max_num_seqs: Split(Lane(None, 8), Lane(None, 16))})
+    llm.split_by_bucket = {llm.config.max_num_seqs: Split(Lane(None, 8), Lane(None, 16))}  # a stand-in
     llm.prefill_ms_per_token = 40.0 / 16384
     assert tokens(llm, mixed_prompts()) == expected
     assert llm.decode_step_ms and all(ms > 0 for ms in llm.decode_step_ms.values())
@@ -313,7 +308,7 @@ def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
 def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, options):
     """Every prepared split in turn runs the decode steps beside prefills: the tokens stay the same."""
     llm = mux_llm(model_dir, device=None, dtype="float32", **options)
-    if not llm.splits:
+    if not llm.split_by_bucket:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 0  # every prefill beside decoding sequences on the split
     splits = llm.decode_runner.splits
@@ -344,7 +339,7 @@ def test_gpu_short_prefills_run_between_decode_steps(model_dir, cuda_expected, m
     """With every prefill short enough to run in line, a prefill beside decoding sequences runs on the
     whole GPU and the decode step after it waits for it: the tokens stay the same, no step uses the split."""
     llm = mux_llm(model_dir, device=None, dtype="float32", **options)
-    if not llm.splits:
+    if not llm.split_by_bucket:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 10 ** 9
     preempted = count_preemptions(monkeypatch)
@@ -353,14 +348,14 @@ def test_gpu_short_prefills_run_between_decode_steps(model_dir, cuda_expected, m
     if options:  # more than one prefill batch: later ones run beside decoding sequences
         assert stats["prefills_per_split"][IN_LINE] > 0
     assert set(stats["decode_steps_per_split"]) == {"full GPU"}
-    assert not {s.label for s in llm.splits} & set(stats["prefills_per_split"])
+    assert not {s.label for s in llm.decode_runner.splits} & set(stats["prefills_per_split"])
 
 
 @needs_cuda
 def test_gpu_decode_runs_on_the_split_beside_a_prefill(model_dir, cuda_expected):
     """With a prefill held in flight, the decode step replays the split's graphs on its partition."""
     llm = mux_llm(model_dir, device=None, dtype="float32")
-    if not llm.splits:
+    if not llm.split_by_bucket:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 0
     chosen = []

@@ -107,7 +107,6 @@ class MuxEngine(PDEngine):
         # run without a prefill beside; with the profiled prefill time per token they size in-line prefills.
         self.decode_step_ms: dict[int, float] = {}
         self.prefill_ms_per_token = math.inf
-        self.splits = splits
         self.split_by_bucket = self._choose(splits, config.pd_max_itl_ms) if splits else {}
         self._prefill_split: Split | None = None  # where the prefill in flight runs (None: the whole GPU)
         self._prefill_in_line = False  # whether it runs between decode steps
@@ -201,10 +200,10 @@ class MuxEngine(PDEngine):
         super()._record_decode(step)
         seconds = step.pending.timer.seconds()
         self.stats.record_split_decode(step.where, seconds)
-        if self.splits and step.where == FULL_GPU and not step.beside_prefill:
+        if self.split_by_bucket and step.where == FULL_GPU and not step.beside_prefill:
             self.decode_step_ms[self._bucket(len(step.seqs))] = 1e3 * seconds
 
     def _split_label(self, split: Split | None) -> str:
         if split is not None:
             return split.label
-        return FULL_GPU if self.splits else "one stream"
+        return FULL_GPU if self.split_by_bucket else "one stream"
