@@ -5,6 +5,7 @@ from nanovllm.disagg.streams import Lane, StreamTimer, order_after, use_streams
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.sampled_tokens import SampledTokens
 from nanovllm.engine.sequence import Sequence
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.sm_limit import on_sms
 
 
@@ -52,13 +53,17 @@ class RoleRunner(ModelRunner):
         else:
             self.capture_decode_graphs()
 
-    def load_weights(self, model) -> None:
+    def build_model(self) -> Qwen3ForCausalLM:
         if self.prefill_runner is None or self.prefill_runner.device != self.device:
-            super().load_weights(model)
-            return
-        source = dict(self.prefill_runner.model.named_parameters())
-        for name, param in model.named_parameters():
-            param.data = source[name].data
+            return super().build_model()
+        # Modules of its own (their caches and backends) around the prefill runner's weight and buffer
+        # tensors, built on the meta device: a second copy of the weights would not fit beside the cache.
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(self.config.hf_config)
+        for module, shared in zip(model.modules(), self.prefill_runner.model.modules(), strict=True):
+            module._parameters.update(shared._parameters)
+            module._buffers.update(shared._buffers)
+        return model
 
     def calibrate_kv_scales(self) -> torch.Tensor:
         if self.prefill_runner is None:

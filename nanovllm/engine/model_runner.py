@@ -80,20 +80,22 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
 
     def load_model(self) -> Qwen3ForCausalLM:
-        # A scoped device context: the global default device would stay installed as a torch mode.
-        with torch.device(self.device), default_dtype(self.config.dtype):
-            model = Qwen3ForCausalLM(self.config.hf_config)
-        self.load_weights(model)
+        model = self.build_model()
         for layer in model.modules():
             if isinstance(layer, Attention):
                 layer.backend = self.backend
         return model
 
+    def build_model(self) -> Qwen3ForCausalLM:
+        """The model on this runner's device with the checkpoint's weights."""
+        # A scoped device context: the global default device would stay installed as a torch mode.
+        with torch.device(self.device), default_dtype(self.config.dtype):
+            model = Qwen3ForCausalLM(self.config.hf_config)
+        load_model(model, self.config.model)
+        return model
+
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.model.modules() if isinstance(m, Attention)]
-
-    def load_weights(self, model: Qwen3ForCausalLM) -> None:
-        load_model(model, self.config.model)
 
     def warmup(self, num_tokens: int | None = None, seq_len: int | None = None) -> None:
         """A prefill of num_tokens random tokens (default: a full token budget) in sequences of seq_len
