@@ -269,11 +269,12 @@ def replay(llm: LLM, arrivals) -> dict:
     """Feeds the arrivals through the streaming API in real time; every time is taken when step()
     returns the tokens. TTFT counts from the scheduled arrival, so it includes any queueing.
     Steps taken while every request had its first token (no prefill queued or running) give the
-    decode step time without prefills that the ITL is judged against, with their batch sizes.
+    decode step time without prefills that the ITL is judged against, with their batch sizes; each
+    gap is also divided by that time at the batch of the step that ended it (itl_p99/same_batch_step).
     tok_per_s_mid counts the middle half of the output tokens only, away from the first fill and
     the final drain."""
     pending, arrival, last_seen = deque(arrivals), {}, {}
-    ttft, itl, num_tokens, completed = [], [], 0, 0
+    ttft, itl, itl_batch, num_tokens, completed = [], [], [], 0, 0
     progress = []  # (seconds, output tokens so far) after each step with outputs
     decode_only_ms, decode_only_batch = [], []
     start = time.perf_counter()
@@ -296,21 +297,37 @@ def replay(llm: LLM, arrivals) -> dict:
             num_tokens += len(new_token_ids)
             if request_id in last_seen:
                 itl += [(now - last_seen[request_id]) / len(new_token_ids)] * len(new_token_ids)
+                itl_batch += [len(outputs)] * len(new_token_ids)
             else:
                 ttft.append(now - arrival[request_id])
                 itl += [0.0] * (len(new_token_ids) - 1)
+                itl_batch += [len(outputs)] * (len(new_token_ids) - 1)
             last_seen[request_id] = now
             completed += finished
         if outputs:
             progress.append((now, num_tokens))
     seconds = time.perf_counter() - start
     ms = [1e3 * v for v in itl]
+    step_ms = decode_step_by_batch(decode_only_batch, decode_only_ms)
+    same_batch = [gap / step_ms(batch) for gap, batch in zip(ms, itl_batch)] if step_ms else []
     return {"requests": len(arrivals), "seconds": seconds, "req_per_s": completed / seconds,
             "tok_per_s": num_tokens / seconds, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "itl_p50_ms": percentile(ms, 0.5), "itl_p99_ms": percentile(ms, 0.99), "itl_max_ms": max(ms, default=None),
             "decode_only_steps": len(decode_only_ms), "decode_only_step_p50_ms": percentile(decode_only_ms, 0.5),
             "decode_only_batch_p50": percentile(decode_only_batch, 0.5),
+            "itl_p99/same_batch_step": percentile(same_batch, 0.99),
             "tokens_per_step": num_tokens / len(progress) if progress else None, "tok_per_s_mid": middle_rate(progress)}
+
+
+def decode_step_by_batch(batches: list[int], step_ms: list[float]):
+    """The decode step time without prefills as a function of the batch: the least-squares line through
+    the decode-only steps; None with fewer than two batch sizes among them."""
+    if len(set(batches)) < 2:
+        return None
+    mean_b, mean_ms = sum(batches) / len(batches), sum(step_ms) / len(step_ms)
+    slope = (sum((b - mean_b) * (t - mean_ms) for b, t in zip(batches, step_ms))
+             / sum((b - mean_b) ** 2 for b in batches))
+    return lambda batch: mean_ms + slope * (batch - mean_b)
 
 
 def middle_rate(progress: list[tuple[float, int]]) -> float | None:
@@ -345,10 +362,11 @@ def online(args) -> list[dict]:
     print(f"\nonline: Poisson arrivals for {args.duration:g} s per rate, {describe_workload(args)}; model {model}; "
           f"device {device_name()}")
     print("decode_only_*: the steps taken with no prefill queued or running (their count, median time and batch);"
-          " itl_p99/decode_step: the ITL p99 over that median")
+          " itl_p99/decode_step: the ITL p99 over that median; itl_p99/same_batch_step: the p99 of each gap over"
+          " the decode-only step time at its step's batch (a line fitted through the decode-only steps)")
     print_table(rows, ["mode", "rate", "requests", "req_per_s", "tok_per_s", "ttft_p50_s", "ttft_p99_s",
                        "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "decode_only_steps", "decode_only_step_p50_ms",
-                       "decode_only_batch_p50", "itl_p99/decode_step"])
+                       "decode_only_batch_p50", "itl_p99/decode_step", "itl_p99/same_batch_step"])
     return rows
 
 

@@ -8,8 +8,9 @@ from nanovllm import LLM
 from nanovllm.attention.triton_kernels import choose_num_splits
 from nanovllm.utils.sm_limit import num_sms_of, on_sms
 from nanovllm.disagg import MuxEngine
-from nanovllm.disagg.splits import (STEPS_PER_BUCKET, Split, SplitProfiler, candidate_sizes, choose_splits,
-                                    in_line_prefill_tokens, itl_bound_ms, split_ranges)
+from nanovllm.disagg.splits import (OBSERVED_WEIGHT, STEP_MARGIN, STEPS_OBSERVED, STEPS_PER_BUCKET, Split, SplitProfiler,
+                                    candidate_sizes, choose_split, choose_splits, in_line_prefill_tokens, itl_bound_ms,
+                                    split_ranges)
 from nanovllm.disagg.stats import IN_LINE
 from nanovllm.disagg.streams import Lane
 from nanovllm.engine.cuda_graph import DecodeGraphs
@@ -51,10 +52,12 @@ def assert_idle(llm):
 
 
 def assert_shared(llm):
-    """Both runners use the same weight tensors and the same KV cache."""
+    """Both runners use the same weight and buffer tensors and the same KV cache."""
     prefill, decode = llm.prefill_runner, llm.decode_runner
     pairs = list(zip(prefill.model.parameters(), decode.model.parameters(), strict=True))
     assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+    buffers = list(zip(prefill.model.buffers(), decode.model.buffers(), strict=True))
+    assert buffers and all(a.data_ptr() == b.data_ptr() for a, b in buffers)
     assert prefill.kv_cache.data_ptr() == decode.kv_cache.data_ptr()
     layers = list(zip(prefill.attention_layers(), decode.attention_layers(), strict=True))
     assert all(a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
@@ -174,27 +177,77 @@ def profiled_split(decode_sms, alone_ms_per_batch, prefill_slowdown, beside_over
 
 
 def test_choose_splits_follows_the_batch():
-    """Per bucket, of the splits whose decode step stays within the bound, the largest prefill
-    partition among those that give up about the least decode time per unit of prefill work; if none
-    stays within the bound, the shortest decode step."""
+    """Per bucket, of the splits whose decode step stays within STEP_MARGIN of the bound, the largest
+    prefill partition among those that give up about the least decode time per unit of prefill work;
+    if none stays within, the shortest decode step."""
     full = {8: 6.0, 64: 8.0, 256: 15.0}
     wide = profiled_split(48, {8: 6.0, 64: 10.0, 256: 30.0}, 1.4)  # small batches lose nothing on 48 SMs
-    middle = profiled_split(64, {8: 6.2, 64: 8.4, 256: 22.0}, 1.8)
-    narrow = profiled_split(80, {8: 6.1, 64: 8.5, 256: 19.0}, 2.6)
+    middle = profiled_split(64, {8: 6.2, 64: 8.4, 256: 20.0}, 1.8)
+    narrow = profiled_split(80, {8: 6.1, 64: 8.5, 256: 19.0}, 2.0)
     splits = [wide, middle, narrow]
     assert wide.prefill_cost(8, 6.0) == 0.0
     assert middle.prefill_cost(64, 8.0) == pytest.approx((1 - 8.0 / 8.4) * 1.8)
-    # 256, default bound 22.5 ms: narrow costs 0.547, middle 0.573, within COST_TOLERANCE: the larger prefill side.
+    # 256, default bound 22.5 ms (20.25 with the margin): narrow costs 0.421, middle 0.45, within
+    # COST_TOLERANCE: the larger prefill side.
     assert narrow.prefill_cost(256, 15.0) < middle.prefill_cost(256, 15.0) < narrow.prefill_cost(256, 15.0) + 0.05
+    assert STEP_MARGIN * itl_bound_ms(None, 15.0) == pytest.approx(20.25)
     assert choose_splits(splits, full, None) == {8: wide, 64: middle, 256: middle}
-    assert choose_splits(splits, full, 20.0) == {8: wide, 64: middle, 256: narrow}  # middle's 22 ms step is out
+    assert choose_splits(splits, full, 22.0) == {8: wide, 64: middle, 256: narrow}  # 20 ms is over 0.9 x 22 ms
     assert choose_splits(splits, full, 5.0) == {8: wide, 64: middle, 256: narrow}  # none within: shortest step
-    cheaper = profiled_split(80, {8: 6.1, 64: 8.5, 256: 19.0}, 2.0)  # cost 0.42 at 256: clearly the least
+    cheaper = profiled_split(80, {8: 6.1, 64: 8.5, 256: 19.0}, 1.6)  # cost 0.34 at 256: clearly the least
     assert choose_splits([middle, cheaper], full, None)[256] is cheaper
     # The decode step beside a prefill scales the step alone by the slow-down measured at the profile's batch.
     slowed = profiled_split(48, {8: 6.0, 64: 10.0, 256: 30.0}, 1.4, beside_over_alone=1.2)
     assert slowed.decode_step_ms(64) == pytest.approx(12.0) and slowed.prefill_cost(8, 6.0) > 0.2
     assert choose_splits([slowed, middle], full, None)[8] is middle
+
+
+def test_observed_decode_steps_replace_the_profiles_estimate():
+    """From STEPS_OBSERVED steps on, a split's decode step time for a bucket is what the steps run on it
+    took: their mean, then a running mean that weighs each later step by OBSERVED_WEIGHT."""
+    s = profiled_split(64, {8: 6.2, 64: 8.4}, 1.8)
+    for ms in (9.0, 11.0, 10.0)[:STEPS_OBSERVED - 1]:
+        s.observe(64, ms)
+    assert s.decode_step_ms(64) == pytest.approx(8.4)  # too few steps: the profile's estimate
+    s.observe(64, 12.0)
+    assert s.decode_step_ms(64) == pytest.approx(10.5)  # the mean of the four
+    s.observe(64, 20.5)
+    assert s.decode_step_ms(64) == pytest.approx(10.5 + OBSERVED_WEIGHT * 10.0)
+    assert s.decode_step_ms(8) == pytest.approx(6.2)  # other buckets keep the estimate
+    # The bucket's choice follows: the 64-SM split's steps now exceed 1.5 x 8 ms, the 80-SM split's do not.
+    narrow = profiled_split(80, {8: 6.1, 64: 8.5}, 2.6)
+    assert choose_splits([s, narrow], {8: 6.0}, None)[8] is s
+    assert choose_split([s, narrow], 64, 8.0, None) is narrow
+    for _ in range(STEPS_OBSERVED):
+        narrow.observe(64, 13.0)
+    assert choose_split([s, narrow], 64, 8.0, None) is s  # none within the bound: the shortest step
+
+
+def test_decode_steps_on_a_split_choose_their_bucket_again(model_dir, capsys):
+    """The engine feeds each decode step run on a split to that split: once the steps of a bucket's
+    chosen split exceed the bound, the bucket moves to a split with more decode SMs, the log says so
+    and the statistics show the change. It never moves back, nor off the split with the most decode
+    SMs, nor off a split without a profile (enforce_eager)."""
+    llm = mux_llm(model_dir)
+    wide = profiled_split(48, {4: 6.0}, 1.4)
+    narrow = profiled_split(80, {4: 6.5}, 2.6)
+    llm.decode_runner.splits = [wide, narrow]  # stand-ins: lanes without streams
+    llm.split_by_bucket = {4: wide}
+    llm.decode_step_ms = {4: 6.0}  # on CPU a batch is its own bucket; bound 9 ms
+    for _ in range(STEPS_OBSERVED):
+        llm._observe(wide, 4, 9.5)
+    assert llm.split_by_bucket == {4: narrow}
+    assert "decode batch bucket 4: split under prefill now decode 80 / prefill 40 SMs" in capsys.readouterr().out
+    stats = llm.get_pd_statistics()
+    assert stats["split_changes"] == 1 and stats["split_per_batch"] == {"1-4": narrow.label}
+    for _ in range(STEPS_OBSERVED):
+        llm._observe(narrow, 4, 20.0)  # over the bound, and longer than wide's steps: no split has more SMs
+    assert llm.split_by_bucket == {4: narrow} and llm.get_pd_statistics()["split_changes"] == 1
+    bare = Split(Lane(None, 8), Lane(None, 16))
+    llm.split_by_bucket = {4: bare}
+    for _ in range(STEPS_OBSERVED):
+        llm._observe(bare, 4, 100.0)
+    assert llm.split_by_bucket == {4: bare} and bare.observed[4][0] == STEPS_OBSERVED
 
 
 def test_split_ranges():
@@ -207,9 +260,11 @@ def test_split_ranges():
 def test_in_line_prefills_fit_a_decode_step_into_the_bound():
     # A 10 ms step, a bound of 15 ms, 16384 tokens in 40 ms: 5 ms of prefill is 2048 tokens.
     per_token = 40.0 / 16384
-    assert in_line_prefill_tokens(itl_bound_ms(None, 10.0), 10.0, per_token) == 2048
-    assert in_line_prefill_tokens(12.0, 10.0, per_token) == 819
-    assert in_line_prefill_tokens(8.0, 10.0, per_token) == 0  # the step alone exceeds the bound
+    assert in_line_prefill_tokens(itl_bound_ms(None, 10.0), 10.0, 0.0, per_token) == 2048
+    assert in_line_prefill_tokens(15.0, 10.0, 2.5, per_token) == 1024  # 2.5 ms of it read the weights
+    assert in_line_prefill_tokens(12.0, 10.0, 0.0, per_token) == 819
+    assert in_line_prefill_tokens(12.0, 10.0, 3.0, per_token) == 0
+    assert in_line_prefill_tokens(8.0, 10.0, 0.0, per_token) == 0  # the step alone exceeds the bound
 
 
 class CountedReplay:
@@ -299,6 +354,9 @@ def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
     llm.decode_step_ms = {4: 10.0}  # on CPU a batch is its own bucket
     assert llm.in_line_tokens(4) == 2048  # 5 ms of prefill within the default bound of 15 ms
     assert llm.in_line_tokens(3) == 0
+    llm.prefill_fixed_ms = 2.5
+    assert llm.in_line_tokens(4) == 1024
+    llm.prefill_fixed_ms = 0.0
     llm.config.pd_max_itl_ms = 12.0
     assert llm.in_line_tokens(4) == 819
 

@@ -6,6 +6,7 @@ from nanovllm.config import Config
 from nanovllm.disagg.kv_transfer import KVTransfer, Transfer
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import PDScheduler
+from nanovllm.disagg.splits import Split
 from nanovllm.disagg.stats import PDStatistics
 from nanovllm.disagg.streams import StreamTimer
 from nanovllm.engine.llm_engine import LLMEngine
@@ -40,11 +41,11 @@ def build_runners(config: Config) -> tuple[RoleRunner, RoleRunner]:
 @dataclass(eq=False)
 class DecodeStep:
     """A launched decode step: its sequences, their tokens on the way, whether a prefill was in flight
-    beside it, and (multiplexing) the part of the GPU it runs on."""
+    beside it, and (multiplexing) the split it runs on (None: the whole GPU, or one stream)."""
     seqs: list[Sequence]
     pending: PendingTokens
     beside_prefill: bool
-    where: str = ""
+    split: Split | None = None
 
 
 class PDEngine(LLMEngine):

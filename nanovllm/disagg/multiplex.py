@@ -8,8 +8,8 @@ from nanovllm.config import Config
 from nanovllm.disagg.engine import DecodeStep, PDEngine
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import SharedCacheScheduler
-from nanovllm.disagg.splits import (DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_splits, in_line_prefill_tokens,
-                                    itl_bound_ms, prepare_splits, split_ranges)
+from nanovllm.disagg.splits import (DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, choose_splits,
+                                    in_line_prefill_tokens, itl_bound_ms, prepare_splits, split_ranges, within_bound)
 from nanovllm.disagg.stats import FULL_GPU, IN_LINE, MuxStatistics
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.cuda_graph import sequential_forward
@@ -78,10 +78,11 @@ class MuxEngine(PDEngine):
     sequences, it runs on the prefill partition of a split and the decode steps on the decode partition,
     from graphs captured there; otherwise each uses the whole GPU. The split follows the running batch:
     per decode bucket, the start-up profile picks the one that gives up the least decode time for the
-    prefill work done beside it, with the decode step within pd_max_itl_ms. A prefill short enough for
-    a decode step and it to fit that bound runs between two decode steps instead. Without green
-    contexts (CPU, an old driver, no cuda-python) both runners share one stream and the scheduling is
-    the same.
+    prefill work done beside it, with the decode step within pd_max_itl_ms; where the steps that then
+    run on the split exceed the bound, the bucket moves to a split with more decode SMs. A prefill
+    short enough for a decode step and it to fit that bound runs between two decode steps instead.
+    Without green contexts (CPU, an old driver, no cuda-python) both runners share one stream and the
+    scheduling is the same.
     """
 
     def _build_roles(self, config: Config) -> None:
@@ -104,9 +105,9 @@ class MuxEngine(PDEngine):
         self.kv_transfer = None
         self.stats = MuxStatistics(device, partitions)
         # Full-GPU decode step times per graph bucket, from the start-up profile and then from the steps
-        # run without a prefill beside; with the profiled prefill time per token they size in-line prefills.
+        # run without a prefill beside; with the profiled prefill time they size in-line prefills.
         self.decode_step_ms: dict[int, float] = {}
-        self.prefill_ms_per_token = math.inf
+        self.prefill_fixed_ms, self.prefill_ms_per_token = 0.0, math.inf
         self.split_by_bucket = self._choose(splits, config.pd_max_itl_ms) if splits else {}
         self._prefill_split: Split | None = None  # where the prefill in flight runs (None: the whole GPU)
         self._prefill_in_line = False  # whether it runs between decode steps
@@ -138,7 +139,9 @@ class MuxEngine(PDEngine):
                       f"prefill work {split.prefill_cost(profiler.batch, full_steps_ms[profiler.batch]):.2f}")
             split_by_bucket = choose_splits(splits, full_steps_ms, max_itl_ms)
             self.decode_step_ms.update(full_steps_ms)
-            self.prefill_ms_per_token = full_prefill_ms / profiler.prefill_tokens
+            # A prefill of any length reads every weight once, as the decode step of one sequence does.
+            self.prefill_fixed_ms = full_steps_ms[min(full_steps_ms)]
+            self.prefill_ms_per_token = (full_prefill_ms - self.prefill_fixed_ms) / profiler.prefill_tokens
             limit = f"{max_itl_ms:g} ms" if max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x its full-GPU step"
             ranges = "; ".join(f"{batches}: {label}" for batches, label in split_ranges(split_by_bucket).items())
             print(f"[PD-mux] split under prefill, by decode batch (step bound {limit}): {ranges}. A prefill runs "
@@ -146,6 +149,7 @@ class MuxEngine(PDEngine):
                   f"bound (at batch {profiler.batch}: up to {self.in_line_tokens(profiler.batch)} tokens). "
                   f"Profiled in {time.perf_counter() - start:.1f} s")
             self.stats.split_profiles = {s.label: s.profile for s in splits}
+            self.stats.split_observed = {s.label: s.observed for s in splits}
             torch.cuda.empty_cache()  # the profile's prefill activations, cached per stream
         self.stats.split_per_batch = split_ranges(split_by_bucket)
         return split_by_bucket
@@ -166,7 +170,7 @@ class MuxEngine(PDEngine):
         if step_ms is None:
             return 0
         return in_line_prefill_tokens(itl_bound_ms(self.config.pd_max_itl_ms, step_ms), step_ms,
-                                      self.prefill_ms_per_token)
+                                      self.prefill_fixed_ms, self.prefill_ms_per_token)
 
     def _bucket(self, batch: int) -> int:
         graphs = self.decode_runner.graphs
@@ -193,15 +197,38 @@ class MuxEngine(PDEngine):
 
     def _launch_decode(self, seqs: list[Sequence]) -> DecodeStep:
         step = super()._launch_decode(seqs)
-        step.where = self._split_label(self._decode_split)
+        step.split = self._decode_split
         return step
 
     def _record_decode(self, step: DecodeStep) -> None:
         super()._record_decode(step)
         seconds = step.pending.timer.seconds()
-        self.stats.record_split_decode(step.where, seconds)
-        if self.split_by_bucket and step.where == FULL_GPU and not step.beside_prefill:
-            self.decode_step_ms[self._bucket(len(step.seqs))] = 1e3 * seconds
+        self.stats.record_split_decode(self._split_label(step.split), seconds)
+        bucket = self._bucket(len(step.seqs))
+        if step.split is not None:
+            self._observe(step.split, bucket, 1e3 * seconds)
+        elif self.split_by_bucket and not step.beside_prefill:
+            self.decode_step_ms[bucket] = 1e3 * seconds
+
+    def _observe(self, split: Split, bucket: int, step_ms: float) -> None:
+        """Takes in a decode step run on a split beside a prefill. Once the steps of the bucket's chosen
+        split exceed the bound, the bucket moves to the split that choose_split picks among those with
+        more decode SMs, if its step is shorter: the profile measured the slow-down beside a prefill at
+        one batch, and small batches can slow down more. Moving one way only, a bucket changes at most
+        once per split. Without a profile (enforce_eager) the split stays."""
+        split.observe(bucket, step_ms)
+        full_ms, max_itl_ms = self.decode_step_ms.get(bucket), self.config.pd_max_itl_ms
+        if (not split.profile or full_ms is None or self.split_by_bucket.get(bucket) is not split
+                or within_bound(split, bucket, full_ms, max_itl_ms)):
+            return
+        wider = [s for s in self.decode_runner.splits if s.decode.num_sms > split.decode.num_sms]
+        chosen = choose_split(wider, bucket, full_ms, max_itl_ms) if wider else split
+        if chosen.decode_step_ms(bucket) < split.decode_step_ms(bucket):
+            self.split_by_bucket[bucket] = chosen
+            self.stats.record_split_change(split_ranges(self.split_by_bucket))
+            print(f"[PD-mux] decode batch bucket {bucket}: split under prefill now {chosen.label}; "
+                  f"{split.label} took {split.decode_step_ms(bucket):.1f} ms per decode step beside prefills, "
+                  f"bound {itl_bound_ms(max_itl_ms, full_ms):.1f} ms")
 
     def _split_label(self, split: Split | None) -> str:
         if split is not None:

@@ -19,24 +19,44 @@ STEPS_PER_BUCKET = 5  # timed decode steps per bucket and partition in the profi
 # Splits whose prefill_cost is within this of the least count as equally cheap (the profile's noise);
 # of those, the one with the largest prefill partition admits new sequences soonest.
 COST_TOLERANCE = 0.05
+# Decode steps of a bucket that must have run on a split beside prefills before their time replaces the
+# profile's estimate, and the weight of each later step in that running estimate.
+STEPS_OBSERVED = 4
+OBSERVED_WEIGHT = 0.2
+# A split qualifies for a bucket when its mean decode step is within this share of the ITL bound: a
+# bucket spans batches and contexts, and its longer steps must stay within the bound too.
+STEP_MARGIN = 0.9
 
 
 @dataclass(eq=False)
 class Split:
-    """Decode and prefill on disjoint partitions of one GPU; profile holds the start-up measurements."""
+    """Decode and prefill on disjoint partitions of one GPU; profile holds the start-up measurements,
+    observed the decode steps run on it while serving: bucket -> (steps, running mean ms)."""
     decode: Lane
     prefill: Lane
     profile: dict = field(default_factory=dict)
+    observed: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return f"decode {self.decode.num_sms} / prefill {self.prefill.num_sms} SMs"
 
     def decode_step_ms(self, bucket: int) -> float:
-        """A decode step of the bucket's batch beside a prefill: its time alone on the decode partition,
-        times the slow-down beside a prefill measured at the profile's batch."""
+        """A decode step of the bucket's batch beside a prefill: once STEPS_OBSERVED of them have run,
+        their running mean; before, the profile's estimate, the step alone on the decode partition times
+        the slow-down beside a prefill measured at the profile's batch (which small batches can exceed)."""
+        steps, mean_ms = self.observed.get(bucket, (0, 0.0))
+        if steps >= STEPS_OBSERVED:
+            return mean_ms
         p = self.profile
         return p["decode_step_ms_alone_per_batch"][bucket] * p["decode_step_ms"] / p["decode_step_ms_alone"]
+
+    def observe(self, bucket: int, step_ms: float) -> None:
+        """Takes in the time of a decode step of the bucket run on this split: the mean of the first
+        steps, then a running mean that follows the contexts as they grow."""
+        steps, mean_ms = self.observed.get(bucket, (0, 0.0))
+        weight = max(OBSERVED_WEIGHT, 1 / (steps + 1))
+        self.observed[bucket] = (steps + 1, mean_ms + weight * (step_ms - mean_ms))
 
     def prefill_cost(self, bucket: int, full_step_ms: float) -> float:
         """The decode time this split gives up per millisecond of prefill work (a prefill's time on the
@@ -83,27 +103,33 @@ def itl_bound_ms(max_itl_ms: float | None, full_step_ms: float) -> float:
     return max_itl_ms if max_itl_ms is not None else DEFAULT_ITL_FACTOR * full_step_ms
 
 
-def in_line_prefill_tokens(bound_ms: float, full_step_ms: float, prefill_ms_per_token: float) -> int:
+def in_line_prefill_tokens(bound_ms: float, full_step_ms: float, prefill_fixed_ms: float,
+                           prefill_ms_per_token: float) -> int:
     """The most tokens a prefill may have for a decode step and it, one after the other on the whole
-    GPU, to stay within bound_ms."""
-    return max(0, int((bound_ms - full_step_ms) / prefill_ms_per_token))
+    GPU, to stay within bound_ms: the prefill takes prefill_fixed_ms plus prefill_ms_per_token per token."""
+    return max(0, int((bound_ms - full_step_ms - prefill_fixed_ms) / prefill_ms_per_token))
+
+
+def within_bound(split: Split, bucket: int, full_ms: float, max_itl_ms: float | None) -> bool:
+    """Whether the split's decode step of the bucket's batch (full_ms on the whole GPU) is within
+    STEP_MARGIN x itl_bound_ms."""
+    return split.decode_step_ms(bucket) <= STEP_MARGIN * itl_bound_ms(max_itl_ms, full_ms)
+
+
+def choose_split(splits: list[Split], bucket: int, full_ms: float, max_itl_ms: float | None) -> Split:
+    """The split to run a prefill on beside the bucket's batch (full_ms: its full-GPU decode step): of
+    the splits within_bound, the one with the largest prefill partition among those within
+    COST_TOLERANCE of the least prefill_cost; if none is, the one with the shortest decode step."""
+    costs = {s: s.prefill_cost(bucket, full_ms) for s in splits if within_bound(s, bucket, full_ms, max_itl_ms)}
+    if not costs:
+        return min(splits, key=lambda s: s.decode_step_ms(bucket))
+    cheap = [s for s, cost in costs.items() if cost <= min(costs.values()) + COST_TOLERANCE]
+    return max(cheap, key=lambda s: s.prefill.num_sms)
 
 
 def choose_splits(splits: list[Split], full_step_ms: dict[int, float], max_itl_ms: float | None) -> dict[int, Split]:
-    """For each decode bucket (its full-GPU step time in full_step_ms), the split to run a prefill on
-    beside that batch: of the splits whose decode step stays within itl_bound_ms, the one with the
-    largest prefill partition among those within COST_TOLERANCE of the least prefill_cost; if none
-    stays within the bound, the one with the shortest decode step."""
-    chosen = {}
-    for bucket, full_ms in full_step_ms.items():
-        limit = itl_bound_ms(max_itl_ms, full_ms)
-        costs = {s: s.prefill_cost(bucket, full_ms) for s in splits if s.decode_step_ms(bucket) <= limit}
-        if costs:
-            cheap = [s for s, cost in costs.items() if cost <= min(costs.values()) + COST_TOLERANCE]
-            chosen[bucket] = max(cheap, key=lambda s: s.prefill.num_sms)
-        else:
-            chosen[bucket] = min(splits, key=lambda s: s.decode_step_ms(bucket))
-    return chosen
+    """choose_split for each decode bucket, given its full-GPU step time in full_step_ms."""
+    return {bucket: choose_split(splits, bucket, full_ms, max_itl_ms) for bucket, full_ms in full_step_ms.items()}
 
 
 def split_ranges(split_by_bucket: dict[int, Split]) -> dict[str, str]:

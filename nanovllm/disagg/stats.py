@@ -101,13 +101,16 @@ IN_LINE = "full GPU, between decode steps"
 class MuxStatistics(PDStatistics):
     """PDStatistics of the multiplexing engine, plus where its work ran: each decode step and each
     prefill on the whole GPU (a prefill alone, or between decode steps) or on a split, the split
-    chosen for each range of decode batches, and the start-up profile of every split."""
+    chosen for each range of decode batches (and how often a choice changed while serving), the
+    start-up profile of every split and the decode steps observed on it per bucket."""
 
     def __init__(self, device, partitions: str):
         super().__init__(device, device, "none (one KV cache shared by both runners)")
         self.partitions = partitions  # how prefill and decode share the GPU
         self.split_per_batch: dict[str, str] = {}  # ranges of decode batches -> the split each takes
         self.split_profiles: dict[str, dict] = {}
+        self.split_observed: dict[str, dict[int, tuple[int, float]]] = {}  # bucket -> (steps, mean ms)
+        self.split_changes = 0
         self.decode_steps_in: dict[str, int] = {}
         self.decode_seconds_in: dict[str, float] = {}
         self.prefills_in: dict[str, int] = {}
@@ -116,6 +119,10 @@ class MuxStatistics(PDStatistics):
         self.decode_steps_in[split] = self.decode_steps_in.get(split, 0) + 1
         self.decode_seconds_in[split] = self.decode_seconds_in.get(split, 0.0) + seconds
 
+    def record_split_change(self, split_per_batch: dict[str, str]) -> None:
+        self.split_per_batch = split_per_batch
+        self.split_changes += 1
+
     def record_split_prefill(self, split: str) -> None:
         self.prefills_in[split] = self.prefills_in.get(split, 0) + 1
 
@@ -123,7 +130,11 @@ class MuxStatistics(PDStatistics):
         total = sum(self.decode_seconds_in.values())
         return {
             **super().as_dict(), "partitions": self.partitions, "split_per_batch": dict(self.split_per_batch),
-            "split_profiles": self.split_profiles, "decode_steps_per_split": dict(self.decode_steps_in),
+            "split_changes": self.split_changes, "split_profiles": self.split_profiles,
+            "decode_step_ms_observed_per_split": {
+                split: {bucket: {"steps": steps, "mean_ms": ms} for bucket, (steps, ms) in sorted(observed.items())}
+                for split, observed in self.split_observed.items() if observed},
+            "decode_steps_per_split": dict(self.decode_steps_in),
             "decode_time_per_split_s": dict(self.decode_seconds_in),
             "decode_time_share_per_split": {k: v / total for k, v in self.decode_seconds_in.items()} if total else {},
             "prefills_per_split": dict(self.prefills_in),
@@ -133,7 +144,11 @@ class MuxStatistics(PDStatistics):
         super().print()
         stats = self.as_dict()
         chosen = "; ".join(f"{batches}: {split}" for batches, split in stats["split_per_batch"].items())
-        print(f"  Partitions: {stats['partitions']}; split under prefill by decode batch: {chosen or 'none'}")
+        print(f"  Partitions: {stats['partitions']}; split under prefill by decode batch: {chosen or 'none'} "
+              f"({stats['split_changes']} changes while serving)")
+        for split, observed in stats["decode_step_ms_observed_per_split"].items():
+            steps = ", ".join(f"{bucket}: {o['mean_ms']:.2f} ms ({o['steps']})" for bucket, o in observed.items())
+            print(f"  Decode step beside prefills on {split}, per batch bucket: {steps}")
         for split, steps in stats["decode_steps_per_split"].items():
             share = stats["decode_time_share_per_split"].get(split, 0.0)
             print(f"  Decode on {split}: {steps} steps, {stats['decode_time_per_split_s'][split]:.3f} s "
