@@ -223,7 +223,7 @@ def test_observed_decode_steps_replace_the_profiles_estimate():
     assert choose_split([s, narrow], 64, 8.0, None) is s  # none within the bound: the shortest step
 
 
-def test_decode_steps_on_a_split_choose_their_bucket_again(model_dir, capsys):
+def test_decode_steps_over_the_bound_move_their_bucket_to_more_decode_sms(model_dir, capsys):
     """The engine feeds each decode step run on a split to that split: once the steps of a bucket's
     chosen split exceed the bound, the bucket moves to a split with more decode SMs, the log says so
     and the statistics show the change. It never moves back, nor off the split with the most decode

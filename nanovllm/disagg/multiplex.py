@@ -8,8 +8,9 @@ from nanovllm.config import Config
 from nanovllm.disagg.engine import DecodeStep, PDEngine
 from nanovllm.disagg.runner import PendingTokens, RoleRunner
 from nanovllm.disagg.scheduler import SharedCacheScheduler
-from nanovllm.disagg.splits import (DEFAULT_ITL_FACTOR, Split, SplitProfiler, choose_split, choose_splits,
-                                    in_line_prefill_tokens, itl_bound_ms, prepare_splits, split_ranges, within_bound)
+from nanovllm.disagg.splits import (DEFAULT_ITL_FACTOR, STEP_MARGIN, Split, SplitProfiler, choose_split,
+                                    choose_splits, in_line_prefill_tokens, itl_bound_ms, prepare_splits, split_ranges,
+                                    within_bound)
 from nanovllm.disagg.stats import FULL_GPU, IN_LINE, MuxStatistics
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.cuda_graph import sequential_forward
@@ -227,8 +228,8 @@ class MuxEngine(PDEngine):
             self.split_by_bucket[bucket] = chosen
             self.stats.record_split_change(split_ranges(self.split_by_bucket))
             print(f"[PD-mux] decode batch bucket {bucket}: split under prefill now {chosen.label}; "
-                  f"{split.label} took {split.decode_step_ms(bucket):.1f} ms per decode step beside prefills, "
-                  f"bound {itl_bound_ms(max_itl_ms, full_ms):.1f} ms")
+                  f"{split.label} took {split.decode_step_ms(bucket):.1f} ms per decode step beside prefills, over "
+                  f"{STEP_MARGIN:g} x the {itl_bound_ms(max_itl_ms, full_ms):.1f} ms bound")
 
     def _split_label(self, split: Split | None) -> str:
         if split is not None:
