@@ -1,6 +1,8 @@
 """Prefill/decode multiplexing on one GPU (enable_pd_multiplexing): the same greedy tokens as the
 single-runner engine with one shared KV cache, the split statistics, the candidate splits and bad
 options. On CPU the engine runs its fallback (one stream); the split tests need a CUDA device."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from nanovllm import LLM
 from nanovllm.attention.triton_kernels import choose_num_splits
 from nanovllm.utils.sm_limit import num_sms_of, on_sms
 from nanovllm.disagg import MuxEngine
+from nanovllm.disagg.engine import DecodeStep
 from nanovllm.disagg.splits import (OBSERVED_WEIGHT, STEP_MARGIN, STEPS_OBSERVED, STEPS_PER_BUCKET, Split, SplitProfiler,
                                     candidate_sizes, choose_split, choose_splits, in_line_prefill_tokens, itl_bound_ms,
                                     split_ranges)
@@ -248,6 +251,23 @@ def test_decode_steps_over_the_bound_move_their_bucket_to_more_decode_sms(model_
     for _ in range(STEPS_OBSERVED):
         llm._observe(bare, 4, 100.0)
     assert llm.split_by_bucket == {4: bare} and bare.observed[4][0] == STEPS_OBSERVED
+
+
+def test_batches_past_the_largest_decode_graph_time_no_bucket(model_dir):
+    """max_num_seqs above the largest decode graph: such batches run eagerly; their steps are recorded
+    per split but time no bucket, and a prefill beside them never runs in line."""
+    llm = mux_llm(model_dir)
+    decode = llm.decode_runner
+    decode.graphs = DecodeGraphs([1, 2], decode.max_blocks_per_seq, decode.device)  # a stand-in: never replayed
+    split = Split(Lane(None, 8), Lane(None, 16))  # a stand-in
+    llm.split_by_bucket = {1: split, 2: split}
+    llm.decode_step_ms = {1: 5.0, 2: 6.0}
+    assert llm._bucket(2) == 2 and llm._bucket(3) is None
+    assert llm.in_line_tokens(3) == 0 and llm.split_for(3) is split
+    timer = SimpleNamespace(seconds=lambda: 0.009)
+    llm._record_decode(DecodeStep([object()] * 3, SimpleNamespace(timer=timer), beside_prefill=False))
+    assert llm.decode_step_ms == {1: 5.0, 2: 6.0}
+    assert llm.get_pd_statistics()["decode_steps_per_split"] == {"full GPU": 1}
 
 
 def test_split_ranges():

@@ -173,9 +173,13 @@ class MuxEngine(PDEngine):
         return in_line_prefill_tokens(itl_bound_ms(self.config.pd_max_itl_ms, step_ms), step_ms,
                                       self.prefill_fixed_ms, self.prefill_ms_per_token)
 
-    def _bucket(self, batch: int) -> int:
+    def _bucket(self, batch: int) -> int | None:
+        """The decode graph bucket that runs the batch: the batch itself without graphs, None past the
+        largest graph (such a batch runs eagerly, and its steps time no bucket)."""
         graphs = self.decode_runner.graphs
-        return graphs.bucket_for(batch) if graphs is not None else batch
+        if graphs is None:
+            return batch
+        return graphs.bucket_for(batch) if batch <= graphs.buckets[-1] else None
 
     def _launch_prefill_batch(self, seqs: list[Sequence]) -> PendingTokens:
         # With nothing decoding the prefill has the whole GPU. Beside decode steps it runs on the split's
@@ -206,6 +210,8 @@ class MuxEngine(PDEngine):
         seconds = step.pending.timer.seconds()
         self.stats.record_split_decode(self._split_label(step.split), seconds)
         bucket = self._bucket(len(step.seqs))
+        if bucket is None:
+            return
         if step.split is not None:
             self._observe(step.split, bucket, 1e3 * seconds)
         elif self.split_by_bucket and not step.beside_prefill:
