@@ -77,6 +77,37 @@ def check_qk_norm_rope(device, dtype, num_tokens, num_heads, num_kv_heads, head_
     assert_close(k_out, k_ref, dtype)
 
 
+def check_qk_norm_rope_store(device, dtype, num_tokens, num_heads, num_kv_heads, head_dim, block_size):
+    """With a cache to store into, the kernel returns what it returns without one (to rounding: the
+    variant compiles to other code), and leaves the cache as store_kv (tests/test_triton_attention.py
+    checks it against torch) leaves it given the keys it returned, slot -1 included."""
+    from nanovllm.attention.base import KVStore
+    from nanovllm.attention.triton_kernels import store_kv
+    from nanovllm.layers.triton_ops import qk_norm_rope
+    gen = torch.Generator().manual_seed(num_tokens * 100 + num_kv_heads * 10 + block_size)
+    config = Qwen3Config(head_dim=head_dim, max_position_embeddings=MAX_POSITIONS, rope_theta=1e6)
+    cos_sin = RotaryEmbedding(config, head_dim).cos_sin_cache.to(device)
+    q_weight, k_weight = ((torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(device) for _ in range(2))
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = (torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen) * 3).to(dtype).to(device)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen).to(device)
+    num_blocks = 2 + num_tokens // block_size
+    # Both caches of a layer in one block-major tensor, as the runner lays them out.
+    kv_cache = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[1::3] = -1  # token 0 is stored, so the cache changes
+    expected, fused = kv_cache.to(device).clone(), kv_cache.to(device).clone()
+    q_plain, k_plain = qk_norm_rope(q, k, q_weight, k_weight, 1e-6, cos_sin, positions)
+    q_out, k_out = qk_norm_rope(q, k, q_weight, k_weight, 1e-6, cos_sin, positions,
+                                KVStore(v, fused[:, 0], fused[:, 1], slots.to(device)))
+    assert_close(q_out, q_plain.cpu(), dtype)
+    assert_close(k_out, k_plain.cpu(), dtype)
+    store_kv(k_out, v, expected[:, 0], expected[:, 1], slots.to(device))
+    assert torch.equal(fused.cpu(), expected.cpu())
+    assert not torch.equal(fused.cpu(), kv_cache)
+
+
 def check_silu_and_mul(device, dtype, rows, n):
     from nanovllm.layers.triton_ops import silu_and_mul
     gen = torch.Generator().manual_seed(rows * 7 + n)
@@ -171,6 +202,11 @@ def qk_norm_rope_cases(small):
         [(d, 33, 32, 8, 128) for d in DTYPES]
 
 
+def qk_norm_rope_store_cases(small):
+    cases = [("bf16", 5, 2, 1, 64, 16), ("fp32", 9, 4, 2, 64, 16), ("bf16", 3, 2, 2, 128, 16)]
+    return cases if small else cases + [(d, n, 16, 8, 128, bs) for d in DTYPES for n in (1, 64, 513) for bs in (16, 256)]
+
+
 def silu_and_mul_cases(small):
     cases = [("bf16", 1, 64), ("fp32", 3, 1500), ("bf16", 2, 1100), ("fp32", 0, 64)]
     return cases if small else cases + [(d, r, n) for d in DTYPES for r in (1, 256, 512) for n in (3072, 12288)]
@@ -185,11 +221,39 @@ def sample_cases(small):
 
 KINDS = {"rms_norm": (rms_norm_cases, lambda device, c: check_rms_norm(device, DTYPES[c[0]], *c[1:])),
          "qk_norm_rope": (qk_norm_rope_cases, lambda device, c: check_qk_norm_rope(device, DTYPES[c[0]], *c[1:])),
+         "qk_norm_rope_store": (qk_norm_rope_store_cases,
+                                lambda device, c: check_qk_norm_rope_store(device, DTYPES[c[0]], *c[1:])),
          "silu_and_mul": (silu_and_mul_cases, lambda device, c: check_silu_and_mul(device, DTYPES[c[0]], *c[1:])),
          "sample": (sample_cases, lambda device, c: check_sample(device, DTYPES[c[0]], *c[1:]))}
 
 
 test_cuda, test_interpreter = kernel_tests(KINDS, __file__)
+
+
+def test_only_the_triton_backend_with_a_16_or_32_bit_cache_takes_the_fused_store():
+    """Attention.fused_store hands the store to the q/k kernel only where the cache is store_kv's and not
+    float8; elsewhere the layer stores itself (the torch backend, float8 scales, no cache yet)."""
+    from nanovllm.attention.torch_backend import TorchBackend
+    from nanovllm.attention.triton_backend import TritonBackend
+    from nanovllm.layers.attention import Attention
+    from nanovllm.utils.context import Context, reset_context, set_context
+    attn = Attention(4, 16, 0.25, 2)
+    v = torch.zeros(3, 2, 16)
+    slots = torch.tensor([5, -1, 7])
+    set_context(Context(is_prefill=False, slot_mapping=slots))
+    try:
+        attn.backend = TritonBackend()
+        assert attn.fused_store(v) is None  # no cache
+        attn.k_cache, attn.v_cache = torch.zeros(2, 16, 2, 16), torch.zeros(2, 16, 2, 16)
+        store = attn.fused_store(v)
+        assert store.v is v and store.k_cache is attn.k_cache and store.v_cache is attn.v_cache
+        assert store.slot_mapping is slots
+        attn.kv_scales = torch.ones(2, 2)
+        assert attn.fused_store(v) is None
+        attn.kv_scales, attn.backend = None, TorchBackend()
+        assert attn.fused_store(v) is None
+    finally:
+        reset_context()
 
 
 if __name__ == "__main__":

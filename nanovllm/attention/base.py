@@ -1,6 +1,18 @@
+from dataclasses import dataclass
+
 import torch
 
 from nanovllm.utils.context import Context
+
+
+@dataclass
+class KVStore:
+    """This step's values and where they and the keys go in a layer's cache (16 or 32-bit), for a kernel
+    that computes the keys to store them itself (the fused q/k norm and RoPE) in place of store_kv."""
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
 
 
 class AttentionBackend:
@@ -14,6 +26,8 @@ class AttentionBackend:
     # Whether prefill runs inside a CUDA graph: a launch that depends on shapes only, with every key
     # read from the cache (block_tables given).
     captures_prefill = False
+    # Whether the cache layout and store are those of the Triton store_kv, which a fused kernel may do instead.
+    fuses_store = False
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:

@@ -9,6 +9,7 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
     captures_prefill = True
+    fuses_store = True
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping, kv_scales=None):
         store_kv(k, v, k_cache, v_cache, slot_mapping, kv_scales)

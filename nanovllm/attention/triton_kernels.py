@@ -291,7 +291,7 @@ def _check_head_dim(head_dim: int):
         raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
 
 
-def _check_cache(cache: torch.Tensor):
+def check_cache(cache: torch.Tensor):
     block_size = cache.size(1)
     if block_size < 16 or block_size & (block_size - 1) or cache.stride(3) != 1:
         raise ValueError("triton attention needs a power-of-two block size >= 16 and contiguous head_dim")
@@ -319,7 +319,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if num_tokens == 0:
         return
     _check_head_dim(head_dim)
-    _check_cache(k_cache)
+    check_cache(k_cache)
     assert k.stride(2) == 1 and v.stride(2) == 1
     scales, stride_s, quantize = _scales_args(kv_scales, k_cache)
     _store_kv_kernel[(num_tokens,)](
@@ -365,7 +365,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_kv_heads = k_cache.size(2)
     block_size = k_cache.size(1)
     _check_head_dim(head_dim)
-    _check_cache(k_cache)
+    check_cache(k_cache)
     assert q.stride(2) == 1 and num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
     default_tile, default_warps, default_stages = decode_tile_config(q.dtype, head_dim, kv_scales is not None)
@@ -423,7 +423,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         return out
     scales, stride_s, dequantize = _scales_args(kv_scales if paged else None, k)
     if paged:
-        _check_cache(k)
+        check_cache(k)
         k_strides = k.stride(0), k.stride(1), k.stride(2)
         v_strides = v.stride(0), v.stride(1), v.stride(2)
         block_size, stride_bt = k.size(1), block_tables.stride(0)

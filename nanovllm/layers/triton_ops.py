@@ -1,5 +1,5 @@
 """Fused Triton kernels for the small per-layer ops of decode: RMSNorm (with residual add), per-head
-q/k RMSNorm with RoPE, and SiLU·mul.
+q/k RMSNorm with RoPE (which can also store the keys and values in the paged cache), and SiLU·mul.
 
 Unfused, each of these is several elementwise kernels; at decode batch sizes every kernel costs a few
 microseconds whatever its size, which adds up to milliseconds per step over a model's layers. Each
@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM
+from nanovllm.attention.base import KVStore
+from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM, check_cache
 from nanovllm.utils.sm_limit import num_sms_of
 
 # qk_norm_rope: a program of one (token, head) costs more to schedule than its work, which made the
@@ -65,11 +66,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_out_ptr,
+                         v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                          num_tokens, stride_qn, stride_qh, stride_kn, stride_kh, stride_cos, eps,
+                         stride_vn, stride_vh, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
                          NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                         BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+                         BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, STORE: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr):
     """One program per (BLOCK_T tokens, head): RMSNorm over the head, then rotate-half RoPE at each
-    token's position."""
+    token's position. With STORE, a key head's program also writes the key and the value of its head
+    into the paged cache at each token's slot (-1: none), as store_kv does."""
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
     rows = toks.to(tl.int64)
@@ -99,17 +104,37 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_
     cos = tl.load(cos_ptr + pos * stride_cos + offs[None, :], mask=mask, other=0.0).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + pos * stride_cos + offs[None, :], mask=mask, other=0.0).to(dtype).to(tl.float32)
     # x * cos + rotate_half(x) * sin with the reference's three roundings.
-    out1 = (y1 * cos).to(dtype).to(tl.float32) + (-y2 * sin).to(dtype).to(tl.float32)
-    out2 = (y2 * cos).to(dtype).to(tl.float32) + (y1 * sin).to(dtype).to(tl.float32)
-    tl.store(dst[:, None] + offs[None, :], out1.to(dtype), mask=mask)
-    tl.store(dst[:, None] + HALF + offs[None, :], out2.to(dtype), mask=mask)
+    out1 = ((y1 * cos).to(dtype).to(tl.float32) + (-y2 * sin).to(dtype).to(tl.float32)).to(dtype)
+    out2 = ((y2 * cos).to(dtype).to(tl.float32) + (y1 * sin).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(dst[:, None] + offs[None, :], out1, mask=mask)
+    tl.store(dst[:, None] + HALF + offs[None, :], out2, mask=mask)
+    if STORE:
+        if head >= NUM_Q_HEADS:
+            kv_head = head - NUM_Q_HEADS
+            slot = tl.load(slot_ptr + toks, mask=tok_mask, other=-1).to(tl.int64)
+            store_mask = mask & (slot >= 0)[:, None]
+            slot = tl.maximum(slot, 0)[:, None]
+            v_src = v_ptr + rows[:, None] * stride_vn + kv_head * stride_vh + offs[None, :]
+            v1 = tl.load(v_src, mask=store_mask, other=0.0)
+            v2 = tl.load(v_src + HALF, mask=store_mask, other=0.0)
+            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + kv_head * stride_kch + offs[None, :]
+            v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + kv_head * stride_vch + offs[None, :]
+            cache_dtype = k_cache_ptr.dtype.element_ty
+            tl.store(k_dst, out1.to(cache_dtype), mask=store_mask)
+            tl.store(k_dst + HALF, out2.to(cache_dtype), mask=store_mask)
+            tl.store(v_dst, v1.to(cache_dtype), mask=store_mask)
+            tl.store(v_dst + HALF, v2.to(cache_dtype), mask=store_mask)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-                 cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 cos_sin_cache: torch.Tensor, positions: torch.Tensor,
+                 store: KVStore | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, Hq, D] and k [N, Hkv, D] (strided views allowed) -> contiguous normed and rotated copies.
 
     cos_sin_cache is [2, max_positions, D] float32 with each row's two halves equal (rotate-half layout).
+    store: the rotated keys and the values v [N, Hkv, D] are also written into this paged cache (not a
+    float8 one), as nanovllm.attention.triton_kernels.store_kv writes them, without a kernel of its own.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.size(1)
@@ -119,11 +144,21 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if num_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
+    if store is not None:
+        v, k_cache, v_cache, slot_mapping = store.v, store.k_cache, store.v_cache, store.slot_mapping
+        check_cache(k_cache)
+        assert v.shape == k.shape and v.stride(2) == 1 and slot_mapping.size(0) >= num_tokens
+    else:
+        v = k_cache = v_cache = slot_mapping = q
     _qk_norm_rope_kernel[(triton.cdiv(num_tokens, QK_ROPE_TOKENS_PER_PROGRAM), num_q_heads + num_kv_heads)](
         q, k, q_weight, k_weight, cos_sin_cache[0], cos_sin_cache[1], positions, q_out, k_out,
+        v, k_cache, v_cache, slot_mapping,
         num_tokens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(1), eps,
+        *(v.stride()[:2] if store else (0, 0)), *(k_cache.stride()[:3] if store else (0, 0, 0)),
+        *(v_cache.stride()[:3] if store else (0, 0, 0)),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_T=QK_ROPE_TOKENS_PER_PROGRAM,
+        BLOCK_T=QK_ROPE_TOKENS_PER_PROGRAM, STORE=store is not None,
+        BLOCK_SIZE=k_cache.size(1) if store else 1,
         # Fused multiply-adds would skip the reference's rounding of each product.
         num_warps=1, enable_fp_fusion=False)
     return q_out, k_out

@@ -31,17 +31,18 @@ class Qwen3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q, k = self.norm_and_rotate(positions, q.view(-1, self.num_heads, self.head_dim),
-                                    k.view(-1, self.num_kv_heads, self.head_dim))
-        out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
-        return self.o_proj(out.flatten(1, -1))
-
-    def norm_and_rotate(self, positions, q, k):
+        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         ops = fused_ops(q)
-        if ops is not None:
-            return ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                                    self.rotary_emb.cos_sin_cache, positions)
-        return self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
+        if ops is None:
+            out = self.attn(*self.rotary_emb(positions, self.q_norm(q), self.k_norm(k)), v)
+        else:
+            # The fused kernel stores the keys and values as it rotates, saving the store's own kernel.
+            store = self.attn.fused_store(v)
+            q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                    self.rotary_emb.cos_sin_cache, positions, store)
+            out = self.attn(q, k, v, stored=store is not None)
+        return self.o_proj(out.flatten(1, -1))
 
 
 class Qwen3MLP(nn.Module):
