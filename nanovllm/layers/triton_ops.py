@@ -148,6 +148,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
         v, k_cache, v_cache, slot_mapping = store.v, store.k_cache, store.v_cache, store.slot_mapping
         check_cache(k_cache)
         assert v.shape == k.shape and v.stride(2) == 1 and slot_mapping.size(0) >= num_tokens
+        assert k_cache.dtype == v_cache.dtype == k.dtype, "the fused store does not quantize"
     else:
         v = k_cache = v_cache = slot_mapping = q
     _qk_norm_rope_kernel[(triton.cdiv(num_tokens, QK_ROPE_TOKENS_PER_PROGRAM), num_q_heads + num_kv_heads)](
