@@ -148,11 +148,27 @@ def check_decode(device, dtype, cache_dtype, block_size, group, head_dim, contex
         refs.append(reference_attention(q[b:b + 1], keys, values, scale)[0])
 
     kv_cache = kv_cache.to(device)
-    out = paged_decode(q.to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], tables.to(device),
-                       torch.tensor(context_lens, dtype=torch.int32, device=device), scale, num_splits=num_splits,
-                       kv_scales=None if scales is None else scales.to(device))
+
+    def decode(order=None):
+        return paged_decode(q.to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], tables.to(device),
+                            torch.tensor(context_lens, dtype=torch.int32, device=device), scale, num_splits=num_splits,
+                            kv_scales=None if scales is None else scales.to(device), order=order)
+    out = decode()
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, torch.stack(refs), dtype)
+    # The order only decides which program runs first: the rows' results are the same bits in any order.
+    reverse = torch.arange(len(context_lens) - 1, -1, -1, dtype=torch.int32, device=device)
+    assert torch.equal(decode(reverse).cpu(), out.cpu())
+
+
+def check_longest_first(device, case):
+    """case: (batch, lengths below); a small bound makes ties."""
+    from nanovllm.attention.triton_kernels import longest_first
+    batch, bound = case
+    context_lens = torch.randint(0, bound, (batch,), generator=torch.Generator().manual_seed(batch + bound)).tolist()
+    order = longest_first(torch.tensor(context_lens, dtype=torch.int32, device=device))
+    expected = sorted(range(len(context_lens)), key=lambda i: (-context_lens[i], i))
+    assert order.dtype == torch.int32 and order.cpu().tolist() == expected
 
 
 def check_prefill(device, dtype, cache_dtype, block_size, group, head_dim, q_lens, prefix_lens, paged,
@@ -262,6 +278,10 @@ def check_backend(device, dtype, cache_dtype):
         return backend.decode(q, k_cache, v_cache, ctx, head_dim ** -0.5, scales)
 
     run_both(decode, q, k, v)
+    # The Triton backend ordered the rows once for the step's layers; a slice of the batch orders its own.
+    lens = ctx.context_lens.cpu().tolist()
+    assert ctx.decode_order.cpu().tolist() == sorted(range(len(lens)), key=lambda i: (-lens[i], i))
+    assert ctx.decode_rows(slice(1, 3)).decode_order is None
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -320,6 +340,11 @@ def prefill_cases(small):
                                            (q_lens, [37, 0, 300, 513, 1000], True)])
 
 
+def longest_first_cases(small):
+    cases = [(1, 8), (0, 8), (7, 3), (65, 9)]
+    return cases if small else cases + [(64, 4096), (129, 4096), (512, 4096), (300, 3)]
+
+
 def run_store_kv(device, case):
     dtype, bs, hkv, d, slot_dtype = case
     check_store_kv(device, *dtypes(dtype), bs, hkv, d, slot_dtype)
@@ -340,6 +365,7 @@ def run_backend(device, case):
 
 
 KINDS = {"store_kv": (store_kv_cases, run_store_kv), "decode": (decode_cases, run_decode),
+         "longest_first": (longest_first_cases, check_longest_first),
          "prefill": (prefill_cases, run_prefill), "backend": (lambda small: [*DTYPES, *FP8], run_backend)}
 
 

@@ -1,5 +1,5 @@
 from nanovllm.attention.base import AttentionBackend
-from nanovllm.attention.triton_kernels import paged_decode, prefill_attention, store_kv
+from nanovllm.attention.triton_kernels import longest_first, paged_decode, prefill_attention, store_kv
 from nanovllm.utils.context import Context
 
 
@@ -21,5 +21,7 @@ class TritonBackend(AttentionBackend):
                                  block_tables=ctx.block_tables, kv_scales=kv_scales)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
+        if ctx.decode_order is None:  # once per step, for every layer
+            ctx.decode_order = longest_first(ctx.context_lens)
         return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
-                            kv_scales=kv_scales)
+                            kv_scales=kv_scales, order=ctx.decode_order)

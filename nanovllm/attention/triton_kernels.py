@@ -30,6 +30,8 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
 # Sequences a prefill program looks through at a time to find its own.
 QUERY_BLOCK_SEARCH = 128
+# Sequences ranked per program, and compared per iteration, by the longest-first ordering.
+ORDER_BLOCK = 64
 
 
 @triton.jit
@@ -60,6 +62,21 @@ def _store_kv_kernel(
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h * stride_vch + offs_d
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _longest_first_kernel(context_lens_ptr, order_ptr, batch, BLOCK: tl.constexpr):
+    """order[rank] = i, where rank counts the sequences longer than i, or as long and before it."""
+    offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask_i = offs_i < batch
+    len_i = tl.load(context_lens_ptr + offs_i, mask=mask_i, other=0)
+    rank = tl.zeros([BLOCK], tl.int32)
+    for first in range(0, batch, BLOCK):
+        offs_j = first + tl.arange(0, BLOCK)
+        len_j = tl.load(context_lens_ptr + offs_j, mask=offs_j < batch, other=-1)  # -1: never ahead
+        ahead = (len_j[None, :] > len_i[:, None]) | ((len_j[None, :] == len_i[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        rank += tl.sum(ahead.to(tl.int32), 1)
+    tl.store(order_ptr + rank, offs_i, mask=mask_i)
 
 
 @triton.jit
@@ -104,7 +121,7 @@ def _attend_tile(q, k, v_ptrs, tok_mask, visible, m_i, l_i, acc, qk_scale):
 # on it (== 1, % 16), a kernel would compile again in the middle of serving.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scales_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, order_ptr, scales_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_s, stride_ob, stride_oh,
@@ -114,10 +131,11 @@ def _decode_kernel(
     """One program: one sequence, one KV head with its GROUP query heads, one slice of the context.
 
     KV heads vary fastest across programs: a token's heads are adjacent in the cache, so programs
-    running side by side read neighbouring memory.
+    running side by side read neighbouring memory. Sequences start longest first (order): a long one
+    started last would leave the SMs idle while it finishes.
     """
     kv_head = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.load(order_ptr + tl.program_id(1))
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(0)
 
@@ -343,6 +361,15 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 
+def longest_first(context_lens: torch.Tensor) -> torch.Tensor:
+    """The batch's rows by falling context length (ties in row order), int32; capturable in a CUDA graph."""
+    batch = context_lens.numel()
+    order = torch.empty(batch, dtype=torch.int32, device=context_lens.device)
+    if batch:
+        _longest_first_kernel[(triton.cdiv(batch, ORDER_BLOCK),)](context_lens, order, batch, BLOCK=ORDER_BLOCK)
+    return order
+
+
 def decode_tile_config(dtype: torch.dtype, head_dim: int, quantized: bool) -> tuple[int, int, int]:
     """(tokens per tile, num_warps, num_stages); fp32 tiles are halved to fit shared memory. A float8
     cache with 16-bit queries runs best on two warps (83% of the copy rate against 70% on four, H200)."""
@@ -354,9 +381,10 @@ def decode_tile_config(dtype: torch.dtype, head_dim: int, quantized: bool) -> tu
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, num_sms: int | None = None,
                  num_splits: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, kv_scales: torch.Tensor | None = None,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, D] attends to context_lens[b] cached tokens of block_tables[b] -> [B, Hq, D];
-    kv_scales dequantize a float8 cache.
+    kv_scales dequantize a float8 cache; order is longest_first(context_lens), computed here if not given.
 
     The optional arguments override the heuristics (for benchmarking); all of them depend on
     shapes only, so the launch is CUDA-graph capturable.
@@ -383,8 +411,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     else:
         part_m = part_l = part_acc = out  # unused by the single-split variant
     scales, stride_s, dequantize = _scales_args(kv_scales, k_cache)
+    order = longest_first(context_lens) if order is None else order
     _decode_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, scales, out, part_m, part_l, part_acc, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, context_lens, order, scales, out, part_m, part_l, part_acc, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_s,
         out.stride(0), out.stride(1),

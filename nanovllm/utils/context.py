@@ -14,12 +14,14 @@ class Context:
     slot_mapping: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    # The decode rows longest first, computed by the attention backend at the first layer that needs it.
+    decode_order: torch.Tensor | None = None
 
     def decode_rows(self, rows: slice) -> "Context":
         """The decode context of a slice of the batch's sequences."""
         assert not self.is_prefill
         return replace(self, slot_mapping=self.slot_mapping[rows], context_lens=self.context_lens[rows],
-                       block_tables=self.block_tables[rows])
+                       block_tables=self.block_tables[rows], decode_order=None)
 
 
 _CONTEXT = Context()
