@@ -14,7 +14,7 @@ from nanovllm.disagg.engine import DecodeStep
 from nanovllm.disagg.splits import (OBSERVED_WEIGHT, STEP_MARGIN, STEPS_OBSERVED, STEPS_PER_BUCKET, Split, SplitProfiler,
                                     candidate_sizes, choose_split, choose_splits, in_line_prefill_tokens, itl_bound_ms,
                                     split_ranges)
-from nanovllm.disagg.stats import IN_LINE
+from nanovllm.disagg.stats import FILLING, IN_LINE
 from nanovllm.disagg.streams import Lane
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from test_two_gpu import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, count_preemptions, mixed_prompts, needs_cuda,
@@ -350,6 +350,7 @@ def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model
     llm.split_by_bucket = {2: small, llm.config.max_num_seqs: large}  # stand-ins: lanes without streams
     assert llm.split_for(1) is small and llm.split_for(2) is small and llm.split_for(3) is large
     llm.in_line_tokens = lambda batch: in_line_tokens
+    llm.fills_batch = lambda running: False
     chosen = []
     split_for = llm.split_for
     monkeypatch.setattr(llm, "split_for", lambda batch: chosen.append(split_for(batch)) or chosen[-1])
@@ -361,6 +362,29 @@ def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model
     assert bool(on_splits) == (not in_line_tokens)
     assert (IN_LINE in stats["prefills_per_split"]) == bool(in_line_tokens)
     assert set(stats["decode_steps_per_split"]) - {"full GPU"} == set(on_splits)
+
+
+def test_prefills_that_fill_the_batch_run_between_decode_steps(model_dir, expected, monkeypatch):
+    """Requests queued at once: while at least as many are to join as decode, each prefill runs on the
+    whole GPU between decode steps, long as it may be; once the batch is mostly full, the rest go on the
+    split. The tokens stay the same."""
+    llm = mux_llm(model_dir, max_num_batched_tokens=40)
+    split = Split(Lane(None, 8), Lane(None, 16))
+    llm.split_by_bucket = {llm.config.max_num_seqs: split}  # a stand-in: lanes without streams
+    llm.in_line_tokens = lambda batch: 0
+    decode_beside_every_prefill(llm, monkeypatch)
+    launched = []
+    record = llm.stats.record_split_prefill
+    monkeypatch.setattr(llm.stats, "record_split_prefill", lambda label: launched.append(
+        (label, len(llm.scheduler.running), llm.scheduler.num_joining())) or record(label))
+    assert tokens(llm, mixed_prompts()) == expected
+    filling = [(running, joining) for label, running, joining in launched if label == FILLING]
+    on_split = [(running, joining) for label, running, joining in launched if label == split.label]
+    assert filling and on_split and launched[0][1] == 0
+    assert all(joining >= running > 0 for running, joining in filling)
+    assert all(joining < running for running, joining in on_split)
+    labels = [label for label, _, _ in launched]
+    assert labels.index(FILLING) < labels.index(split.label)
 
 
 def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
@@ -389,6 +413,7 @@ def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, 
     if not llm.split_by_bucket:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 0  # every prefill beside decoding sequences on the split
+    llm.fills_batch = lambda running: False
     splits = llm.decode_runner.splits
     assert len(splits) >= 2 and set(llm.decode_runner.plans) == {None, *(s.decode.num_sms for s in splits)}
     assert set(llm.prefill_runner.plans) == {None, *(s.prefill.num_sms for s in splits)}
@@ -420,6 +445,7 @@ def test_gpu_short_prefills_run_between_decode_steps(model_dir, cuda_expected, m
     if not llm.split_by_bucket:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 10 ** 9
+    llm.fills_batch = lambda running: False
     preempted = count_preemptions(monkeypatch)
     decode_beside_every_prefill(llm, monkeypatch)
     stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
@@ -436,6 +462,7 @@ def test_gpu_decode_runs_on_the_split_beside_a_prefill(model_dir, cuda_expected)
     if not llm.split_by_bucket:
         pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
     llm.in_line_tokens = lambda batch: 0
+    llm.fills_batch = lambda running: False
     chosen = []
     split_for = llm.split_for
     llm.split_for = lambda batch: chosen.append(split_for(batch)) or chosen[-1]

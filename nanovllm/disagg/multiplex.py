@@ -11,7 +11,7 @@ from nanovllm.disagg.scheduler import SharedCacheScheduler
 from nanovllm.disagg.splits import (DEFAULT_ITL_FACTOR, STEP_MARGIN, Split, SplitProfiler, choose_split,
                                     choose_splits, in_line_prefill_tokens, itl_bound_ms, prepare_splits, split_ranges,
                                     within_bound)
-from nanovllm.disagg.stats import FULL_GPU, IN_LINE, MuxStatistics
+from nanovllm.disagg.stats import FILLING, FULL_GPU, IN_LINE, MuxStatistics
 from nanovllm.disagg.streams import Lane, StreamTimer, use_streams
 from nanovllm.engine.cuda_graph import sequential_forward
 from nanovllm.engine.sequence import Sequence
@@ -81,7 +81,9 @@ class MuxEngine(PDEngine):
     per decode bucket, the start-up profile picks the one that gives up the least decode time for the
     prefill work done beside it, with the decode step within pd_max_itl_ms; where the steps that then
     run on the split exceed the bound, the bucket moves to a split with more decode SMs. A prefill
-    short enough for a decode step and it to fit that bound runs between two decode steps instead.
+    short enough for a decode step and it to fit that bound runs between two decode steps instead; so
+    does every prefill while at least as many sequences are to join the decoding ones as decode (a
+    burst, or the start of an offline run): their first tokens come before the bound of the few.
     Without green contexts (CPU, an old driver, no cuda-python) both runners share one stream and the
     scheduling is the same.
     """
@@ -173,6 +175,10 @@ class MuxEngine(PDEngine):
         return in_line_prefill_tokens(itl_bound_ms(self.config.pd_max_itl_ms, step_ms), step_ms,
                                       self.prefill_fixed_ms, self.prefill_ms_per_token)
 
+    def fills_batch(self, running: int) -> bool:
+        """Whether at least as many sequences are to join the `running` decoding ones as decode."""
+        return self.scheduler.num_joining() >= running
+
     def _bucket(self, batch: int) -> int | None:
         """The decode graph bucket that runs the batch: the batch itself without graphs, None past the
         largest graph (such a batch runs eagerly, and its steps time no bucket)."""
@@ -183,13 +189,17 @@ class MuxEngine(PDEngine):
 
     def _launch_prefill_batch(self, seqs: list[Sequence]) -> PendingTokens:
         # With nothing decoding the prefill has the whole GPU. Beside decode steps it runs on the split's
-        # partition, unless it is short enough to run between two decode steps within the ITL bound:
-        # then the split would cost throughput and bound nothing.
+        # partition, unless it is short enough to run between two decode steps within the ITL bound
+        # (then the split would cost throughput and bound nothing), or it fills the batch: decode steps
+        # on a split while the batch is still to grow by as many sequences again cost the most
+        # throughput for the fewest sequences bounded.
         tokens = sum(seq.num_scheduled_tokens for seq in seqs)
         running = len(self.scheduler.running)
-        self._prefill_in_line = running > 0 and tokens <= self.in_line_tokens(running)
+        filling = running > 0 and self.fills_batch(running)
+        self._prefill_in_line = running > 0 and (filling or tokens <= self.in_line_tokens(running))
         self._prefill_split = self.split_for(running) if running and not self._prefill_in_line else None
-        self.stats.record_split_prefill(IN_LINE if self._prefill_in_line else self._split_label(self._prefill_split))
+        label = FILLING if filling else IN_LINE if self._prefill_in_line else self._split_label(self._prefill_split)
+        self.stats.record_split_prefill(label)
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
         # still writes them.
         return self.prefill_runner.launch_on(seqs, self._prefill_split, after=(self._last_decode,))

@@ -33,6 +33,12 @@ class PDScheduler(Scheduler):
     def num_admitted(self) -> int:
         return len(self.prefilling) + len(self.transferring) + len(self.running)
 
+    def num_joining(self) -> int:
+        """The sequences that are to join the decoding ones: those admitted and not decoding yet, and
+        the waiting ones that max_num_seqs leaves room for."""
+        room = max(0, self.max_num_seqs - self.num_admitted())
+        return len(self.prefilling) + len(self.transferring) + min(len(self.waiting), room)
+
     def schedule_prefill(self) -> list[Sequence]:
         """The next prefill batch: prompts cut by the previous batch's token budget first, then new
         admissions in arrival order while the budget, max_num_seqs and both caches allow."""
