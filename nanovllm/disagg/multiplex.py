@@ -18,6 +18,10 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.pipeline.green_manager import GreenContextUnavailable
 from nanovllm.utils.sm_limit import on_sms
 
+# A prefill fills the batch (runs between decode steps, whatever its length) while the sequences to
+# join the decoding ones are at least this share of them: the batch is still to grow by a quarter.
+FILL_SHARE = 0.25
+
 
 class SplitRunner(RoleRunner):
     """A runner of the multiplexing engine. Besides the whole-GPU graphs of its role it captures a set
@@ -82,8 +86,9 @@ class MuxEngine(PDEngine):
     prefill work done beside it, with the decode step within pd_max_itl_ms; where the steps that then
     run on the split exceed the bound, the bucket moves to a split with more decode SMs. A prefill
     short enough for a decode step and it to fit that bound runs between two decode steps instead; so
-    does every prefill while at least as many sequences are to join the decoding ones as decode (a
-    burst, or the start of an offline run): their first tokens come before the bound of the few.
+    does every prefill while the sequences to join the decoding ones are a quarter of them or more (a
+    burst, or the start of an offline run): the batch fills first, as in the default engine, since
+    prefills on a split delay the sequences that are still to start.
     Without green contexts (CPU, an old driver, no cuda-python) both runners share one stream and the
     scheduling is the same.
     """
@@ -176,8 +181,8 @@ class MuxEngine(PDEngine):
                                       self.prefill_fixed_ms, self.prefill_ms_per_token)
 
     def fills_batch(self, running: int) -> bool:
-        """Whether at least as many sequences are to join the `running` decoding ones as decode."""
-        return self.scheduler.num_joining() >= running
+        """Whether the sequences to join the `running` decoding ones are at least FILL_SHARE of them."""
+        return self.scheduler.num_joining() >= FILL_SHARE * running
 
     def _bucket(self, batch: int) -> int | None:
         """The decode graph bucket that runs the batch: the batch itself without graphs, None past the
@@ -190,9 +195,9 @@ class MuxEngine(PDEngine):
     def _launch_prefill_batch(self, seqs: list[Sequence]) -> PendingTokens:
         # With nothing decoding the prefill has the whole GPU. Beside decode steps it runs on the split's
         # partition, unless it is short enough to run between two decode steps within the ITL bound
-        # (then the split would cost throughput and bound nothing), or it fills the batch: decode steps
-        # on a split while the batch is still to grow by as many sequences again cost the most
-        # throughput for the fewest sequences bounded.
+        # (then the split would cost throughput and bound nothing), or it fills the batch: on a split,
+        # the prefills of a burst take several times as long, and the sequences still to start finish
+        # that much later.
         tokens = sum(seq.num_scheduled_tokens for seq in seqs)
         running = len(self.scheduler.running)
         filling = running > 0 and self.fills_batch(running)
