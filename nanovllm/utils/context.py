@@ -14,7 +14,8 @@ class Context:
     slot_mapping: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
-    # The decode rows longest first, computed by the attention backend at the first layer that needs it.
+    # The decode rows longest first, computed by the attention backend at the first layer that needs it;
+    # valid because a Context is built for each step and each captured forward, never carried over.
     decode_order: torch.Tensor | None = None
 
     def decode_rows(self, rows: slice) -> "Context":
