@@ -11,6 +11,7 @@ from nanovllm.attention.triton_kernels import choose_num_splits
 from nanovllm.utils.sm_limit import num_sms_of, on_sms
 from nanovllm.disagg import MuxEngine
 from nanovllm.disagg.engine import DecodeStep
+from nanovllm.disagg.multiplex import FILL_SHARE
 from nanovllm.disagg.splits import (OBSERVED_WEIGHT, STEP_MARGIN, STEPS_OBSERVED, STEPS_PER_BUCKET, Split, SplitProfiler,
                                     candidate_sizes, choose_split, choose_splits, in_line_prefill_tokens, itl_bound_ms,
                                     split_ranges)
@@ -381,8 +382,8 @@ def test_prefills_that_fill_the_batch_run_between_decode_steps(model_dir, expect
     filling = [(running, joining) for label, running, joining in launched if label == FILLING]
     on_split = [(running, joining) for label, running, joining in launched if label == split.label]
     assert filling and on_split and launched[0][1] == 0
-    assert all(4 * joining >= running > 0 for running, joining in filling)
-    assert all(4 * joining < running for running, joining in on_split)
+    assert all(joining >= FILL_SHARE * running > 0 for running, joining in filling)
+    assert all(joining < FILL_SHARE * running for running, joining in on_split)
     labels = [label for label, _, _ in launched]
     assert labels.index(FILLING) < labels.index(split.label)
 

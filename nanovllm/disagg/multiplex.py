@@ -201,7 +201,7 @@ class MuxEngine(PDEngine):
         tokens = sum(seq.num_scheduled_tokens for seq in seqs)
         running = len(self.scheduler.running)
         filling = running > 0 and self.fills_batch(running)
-        self._prefill_in_line = running > 0 and (filling or tokens <= self.in_line_tokens(running))
+        self._prefill_in_line = filling or (running > 0 and tokens <= self.in_line_tokens(running))
         self._prefill_split = self.split_for(running) if running and not self._prefill_in_line else None
         label = FILLING if filling else IN_LINE if self._prefill_in_line else self._split_label(self._prefill_split)
         self.stats.record_split_prefill(label)

@@ -101,9 +101,9 @@ FILLING = "full GPU, between decode steps, filling the batch"
 
 class MuxStatistics(PDStatistics):
     """PDStatistics of the multiplexing engine, plus where its work ran: each decode step and each
-    prefill on the whole GPU (a prefill alone, or between decode steps, short or filling the batch) or on a split, the split
-    chosen for each range of decode batches (and how often a choice changed while serving), the
-    start-up profile of every split and the decode steps observed on it per bucket."""
+    prefill on the whole GPU (a prefill alone, or between decode steps, short or filling the batch)
+    or on a split, the split chosen for each range of decode batches (and how often a choice changed
+    while serving), the start-up profile of every split and the decode steps observed on it per bucket."""
 
     def __init__(self, device, partitions: str):
         super().__init__(device, device, "none (one KV cache shared by both runners)")
