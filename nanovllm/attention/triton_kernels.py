@@ -10,7 +10,9 @@ products (a head's key scale joins the score scale, its value scale the output).
 the dot products over a float8 cache run in float16 (FP16_DOT): float8 e4m3 converts to float16 exactly,
 two values per instruction, where bfloat16 takes several instructions per value, which made the
 conversion, not the memory, bound the kernel; a bf16 query is exact in float16 over float16's range,
-which it is saturated to.
+which it is saturated to. Value tiles are converted before they take the dot operand's layout
+(_fp8_to_fp16): that layout puts a thread's values along the token axis, which float8 rows hold one
+byte apart, so Triton's own order (layout first, then convert) reads shared memory a byte at a time.
 """
 import torch
 import triton
@@ -22,6 +24,8 @@ from nanovllm.utils.sm_limit import num_sms_of
 LOG2E = 1.4426950408889634
 # Kernels may read module globals only as constexprs.
 FP8_MAX_CONSTEXPR = tl.constexpr(FP8_MAX)
+# The interpreter (the CPU tests) cannot run inline PTX.
+PTX = tl.constexpr(not triton.knobs.runtime.interpret)
 FP16_MAX = tl.constexpr(65504.0)
 # Enough resident programs per SM to keep a memory-bound kernel's loads in flight.
 PROGRAMS_PER_SM = 4
@@ -102,6 +106,17 @@ def _as_fp16(x):
 
 
 @triton.jit
+def _fp8_to_fp16(x):
+    """float8 e4m3 -> float16, exact. As inline PTX the conversion is opaque to Triton, which therefore
+    cannot move the tile's change of layout ahead of it onto the float8 bytes."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+    return x.to(tl.float16)
+
+
+@triton.jit
 def _attend_tile(q, k, v_ptrs, tok_mask, visible, m_i, l_i, acc, qk_scale):
     """One online-softmax step in base 2: folds a tile of keys k and values (loaded from v_ptrs where
     tok_mask) into the running max m_i, denominator l_i and output acc; visible masks the scores.
@@ -112,7 +127,10 @@ def _attend_tile(q, k, v_ptrs, tok_mask, visible, m_i, l_i, acc, qk_scale):
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0).to(q.dtype)
+    v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0)
+    if v.dtype == tl.float8e4nv and q.dtype == tl.float16:
+        v = _fp8_to_fp16(v)
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
 
