@@ -69,8 +69,9 @@ def test_float32_prefill_graphs_match_eager(model_dir):
 
 def test_capture_survives_unreachable_graphs():
     """A graph left in a reference cycle (as a dropped engine leaves its graphs) is not destroyed in the
-    middle of a later capture, which would invalidate it: the forward below allocates enough to trigger
-    the garbage collector."""
+    middle of a later capture, which would invalidate it: the captured forward drops the last reference
+    to the cycle and allocates enough to trigger the garbage collector. (Its run before the capture,
+    the warm-up, must not drop it: a collection there is harmless.)"""
     import gc
 
     from nanovllm.engine.cuda_graph import capture
@@ -79,13 +80,19 @@ def test_capture_survives_unreachable_graphs():
     gc.collect()
     cycle = [capture(lambda: x * 2, None, stream)]
     cycle.append(cycle)
+    holder = [cycle]
     del cycle
+    runs = []
 
     def forward():
-        _ = [[] for _ in range(10 * gc.get_threshold()[0])]
+        runs.append(None)
+        if len(runs) == 2:  # inside the capture
+            holder.clear()
+            _ = [[] for _ in range(10 * gc.get_threshold()[0])]
         return x + 1
 
     graph = capture(forward, None, stream)
+    assert len(runs) == 2 and not holder
     x.fill_(5.0)
     assert graph.replay().tolist() == [6.0] * 4
 
