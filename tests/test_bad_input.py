@@ -191,3 +191,24 @@ def test_checkpoint_without_weights(tmp_path, model_dir):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="safetensors"):
         LLM(str(tmp_path), device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_float8_cache_backend_follows_the_compute_capability(monkeypatch, capsys, capability):
+    """Before compute capability 8.9 the GPU has no float8 conversions, which the Triton kernels of a
+    float8 cache use: "auto" then takes the torch backend with one log line, and "triton" is refused.
+    Only the selection is exercised (it makes no CUDA call besides the capability query)."""
+    from nanovllm.attention import selector
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(selector, "flash_attn_available", lambda: False)
+    cuda = torch.device("cuda", 0)
+    chosen = selector.select_backend("auto", cuda, BLOCK_SIZE, quantized_kv=True)
+    assert selector.select_backend("auto", cuda, BLOCK_SIZE, quantized_kv=False).name == "triton"
+    if capability < selector.FLOAT8_CAPABILITY:
+        assert chosen.name == "torch"
+        assert "compute capability 8.9 or newer, this GPU has 8.0: using the torch backend" in capsys.readouterr().out
+        with pytest.raises(ValueError, match="attention_backend='triton' with kv_cache_dtype='fp8_e4m3'"):
+            selector.select_backend("triton", cuda, BLOCK_SIZE, quantized_kv=True)
+    else:
+        assert chosen.name == "triton"
+        assert selector.select_backend("triton", cuda, BLOCK_SIZE, quantized_kv=True).name == "triton"
