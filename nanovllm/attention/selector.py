@@ -6,8 +6,10 @@ from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import TorchBackend
 
 BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
-# The Triton kernels of a float8 cache convert float8 e4m3 in hardware, from this compute capability on.
+# The Triton kernels of a float8 cache convert float8 e4m3 in hardware, which GPUs do from this compute
+# capability on.
 FLOAT8_CAPABILITY = (8, 9)
+FLOAT8_REQUIREMENT = "compute capability {}.{} or newer".format(*FLOAT8_CAPABILITY)
 
 
 def flash_attn_available() -> bool:
@@ -31,18 +33,16 @@ def select_backend(name: str, device: torch.device, block_size: int, quantized_k
         elif flash_attn_available() and block_size % 256 == 0 and not quantized_kv:
             name = "flash-attn"
         elif quantized_kv and not converts_float8(device):
-            major, minor = torch.cuda.get_device_capability(device)
-            print(f"[Attention] the Triton kernels of a float8 KV cache need compute capability "
-                  f"{'.'.join(map(str, FLOAT8_CAPABILITY))} or newer, this GPU has {major}.{minor}: "
-                  "using the torch backend")
+            print(f"[Attention] the Triton kernels of a float8 KV cache need {FLOAT8_REQUIREMENT}, this GPU has "
+                  "{}.{}: using the torch backend".format(*torch.cuda.get_device_capability(device)))
             name = "torch"
         else:
             name = "triton" if triton_available() else "torch"
     if name != "torch" and device.type != "cuda":
         raise ValueError(f"attention_backend={name!r} needs a CUDA device; use 'torch' or 'auto' on {device.type}")
     if name == "triton" and quantized_kv and not converts_float8(device):
-        raise ValueError("attention_backend='triton' with kv_cache_dtype='fp8_e4m3' needs a GPU of compute "
-                         f"capability {'.'.join(map(str, FLOAT8_CAPABILITY))} or newer; use 'torch' or 'auto' here")
+        raise ValueError("attention_backend='triton' with kv_cache_dtype='fp8_e4m3' needs a GPU of "
+                         f"{FLOAT8_REQUIREMENT}; use 'torch' or 'auto' here")
     # The optional backends import their packages, so they are imported only when chosen.
     if name == "flash-attn":
         if not flash_attn_available():
