@@ -332,6 +332,9 @@ def prefill_cases(small):
              ("fp32", 256, 4, 64, [1, 30], [300, 0], True), ("bf16", 256, 1, 128, [66, 10], [255, 513], True),
              ("bf16-fp8", 16, 2, 64, [40, 1], [37, 70], True), ("fp32-fp8", 64, 1, 128, [20, 5], [0, 64], True),
              ("fp32", 16, 2, 64, [40, 1, 20], [37, 0, 70], True, True), ("bf16", 16, 1, 64, [70, 3], [0, 0], False, True),
+             # A block's first query two or one positions before the end of a key tile (32 keys in
+             # fp32, 64 in bf16): that tile takes the causal mask.
+             ("fp32", 16, 2, 64, [5, 40], [30, 62], True), ("bf16", 64, 2, 128, [5, 40, 3], [62, 126, 63], True),
              # More sequences than a program looks through at once (QUERY_BLOCK_SEARCH).
              ("fp32", 16, 1, 64, [1 + i % 3 for i in range(130)], [0] * 130, False, True)]
     q_lens = [1, 70, 33, 200, 129]

@@ -117,17 +117,22 @@ def _fp8_to_fp16(x):
 
 
 @triton.jit
-def _attend_tile(q, k, v_ptrs, tok_mask, visible, m_i, l_i, acc, qk_scale):
+def _attend_tile(q, k, v_ptrs, tok_mask, visible, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
     """One online-softmax step in base 2: folds a tile of keys k and values (loaded from v_ptrs where
     tok_mask) into the running max m_i, denominator l_i and output acc; visible masks the scores.
+    Without MASKED every key of the tile is visible to every row, and neither mask is applied.
     Cached tiles of another dtype (float8) are converted to q's dtype."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
-    s = tl.where(visible, s, float("-inf"))
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     if v.dtype == tl.float8e4nv and q.dtype == tl.float16:
         v = _fp8_to_fp16(v)
     v = v.to(q.dtype)
@@ -191,7 +196,7 @@ def _decode_kernel(
                     mask=tok_mask[:, None], other=0.0)
         # Every tile holds a valid token, so the running max is finite from the first tile on.
         m_i, l_i, acc = _attend_tile(q, k, v_cache_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
-                                     tok_mask, tok_mask[None, :], m_i, l_i, acc, qk_scale)
+                                     tok_mask, tok_mask[None, :], m_i, l_i, acc, qk_scale, True)
     if DEQUANTIZE:
         acc = acc * tl.load(scales_ptr + stride_s + kv_head)
 
@@ -252,6 +257,32 @@ def _query_block(cu_q_ptr, num_seqs, pid, BLOCK_M: tl.constexpr, SEARCH: tl.cons
     return seq, block
 
 
+@triton.jit
+def _prefill_step(q, k_ptr, v_ptr, block_table, blocks, start, hi, q_start, q_pos, offs_n, offs_d, kv_head,
+                  m_i, l_i, acc, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """Folds the key tile at start into the running softmax; returns it with the blocks of the next tile."""
+    toks = start + offs_n
+    tok_mask = toks < hi
+    if PAGED:
+        k_rows = blocks * stride_kb + (toks % BLOCK_SIZE) * stride_kt
+        v_rows = blocks * stride_vb + (toks % BLOCK_SIZE) * stride_vt
+        blocks = _tile_blocks(block_table, start + BLOCK_N, offs_n, hi, BLOCK_SIZE, BLOCK_N)
+    else:
+        k_rows = (q_start + toks).to(tl.int64) * stride_kt
+        v_rows = (q_start + toks).to(tl.int64) * stride_vt
+    k_ptrs = k_ptr + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=tok_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    # Key 0 is visible to every row, so each row's max is finite after the first tile.
+    visible = tok_mask[None, :] & (toks[None, :] <= q_pos[:, None])
+    m_i, l_i, acc = _attend_tile(q, k, v_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
+                                 tok_mask, visible, m_i, l_i, acc, qk_scale, MASKED)
+    return m_i, l_i, acc, blocks
+
+
 @triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, block_tables_ptr, scales_ptr, qk_scale, num_seqs,
@@ -264,7 +295,8 @@ def _prefill_kernel(
     """One program: BLOCK_M new queries of one sequence and one query head.
 
     PAGED: keys/values come from the cache through the block table and the queries are the last
-    tokens of the context; otherwise k/v are the new tokens' own [N, Hkv, D] rows.
+    tokens of the context; otherwise k/v are the new tokens' own [N, Hkv, D] rows. The tiles of keys
+    that every query of the block sees run without masks; only those at the causal diagonal take them.
     """
     b, m_block = _query_block(cu_q_ptr, num_seqs, tl.program_id(0), BLOCK_M, SEARCH)
     if b < 0:
@@ -296,24 +328,21 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     block_table = block_tables_ptr + b * stride_bt
     hi = tl.minimum(k_len, prefix + (m_block + 1) * BLOCK_M)
+    # Keys up to the block's first query position are visible to all its rows (and exist).
+    unmasked_hi = (prefix + m_block * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+    blocks = offs_n  # unused without PAGED
     if PAGED:
         blocks = _tile_blocks(block_table, 0, offs_n, hi, BLOCK_SIZE, BLOCK_N)
-    for start in range(0, hi, BLOCK_N):
-        toks = start + offs_n
-        tok_mask = toks < hi
-        if PAGED:
-            k_rows = blocks * stride_kb + (toks % BLOCK_SIZE) * stride_kt
-            v_rows = blocks * stride_vb + (toks % BLOCK_SIZE) * stride_vt
-            blocks = _tile_blocks(block_table, start + BLOCK_N, offs_n, hi, BLOCK_SIZE, BLOCK_N)
-        else:
-            k_rows = (q_start + toks).to(tl.int64) * stride_kt
-            v_rows = (q_start + toks).to(tl.int64) * stride_vt
-        k = tl.load(k_ptr + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :],
-                    mask=tok_mask[:, None], other=0.0)
-        # Key 0 is visible to every row, so each row's max is finite after the first tile.
-        visible = tok_mask[None, :] & (toks[None, :] <= q_pos[:, None])
-        m_i, l_i, acc = _attend_tile(q, k, v_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
-                                     tok_mask, visible, m_i, l_i, acc, qk_scale)
+    for start in range(0, unmasked_hi, BLOCK_N):
+        m_i, l_i, acc, blocks = _prefill_step(
+            q, k_ptr, v_ptr, block_table, blocks, start, hi, q_start, q_pos, offs_n, offs_d, kv_head,
+            m_i, l_i, acc, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            BLOCK_N, BLOCK_SIZE, PAGED, False)
+    for start in range(unmasked_hi, hi, BLOCK_N):
+        m_i, l_i, acc, blocks = _prefill_step(
+            q, k_ptr, v_ptr, block_table, blocks, start, hi, q_start, q_pos, offs_n, offs_d, kv_head,
+            m_i, l_i, acc, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            BLOCK_N, BLOCK_SIZE, PAGED, True)
 
     if DEQUANTIZE:
         acc = acc * tl.load(scales_ptr + stride_s + kv_head)
