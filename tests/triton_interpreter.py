@@ -86,7 +86,7 @@ def _patch_interpreter_bf16_rounding():
 
 def _patch_interpreter_device_calls():
     """The interpreter patches triton.language again on every call of a @triton.jit function from a
-    kernel (one tl.rand4x makes four), which costs more than the arithmetic. Those patches are never
+    kernel (one tl.rand makes several), which costs more than the arithmetic. Those patches are never
     undone, so patching on the first call of each function is enough."""
     from triton.runtime import interpreter
 

@@ -11,9 +11,9 @@ import triton
 import triton.language as tl
 
 from nanovllm.attention.base import KVStore
-from nanovllm.attention.triton_kernels import PROGRAMS_PER_SM, check_cache
-from nanovllm.utils.sm_limit import num_sms_of
+from nanovllm.attention.triton_kernels import LOG2E, check_cache
 
+LOG2E_CONSTEXPR = tl.constexpr(LOG2E)
 # qk_norm_rope: a program of one (token, head) costs more to schedule than its work, which made the
 # kernel 5x slower than its bytes on a prefill; four tokens per program were the fastest on an H200.
 QK_ROPE_TOKENS_PER_PROGRAM = 4
@@ -190,68 +190,105 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_cols)
 
 
-# A fresh seed every step must not pick a new specialisation (Triton specialises ints on % 16 and == 1).
-@triton.jit(do_not_specialize=["num_chunks", "seed"])
-def _sample_kernel(logits_ptr, temperatures_ptr, row_seeds_ptr, part_val_ptr, part_idx_ptr, stride, vocab_size, chunk,
-                   num_chunks, seed, SEEDED: tl.constexpr, BLOCK: tl.constexpr):
-    """One chunk of one row in one pass: the chunk's best score and its index. The score is the logit
-    where the temperature is 0, otherwise logit / T + G with Gumbel noise G = -log(-log(U)): the
-    argmax of the latter over the row is a draw from softmax(logits / T)."""
+@triton.jit
+def _sample_chunk_kernel(logits_ptr, temperatures_ptr, part_max_ptr, part_sum_ptr, part_idx_ptr, stride, vocab_size,
+                         num_chunks, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """One pass over a chunk of TILES tiles of one row. A greedy row's (temperature 0) chunk gives its
+    largest logit and that logit's index (the earliest on ties); any other row's gives the largest
+    y = logit / T in base 2 and the sum of exp2(y - that largest), its share of the softmax."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     temperature = tl.load(temperatures_ptr + row)
     greedy = temperature == 0.0
-    inv_t = 1.0 / tl.maximum(temperature, 1e-5)
-    tiles_per_row = tl.cdiv(vocab_size, BLOCK)
-    # Four uniforms per Philox call. A row draws from the step's seed with counters of its own, or,
-    # with a seed of its own, from that seed with the token index as the counter's high word: then
-    # its noise depends on neither the batch nor the step. Unseeded rows get the same counters
-    # either way, so a seeded row in the batch changes nothing for them.
-    key = seed
-    row_counter = row * tiles_per_row * (BLOCK // 4)
-    if SEEDED:
-        row_seed = tl.load(row_seeds_ptr + 2 * row)
-        own = row_seed >= 0
-        key = tl.where(own, row_seed, seed)
-        row_counter = tl.where(own, tl.load(row_seeds_ptr + 2 * row + 1) << 32, row_counter.to(tl.int64))
-    # Each lane keeps its own best across tiles (the earliest on ties); lanes meet once, at the end:
-    # reducing every tile across the program would make the loop wait on each reduction.
-    best_val = tl.full([BLOCK], float("-inf"), tl.float32)
+    scale = LOG2E_CONSTEXPR / tl.maximum(temperature, 1e-5)
+    # Each lane keeps its own maximum (and sum) across tiles; lanes meet once, at the end: reducing
+    # every tile across the program would make the loop wait on each reduction.
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
-    lo = part * chunk
-    hi = tl.minimum(lo + chunk, vocab_size)
-    for start in range(lo, hi, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < hi
-        score = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        if not greedy:
-            counters = row_counter + (start // BLOCK) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-            u0, u1, u2, u3 = tl.rand4x(key, counters)
-            u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
-            score = tl.where(mask, score * inv_t - tl.log(-tl.log(u)), float("-inf"))
-        better = score > best_val
-        best_idx = tl.where(better, cols, best_idx)
-        best_val = tl.where(better, score, best_val)
-    chunk_max = tl.max(best_val, 0)
-    # The lowest index among the lanes holding the maximum, as torch's argmax picks.
-    chunk_arg = tl.min(tl.where(best_val == chunk_max, best_idx, vocab_size), 0)
-    tl.store(part_val_ptr + row * num_chunks + part, chunk_max)
-    tl.store(part_idx_ptr + row * num_chunks + part, chunk_arg)
+    total = tl.zeros([BLOCK], tl.float32)
+    for tile in range(TILES):
+        cols = (part * TILES + tile) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab_size,
+                    other=float("-inf")).to(tl.float32)
+        if greedy:
+            best_idx = tl.where(x > best, cols, best_idx)
+            best = tl.maximum(best, x)
+        else:
+            y = x * scale
+            new_best = tl.maximum(best, y)
+            # A lane that has seen only -inf (cut or past the vocabulary) keeps a sum of 0, not NaN.
+            total = tl.where(new_best == float("-inf"), 0.0,
+                             total * tl.exp2(best - new_best) + tl.exp2(y - new_best))
+            best = new_best
+    chunk_max = tl.max(best, 0)
+    at = row * num_chunks + part
+    tl.store(part_max_ptr + at, chunk_max)
+    tl.store(part_idx_ptr + at, tl.min(tl.where(best == chunk_max, best_idx, vocab_size), 0))
+    tl.store(part_sum_ptr + at, tl.sum(tl.where(best == float("-inf"), 0.0, total * tl.exp2(best - chunk_max)), 0))
 
 
-@triton.jit(do_not_specialize=["num_chunks"])
-def _sample_reduce_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):
+# A fresh seed every step must not pick a new specialisation (Triton specialises ints on % 16 and == 1).
+@triton.jit(do_not_specialize=["seed"])
+def _sample_pick_kernel(logits_ptr, temperatures_ptr, row_seeds_ptr, part_max_ptr, part_sum_ptr, part_idx_ptr, out_ptr,
+                        stride, vocab_size, num_chunks, seed, SEEDED: tl.constexpr, BLOCK: tl.constexpr,
+                        TILES: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One row's token from its chunks: a greedy row takes the chunk with the largest logit (the
+    first on ties). Any other row draws by inverting the softmax's cumulative distribution at one
+    uniform u: it finds the chunk where the cumulative sum passes u times the total, then the token
+    inside that chunk, whose scaled logits it reads again."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
-    mask = offs < num_chunks
-    val = tl.load(part_val_ptr + row * num_chunks + offs, mask=mask, other=float("-inf"))
-    idx = tl.load(part_idx_ptr + row * num_chunks + offs, mask=mask, other=0)
-    best = tl.argmax(val, 0)  # the first chunk on ties, so the lowest token index wins as in torch
-    tl.store(out_ptr + row, tl.sum(tl.where(offs == best, idx, 0), 0).to(tl.int64))
+    chunk_mask = offs < num_chunks
+    at = row * num_chunks + offs
+    chunk_max = tl.load(part_max_ptr + at, mask=chunk_mask, other=float("-inf"))
+    temperature = tl.load(temperatures_ptr + row)
+    if temperature == 0.0:
+        best = tl.argmax(chunk_max, 0)  # the first chunk on ties, so the lowest token index wins as in torch
+        token = tl.sum(tl.where(offs == best, tl.load(part_idx_ptr + at, mask=chunk_mask, other=0), 0), 0)
+    else:
+        # One uniform per row. A row draws from the step's seed with its row as the counter, or, with a
+        # seed of its own, from that seed with the token index as the counter's high word: then its
+        # draw depends on neither the batch nor the step (the chunks are fixed, so are the sums).
+        key = seed
+        counter = row
+        if SEEDED:
+            row_seed = tl.load(row_seeds_ptr + 2 * row)
+            own = row_seed >= 0
+            key = tl.where(own, row_seed, seed)
+            counter = tl.where(own, tl.load(row_seeds_ptr + 2 * row + 1) << 32, row.to(tl.int64))
+        u = tl.rand(key, counter)
+        row_max = tl.max(chunk_max, 0)
+        weights = tl.load(part_sum_ptr + at, mask=chunk_mask, other=0.0)
+        weights = tl.where(chunk_max == float("-inf"), 0.0, weights * tl.exp2(chunk_max - row_max))
+        target = u * tl.sum(weights, 0)
+        cumulative = tl.cumsum(weights, 0)
+        # The chunk where the cumulative sum passes the target; past the last one with any weight only
+        # by rounding, which that one then absorbs.
+        last = tl.max(tl.where(weights > 0, offs, 0), 0)
+        chunk = tl.minimum(tl.sum(((cumulative <= target) & chunk_mask).to(tl.int32), 0), last)
+        rest = tl.maximum(target - tl.sum(tl.where(offs < chunk, weights, 0.0), 0), 0.0)
+        scale = LOG2E_CONSTEXPR / tl.maximum(temperature, 1e-5)
+        token = vocab_size
+        last_kept = 0
+        running = 0.0
+        for tile in range(TILES):
+            cols = (chunk * TILES + tile) * BLOCK + tl.arange(0, BLOCK)
+            y = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab_size,
+                        other=float("-inf")).to(tl.float32) * scale
+            p = tl.where(y == float("-inf"), 0.0, tl.exp2(y - row_max))
+            passed = (tl.cumsum(p, 0) + running > rest) & (p > 0)
+            token = tl.minimum(token, tl.min(tl.where(passed, cols, vocab_size), 0))
+            last_kept = tl.maximum(last_kept, tl.max(tl.where(p > 0, cols, 0), 0))
+            running += tl.sum(p, 0)
+        # The chunk's sum read again may fall short of the one it was picked by, by rounding.
+        token = tl.where(token < vocab_size, token, last_kept)
+    tl.store(out_ptr + row, token.to(tl.int64))
 
 
 SAMPLE_BLOCK = 2048
-MAX_SAMPLE_CHUNKS = 128
+# Tiles per chunk: a chunk is what the pick kernel reads again, so that it stays short; the chunks are
+# fixed, so that the sums, and with them a seeded row's draw, do not depend on the batch.
+SAMPLE_TILES = 4
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, row_seeds: torch.Tensor | None = None,
@@ -260,22 +297,23 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, row_seed
     temperature; seed picks the step's random stream. row_seeds [B, 2] int64, where given, holds per
     row a request seed (-1: none, the row draws from the step's stream) and the index of the token
     being drawn; a seeded row's draw depends only on those two and its logits. Rows are cut into
-    chunks so that small batches still fill the GPU; block is the tile width (a power of two >= 16)."""
+    chunks of SAMPLE_TILES tiles; block is the tile width (a power of two >= 16)."""
     batch, vocab_size = logits.shape
     assert logits.stride(1) == 1 and batch * vocab_size < 2 ** 31
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
         return out
-    tiles = triton.cdiv(vocab_size, block)
-    num_chunks = min(triton.cdiv(PROGRAMS_PER_SM * num_sms_of(logits.device), batch), tiles, MAX_SAMPLE_CHUNKS)
-    chunk = triton.cdiv(tiles, num_chunks) * block
-    part_val = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
+    num_chunks = triton.cdiv(vocab_size, block * SAMPLE_TILES)
+    part_max = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
+    part_sum = torch.empty_like(part_max)
     part_idx = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
     seeded = row_seeds is not None
     if seeded:
         assert row_seeds.shape == (batch, 2) and row_seeds.dtype == torch.int64 and row_seeds.is_contiguous()
-    _sample_kernel[(batch, num_chunks)](logits, temperatures, row_seeds if seeded else temperatures, part_val,
-                                        part_idx, logits.stride(0), vocab_size, chunk, num_chunks, seed,
-                                        SEEDED=seeded, BLOCK=block, num_warps=8)
-    _sample_reduce_kernel[(batch,)](part_val, part_idx, out, num_chunks, BLOCK_C=MAX_SAMPLE_CHUNKS, num_warps=1)
+    _sample_chunk_kernel[(batch, num_chunks)](logits, temperatures, part_max, part_sum, part_idx, logits.stride(0),
+                                              vocab_size, num_chunks, BLOCK=block, TILES=SAMPLE_TILES, num_warps=8)
+    _sample_pick_kernel[(batch,)](logits, temperatures, row_seeds if seeded else temperatures, part_max, part_sum,
+                                  part_idx, out, logits.stride(0), vocab_size, num_chunks, seed, SEEDED=seeded,
+                                  BLOCK=block, TILES=SAMPLE_TILES, BLOCK_C=triton.next_power_of_2(num_chunks),
+                                  num_warps=8)
     return out
