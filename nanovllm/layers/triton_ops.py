@@ -191,6 +191,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _logit_tile(logits_ptr, row, stride, cols, vocab_size):
+    return tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab_size,
+                   other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _log2_scale(temperature):
+    """What a row's logits are multiplied by for its softmax in base 2; both sampling kernels must agree."""
+    return LOG2E_CONSTEXPR / tl.maximum(temperature, 1e-5)
+
+
+@triton.jit
 def _sample_chunk_kernel(logits_ptr, temperatures_ptr, part_max_ptr, part_sum_ptr, part_idx_ptr, stride, vocab_size,
                          num_chunks, BLOCK: tl.constexpr, TILES: tl.constexpr):
     """One pass over a chunk of TILES tiles of one row. A greedy row's (temperature 0) chunk gives its
@@ -200,7 +212,7 @@ def _sample_chunk_kernel(logits_ptr, temperatures_ptr, part_max_ptr, part_sum_pt
     part = tl.program_id(1)
     temperature = tl.load(temperatures_ptr + row)
     greedy = temperature == 0.0
-    scale = LOG2E_CONSTEXPR / tl.maximum(temperature, 1e-5)
+    scale = _log2_scale(temperature)
     # Each lane keeps its own maximum (and sum) across tiles; lanes meet once, at the end: reducing
     # every tile across the program would make the loop wait on each reduction.
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -208,8 +220,7 @@ def _sample_chunk_kernel(logits_ptr, temperatures_ptr, part_max_ptr, part_sum_pt
     total = tl.zeros([BLOCK], tl.float32)
     for tile in range(TILES):
         cols = (part * TILES + tile) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab_size,
-                    other=float("-inf")).to(tl.float32)
+        x = _logit_tile(logits_ptr, row, stride, cols, vocab_size)
         if greedy:
             best_idx = tl.where(x > best, cols, best_idx)
             best = tl.maximum(best, x)
@@ -267,14 +278,13 @@ def _sample_pick_kernel(logits_ptr, temperatures_ptr, row_seeds_ptr, part_max_pt
         last = tl.max(tl.where(weights > 0, offs, 0), 0)
         chunk = tl.minimum(tl.sum(((cumulative <= target) & chunk_mask).to(tl.int32), 0), last)
         rest = tl.maximum(target - tl.sum(tl.where(offs < chunk, weights, 0.0), 0), 0.0)
-        scale = LOG2E_CONSTEXPR / tl.maximum(temperature, 1e-5)
+        scale = _log2_scale(temperature)
         token = vocab_size
         last_kept = 0
         running = 0.0
         for tile in range(TILES):
             cols = (chunk * TILES + tile) * BLOCK + tl.arange(0, BLOCK)
-            y = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab_size,
-                        other=float("-inf")).to(tl.float32) * scale
+            y = _logit_tile(logits_ptr, row, stride, cols, vocab_size) * scale
             p = tl.where(y == float("-inf"), 0.0, tl.exp2(y - row_max))
             passed = (tl.cumsum(p, 0) + running > rest) & (p > 0)
             token = tl.minimum(token, tl.min(tl.where(passed, cols, vocab_size), 0))
