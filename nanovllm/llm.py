@@ -1,16 +1,19 @@
-from nanovllm.disagg import MuxEngine, PDEngine
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.modes import build_loop
+from nanovllm.modes.disaggregation.stats import report
 
 
 class LLM(LLMEngine):
-    """The engine the options ask for: this sequential engine, with enable_two_gpu_pd=True a
-    prefill/decode engine (a nanovllm.disagg.PDEngine), or with enable_pd_multiplexing=True one that runs
-    prefill and decode at once on SM partitions of one GPU (a nanovllm.disagg.MuxEngine); all offer the
-    same API."""
+    """The user's entry point: the engine with the step loop and decode paths the options ask for
+    (sequential, enable_pipeline, enable_two_gpu_pd, enable_pd_multiplexing); every mode offers the same API."""
 
-    def __new__(cls, model, *args, **options):
-        if options.get("enable_pd_multiplexing") is True:
-            return MuxEngine(model, *args, **options)
-        if options.get("enable_two_gpu_pd") is True:
-            return PDEngine(model, *args, **options)
-        return super().__new__(cls)
+    def build_loop(self, config, tokenizer):
+        return build_loop(config, tokenizer)
+
+    def get_pd_statistics(self) -> dict:
+        """The seed's view of statistics()["pd"]: {} outside the prefill/decode modes."""
+        return self.statistics().get("pd", {})
+
+    def print_pd_statistics(self) -> None:
+        stats = self.get_pd_statistics()
+        print(report(stats) if stats else "[PD Statistics]\n  Prefill/decode disaggregation is off")

@@ -4,6 +4,7 @@ import torch
 
 from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import TorchBackend
+from nanovllm.utils.log import get_logger
 
 BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
 # The Triton kernels of a float8 cache convert float8 e4m3 in hardware, which GPUs do from this compute
@@ -33,8 +34,9 @@ def select_backend(name: str, device: torch.device, block_size: int, quantized_k
         elif flash_attn_available() and block_size % 256 == 0 and not quantized_kv:
             name = "flash-attn"
         elif quantized_kv and not converts_float8(device):
-            print(f"[Attention] the Triton kernels of a float8 KV cache need {FLOAT8_REQUIREMENT}, this GPU has "
-                  "{}.{}: using the torch backend".format(*torch.cuda.get_device_capability(device)))
+            get_logger("Attention").info("the Triton kernels of a float8 KV cache need %s, this GPU has %d.%d: "
+                                         "using the torch backend", FLOAT8_REQUIREMENT,
+                                         *torch.cuda.get_device_capability(device))
             name = "torch"
         else:
             name = "triton" if triton_available() else "torch"

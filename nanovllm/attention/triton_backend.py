@@ -1,11 +1,11 @@
 from nanovllm.attention.base import AttentionBackend
-from nanovllm.attention.triton_kernels import longest_first, paged_decode, prefill_attention, store_kv
+from nanovllm.kernels.attention import longest_first, paged_decode, prefill_attention, store_kv
 from nanovllm.utils.context import Context
 
 
 class TritonBackend(AttentionBackend):
     """Paged attention with the Triton kernels; prefill and decode are CUDA-graph capturable, and decode
-    sizes its split count for the SMs it runs on (nanovllm.utils.sm_limit)."""
+    sizes its split count for the SMs it runs on (nanovllm.partitions.sm_limit)."""
 
     name = "triton"
     captures_prefill = True

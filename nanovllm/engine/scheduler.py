@@ -1,21 +1,45 @@
 from collections import deque
+from dataclasses import dataclass
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
+@dataclass
+class Batch:
+    """One step's sequences: prompt chunks (is_prefill), or one decode token each."""
+    seqs: list[Sequence]
+    is_prefill: bool
+
+
+def advance(seq: Sequence, token_ids: list[int], block_manager: BlockManager) -> bool:
+    """Counts seq's scheduled tokens as computed in block_manager's cache; once all its tokens are,
+    appends token_ids and returns True."""
+    seq.num_computed_tokens += seq.num_scheduled_tokens
+    seq.num_scheduled_tokens = 0
+    block_manager.hash_computed_blocks(seq)
+    if seq.num_computed_tokens < seq.num_tokens:
+        return False
+    seq.token_ids.extend(token_ids)
+    return True
+
+
 class Scheduler:
-    """Continuous batching: prefill first (chunked when over the token budget), then decode;
-    a sequence that finds no free block for its next token preempts the newest running one."""
+    """Continuous batching: prefill first (chunked when over the token budget), then decode; a sequence
+    that finds no free block for its next token preempts the newest running one.
+
+    A launched step is booked at once (book: its computed tokens, and a PENDING_TOKEN in place of each
+    sequence's token being sampled), so that the next step can be planned before its tokens are known;
+    fill() puts them in once they arrive and finishes the sequences they stop."""
 
     def __init__(self, config: Config, num_kvcache_blocks: int, tokenizer=None):
         self.tokenizer = tokenizer  # for stop strings
-        self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = config.max_model_len
+        self.max_num_seqs = config.scheduler.max_num_seqs
+        self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
+        self.max_model_len = config.scheduler.max_model_len
         self.eos_token_ids = set(config.eos_token_ids)
-        self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size)
+        self.block_manager = BlockManager(num_kvcache_blocks, config.cache.kvcache_block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
 
@@ -25,17 +49,19 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        scheduled = self._schedule_prefill()
+    def schedule(self) -> Batch | None:
+        """The next step's batch; None when there is nothing to run (idle, or every running sequence's
+        in-flight token is its last)."""
+        scheduled = self.schedule_prefill()
         if scheduled:
-            return scheduled, True
-        scheduled = self._schedule_decode()
-        # Left running but unscheduled: sequences whose in-flight token is their last (async scheduling).
-        if not scheduled and not self.running:
+            return Batch(scheduled, True)
+        scheduled = self.schedule_decode()
+        if not scheduled and self.waiting and not self.running:
+            # Options were checked to hold one max_model_len sequence in an empty cache.
             raise RuntimeError("scheduler could not place any sequence; the KV cache is too small")
-        return scheduled, False
+        return Batch(scheduled, False) if scheduled else None
 
-    def _schedule_prefill(self) -> list[Sequence]:
+    def schedule_prefill(self) -> list[Sequence]:
         # A prompt cut by the token budget stays at the head of `waiting` with its blocks and is
         # continued first, so prefill never waits on decode for blocks it already holds.
         scheduled, budget = [], self.max_num_batched_tokens
@@ -54,7 +80,7 @@ class Scheduler:
             self.running.append(seq)
         return scheduled
 
-    def _schedule_decode(self) -> list[Sequence]:
+    def schedule_decode(self) -> list[Sequence]:
         scheduled, kept = [], []
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
@@ -93,57 +119,37 @@ class Scheduler:
                 self.block_manager.deallocate(seq)
                 seq.status = SequenceStatus.FINISHED
 
-    @staticmethod
-    def advance(seq: Sequence, token_id: int, block_manager: BlockManager) -> bool:
-        """Counts seq's scheduled tokens as computed in block_manager's cache; once all its tokens
-        are, appends token_id and returns True."""
-        seq.num_computed_tokens += seq.num_scheduled_tokens
-        seq.num_scheduled_tokens = 0
-        block_manager.hash_computed_blocks(seq)
-        if seq.num_computed_tokens < seq.num_tokens:
-            return False
-        seq.append_token(token_id)
-        return True
+    def book(self, seqs: list[Sequence]) -> None:
+        """Books a launched step whose tokens are not known yet: every sequence whose prompt is now
+        computed gets a PENDING_TOKEN."""
+        for seq in seqs:
+            if not seq.is_finished:  # else stopped (or aborted) by its previous token while this step ran
+                advance(seq, [PENDING_TOKEN], self.block_manager)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Advances each scheduled sequence; token_ids[i] is seqs[i]'s next token, unused when its
-        prompt is not yet fully computed. Returns the sequences that gained a token."""
+    def fill(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[tuple[Sequence, list[int]]]:
+        """Puts a booked step's tokens (tokens[i] for seqs[i]: one from a sampler) in place of its
+        PENDING_TOKENs, stopping a sequence at the first token that stops it. Returns the sequences that
+        gained tokens, with those tokens."""
         produced = []
-        for seq, token_id in zip(seqs, token_ids):
-            if not self.advance(seq, token_id, self.block_manager):
+        for seq, new_tokens in zip(seqs, tokens):
+            if seq.is_finished or seq.last_token != PENDING_TOKEN:  # aborted, or a partial prompt
                 continue
-            produced.append(seq)
-            if self.stopped(seq):
-                self._finish(seq)
+            seq.token_ids.pop()
+            taken = []
+            for token in new_tokens:
+                seq.append_token(token)
+                taken.append(token)
+                if self.stopped(seq):
+                    self._finish(seq)
+                    break
+            produced.append((seq, taken))
         return produced
 
     def _finish(self, seq: Sequence) -> None:
-        # Running, or (async scheduling) preempted while its last token was in flight.
+        # Running, or preempted while its last token was in flight.
         (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.block_manager.deallocate(seq)
-
-    # ---- async scheduling: a step is booked when it is launched, its tokens when they arrive ----
-
-    def book(self, seqs: list[Sequence]) -> None:
-        """Books a launched step whose tokens are not known yet: every sequence whose prompt is now
-        computed gets a PENDING_TOKEN, so that the next step can be planned before fill()."""
-        for seq in seqs:
-            if not seq.is_finished:  # else stopped (or aborted) by its previous token while this step ran
-                self.advance(seq, PENDING_TOKEN, self.block_manager)
-
-    def fill(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Puts a booked step's sampled tokens (token_ids[i] for seqs[i]) in place of its PENDING_TOKENs
-        and finishes the sequences they stop. Returns the sequences that gained a token."""
-        produced = []
-        for seq, token_id in zip(seqs, token_ids):
-            if seq.is_finished or seq.last_token != PENDING_TOKEN:  # aborted, or a partial prompt
-                continue
-            seq.token_ids[-1] = token_id
-            produced.append(seq)
-            if self.stopped(seq):
-                self._finish(seq)
-        return produced
 
     def stopped(self, seq: Sequence) -> bool:
         """Whether seq is done after its last token; sets its finish_reason: "stop" for an

@@ -16,7 +16,7 @@ def free_port() -> int:
 
 
 def worker_main(config: Config, rank: int, init_method: str, conn: Connection) -> None:
-    """A tensor-parallel rank > 0: mirrors every call that rank 0 makes on its runner."""
+    """A tensor-parallel rank > 0: mirrors every launch that rank 0 makes on its runner."""
     conn.send("started")
     device = torch.device("cuda", rank) if config.device.type == "cuda" else config.device
     runner = ModelRunner(config, device, rank, init_method)
@@ -35,7 +35,7 @@ class TensorParallelGroup:
         self.init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
         self.conns, self.processes = [], []
-        for rank in range(1, config.tensor_parallel_size):
+        for rank in range(1, config.parallel.tensor_parallel_size):
             parent, child = ctx.Pipe()
             process = ctx.Process(target=worker_main, args=(config, rank, self.init_method, child), daemon=True)
             process.start()

@@ -2,14 +2,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.fused import fused_ops
+from nanovllm import kernels
 
 
 class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = fused_ops(x)
-        if ops is not None:
-            return ops.silu_and_mul(x)
+        if kernels.on_gpu(x):
+            return kernels.fused.silu_and_mul(x)
         gate, up = x.chunk(2, -1)
         return F.silu(gate) * up

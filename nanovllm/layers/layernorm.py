@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from nanovllm.layers.fused import fused_ops
+from nanovllm import kernels
 
 
 class RMSNorm(nn.Module):
@@ -18,9 +18,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
-        ops = fused_ops(x)
-        if ops is not None:
-            return ops.rms_norm(x, self.weight, self.eps, residual)
+        if kernels.on_gpu(x):
+            return kernels.fused.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanovllm.layers.fused import fused_ops
+from nanovllm import kernels
 
 ALL_TOKENS = sys.maxsize
 
@@ -34,11 +34,10 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         if inputs.top_k is not None:
             logits = keep_top_tokens(logits, inputs)
-        ops = fused_ops(logits)
-        if ops is not None:
+        if kernels.on_gpu(logits):
             # Drawn from torch's generator, so torch.manual_seed makes runs repeatable.
             seed = int(torch.randint(0, 2 ** 31 - 1, ()))
-            return ops.sample(logits, inputs.temperatures, seed, inputs.row_seeds)
+            return kernels.sampling.sample(logits, inputs.temperatures, seed, inputs.row_seeds)
         return sample_reference(logits, inputs.temperatures, inputs.row_seeds)
 
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -5,7 +5,7 @@ from transformers import Qwen3Config
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.fused import fused_ops
+from nanovllm import kernels
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
@@ -33,13 +33,12 @@ class Qwen3Attention(nn.Module):
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        ops = fused_ops(q)
-        if ops is None:
+        if not kernels.on_gpu(q):
             out = self.attn(*self.rotary_emb(positions, self.q_norm(q), self.k_norm(k)), v)
         else:
             # The fused kernel stores the keys and values as it rotates, saving the store's own kernel.
             store = self.attn.fused_store(v)
-            q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+            q, k = kernels.fused.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                     self.rotary_emb.cos_sin_cache, positions, store)
             out = self.attn(q, k, v, stored=store is not None)
         return self.o_proj(out.flatten(1, -1))

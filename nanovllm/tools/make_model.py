@@ -35,6 +35,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from nanovllm.config import DTYPES
 from nanovllm.utils.cache import cache_root
+from nanovllm.utils.log import get_logger
 
 LOGIT_STD = 8.0
 MAX_SHARD_BYTES = 4 << 30
@@ -296,8 +297,8 @@ def ensure_model(preset: str) -> Path:
         return target
     config = hf_config(preset, DEFAULT_DTYPES[preset])
     size = sum(math.prod(shape) for _, shape, _ in weight_specs(config)) * DTYPES[DEFAULT_DTYPES[preset]].itemsize
-    print(f"[make_model] first use of the '{preset}' preset: writing its random-weight checkpoint "
-          f"({size / 2 ** 30:.2f} GiB) to {target}; later runs reuse it", flush=True)
+    get_logger("make_model").info("first use of the '%s' preset: writing its random-weight checkpoint (%.2f GiB) "
+                                  "to %s; later runs reuse it", preset, size / 2 ** 30, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a crash never leaves a half-written model at target.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -1,0 +1,69 @@
+"""The least time a run could take on a device: the bytes and FLOPs of the schedule the engine
+actually ran, step by step, against the device's measured copy rate and matrix rate."""
+import torch
+
+from nanovllm.engine.scheduler import Batch
+from nanovllm.utils.timing import median_replay_ms
+
+
+class ScheduleFloor:
+    """Attach to an engine; every batch its runners launch adds that step's floor: the larger of the
+    fewest bytes it must move (all weights once, the K/V it reads and writes) over the copy rate,
+    and its FLOPs (weights and attention) over the matrix rate."""
+
+    def __init__(self, llm, copy_bytes_per_s: float, flops_per_s: float):
+        runner = llm.runners[-1]
+        hf = llm.config.hf_config
+        self.copy_rate, self.flop_rate = copy_bytes_per_s, flops_per_s
+        params = list(runner.model.parameters())  # a tied lm_head counts once
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        embedding = hf.vocab_size * hf.hidden_size
+        # Every weight but the embedding lookup is a matrix-vector product per token; the lm_head
+        # (tied or not) runs for one token per sequence and step.
+        self.layer_flops_per_token = 2 * (sum(p.numel() for p in runner.model.model.layers.parameters()))
+        self.head_flops_per_seq = 2 * embedding
+        self.kv_bytes_per_token = runner.kv_cache.block_bytes // runner.block_size
+        # Per query-key pair: q·k and p·v, 2 FLOPs per head dimension each, in every layer and head.
+        self.attention_flops_per_pair = 4 * hf.num_hidden_layers * hf.num_attention_heads * hf.head_dim
+        self.seconds = 0.0
+        for each in llm.runners:
+            self._observe(each)
+
+    def _observe(self, runner) -> None:
+        launch = runner.launch
+
+        def observed_launch(batch: Batch, *args, **kwargs):
+            self.seconds += self.step_seconds(batch)
+            return launch(batch, *args, **kwargs)
+
+        runner.launch = observed_launch
+
+    def step_seconds(self, batch: Batch) -> float:
+        seqs, is_prefill = batch.seqs, batch.is_prefill
+        new_tokens = sum(seq.num_scheduled_tokens for seq in seqs)
+        # Query i of a chunk that follows c computed tokens sees c + i + 1 keys.
+        pairs = sum(n * seq.num_computed_tokens + n * (n + 1) // 2
+                    for seq in seqs for n in [seq.num_scheduled_tokens])
+        # A prefill reads its cached prefix from memory (its own new keys stay on chip); a decode
+        # step reads every cached token and the one it just wrote.
+        kv_read = sum(seq.num_computed_tokens for seq in seqs) + (0 if is_prefill else new_tokens)
+        bytes_moved = self.weight_bytes + self.kv_bytes_per_token * (kv_read + new_tokens)
+        flops = (self.layer_flops_per_token * new_tokens + self.attention_flops_per_pair * pairs
+                 + self.head_flops_per_seq * len(seqs))
+        return max(bytes_moved / self.copy_rate, flops / self.flop_rate)
+
+
+def copy_bytes_per_s() -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_replay_ms({"copy": lambda: dst.copy_(src)}, repeats=10)["copy"]
+    return 2 * (1 << 30) / (ms / 1e3)
+
+
+def gemm_flops_per_s(size: int = 8192) -> float:
+    """bf16 matrix-product rate on random data, from the median of a few products."""
+    a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+    ms = median_replay_ms({"gemm": lambda: a @ b}, repeats=10)["gemm"]
+    return 2 * size ** 3 / (ms / 1e3)

@@ -1,0 +1,76 @@
+"""How far a float8 KV cache moves a model's outputs from those of a cache in the model's dtype.
+
+Both engines run the same prompts. Greedy agreement: the share of generated positions where the
+float8 engine's own greedy tokens equal the reference engine's (one early difference changes the rest
+of a sequence, so this compounds). Teacher-forced: the float8 engine is fed the reference's greedy
+tokens instead of its own, and at every generated position its logits are compared with the
+reference's: the largest and the mean absolute difference relative to the range (max - min) of the
+reference logits there, and the share of positions whose top token is the reference's.
+"""
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.scheduler import Batch
+from nanovllm.engine.step_tokens import StepTokens
+
+
+def teacher_forced_logits(llm: LLM, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
+    """The logits (float32, CPU) [len(c), vocab] before each token of each continuation c, with the
+    engine fed c in place of its samples (an engine with async_scheduling=False: each step's tokens
+    must be known before the next step is planned)."""
+    if llm.config.scheduler.async_scheduling:
+        raise ValueError("teacher forcing needs an engine built with async_scheduling=False")
+    runner = llm.model_runner
+    forced, logits = {}, {}
+
+    def launch(batch: Batch, *args, **kwargs):
+        step = runner.logits(batch).float().cpu()
+        tokens = []
+        for seq, row in zip(batch.seqs, step):
+            position = seq.num_completion_tokens  # meaningful once this step completes the prompt
+            logits[seq.seq_id][position] = row
+            tokens.append(forced[seq.seq_id][min(position, len(forced[seq.seq_id]) - 1)])
+        return StepTokens(torch.tensor(tokens))
+
+    ids = []
+    runner.launch = launch
+    try:
+        for prompt, continuation in zip(prompts, continuations):
+            seq_id = llm.add_request(prompt, SamplingParams(max_tokens=len(continuation), ignore_eos=True))
+            forced[seq_id], logits[seq_id] = continuation, {}
+            ids.append(seq_id)
+        while llm.has_unfinished_requests():
+            llm.step()
+    finally:
+        del runner.launch
+    return [torch.stack([logits[i][p] for p in range(len(forced[i]))]) for i in ids]
+
+
+def greedy(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    return [o["token_ids"] for o in outputs]
+
+
+def reference_run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], torch.Tensor]:
+    """The reference engine's greedy tokens and its logits before each of them (all positions stacked)."""
+    tokens = greedy(llm, prompts, max_tokens)
+    return tokens, torch.cat(teacher_forced_logits(llm, prompts, tokens))
+
+
+def measure(ref_tokens: list[list[int]], ref_logits: torch.Tensor, llm: LLM, prompts: list[list[int]]) -> dict:
+    """The measures above for an engine against a reference_run on the same prompts."""
+    own_tokens = greedy(llm, prompts, max(map(len, ref_tokens)))
+    forced_logits = torch.cat(teacher_forced_logits(llm, prompts, ref_tokens))
+    span = (ref_logits.amax(-1) - ref_logits.amin(-1)).clamp(min=1e-6)
+    error = (forced_logits - ref_logits).abs()
+    same = sum(a == b for r, o in zip(ref_tokens, own_tokens) for a, b in zip(r, o))
+    return {"positions": ref_logits.size(0),
+            "greedy_agreement": same / ref_logits.size(0),
+            "forced_top1_agreement": (forced_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+            "max_abs_error/range": (error.amax(-1) / span).max().item(),
+            "mean_abs_error/range": (error.mean(-1) / span).mean().item()}
+
+
+def compare(reference: LLM, quantized: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
+    return measure(*reference_run(reference, prompts, max_tokens), quantized, prompts)

@@ -1,0 +1,12 @@
+"""Every Triton kernel of the engine: paged attention (attention.py), the fused per-layer ops (fused.py)
+and sampling (sampling.py). triton is a Linux-only dependency: where it cannot be imported,
+`on_gpu` is always False and the layers run their torch paths."""
+try:
+    from nanovllm.kernels import fused, sampling
+except ImportError:
+    fused = sampling = None
+
+
+def on_gpu(x) -> bool:
+    """Whether the kernels can run on x: triton is installed and x is a CUDA tensor."""
+    return fused is not None and x.is_cuda

@@ -1,0 +1,523 @@
+"""Triton kernels for the paged KV cache: store, split-KV decode attention, varlen causal prefill.
+
+Caches are [num_blocks, block_size, num_kv_heads, head_dim] views whose block stride may exceed the
+block's size (block-major cache holding every layer); only the last dimension must be contiguous.
+Softmax runs in base 2: scores are scaled by scale * log2(e) so exp2 can be used.
+
+A float8 cache comes with per-head scales (kv_scales [2, num_kv_heads], see kv_quant): store_kv
+quantizes, attention converts the loaded tiles in registers and applies the scales outside the dot
+products (a head's key scale joins the score scale, its value scale the output). With 16-bit queries
+the dot products over a float8 cache run in float16 (FP16_DOT): float8 e4m3 converts to float16 exactly,
+two values per instruction, where bfloat16 takes several instructions per value, which made the
+conversion, not the memory, bound the kernel; a bf16 query is exact in float16 over float16's range,
+which it is saturated to. Value tiles are converted before they take the dot operand's layout
+(_fp8_to_fp16): that layout puts a thread's values along the token axis, which float8 rows hold one
+byte apart, so Triton's own order (layout first, then convert) reads shared memory a byte at a time.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.attention.kv_quant import FP8_MAX
+from nanovllm.partitions.sm_limit import num_sms_of
+
+LOG2E = 1.4426950408889634
+# Kernels may read module globals only as constexprs.
+FP8_MAX_CONSTEXPR = tl.constexpr(FP8_MAX)
+# The interpreter (the CPU tests) cannot run inline PTX.
+PTX = tl.constexpr(not triton.knobs.runtime.interpret)
+FP16_MAX = tl.constexpr(65504.0)
+# Enough resident programs per SM to keep a memory-bound kernel's loads in flight.
+PROGRAMS_PER_SM = 4
+# A split shorter than this spends more on its partial result than it saves.
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 64
+# Sequences a prefill program looks through at a time to find its own.
+QUERY_BLOCK_SEARCH = 128
+# Sequences ranked per program, and compared per iteration, by the longest-first ordering.
+ORDER_BLOCK = 64
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, scales_ptr,
+    stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, stride_s,
+    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+):
+    i = tl.program_id(0)
+    slot = tl.load(slot_ptr + i).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)[None, :]
+    mask = offs_h < NUM_HEADS
+    k = tl.load(k_ptr + i * stride_kn + offs_h * stride_kh + offs_d, mask=mask)
+    v = tl.load(v_ptr + i * stride_vn + offs_h * stride_vh + offs_d, mask=mask)
+    if QUANTIZE:
+        k_scale = tl.load(scales_ptr + offs_h, mask=mask, other=1.0)
+        v_scale = tl.load(scales_ptr + stride_s + offs_h, mask=mask, other=1.0)
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX_CONSTEXPR, FP8_MAX_CONSTEXPR)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX_CONSTEXPR, FP8_MAX_CONSTEXPR)
+    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h * stride_kch + offs_d
+    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h * stride_vch + offs_d
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _longest_first_kernel(context_lens_ptr, order_ptr, batch, BLOCK: tl.constexpr):
+    """order[rank] = i, where rank counts the sequences longer than i, or as long and before it."""
+    offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask_i = offs_i < batch
+    len_i = tl.load(context_lens_ptr + offs_i, mask=mask_i, other=0)
+    rank = tl.zeros([BLOCK], tl.int32)
+    for first in range(0, batch, BLOCK):
+        offs_j = first + tl.arange(0, BLOCK)
+        len_j = tl.load(context_lens_ptr + offs_j, mask=offs_j < batch, other=-1)  # -1: never ahead
+        ahead = (len_j[None, :] > len_i[:, None]) | ((len_j[None, :] == len_i[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        rank += tl.sum(ahead.to(tl.int32), 1)
+    tl.store(order_ptr + rank, offs_i, mask=mask_i)
+
+
+@triton.jit
+def _tile_blocks(block_table_ptr, start, offs_n, hi, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr):
+    """Cache blocks (int64) of tokens start + offs_n; tokens at or past hi get block 0.
+
+    Tiles start at multiples of TILE_N, so with TILE_N <= BLOCK_SIZE a tile lies inside one block
+    and one scalar read serves it. Reading a tile's blocks one iteration ahead lets Triton's
+    pipeliner multi-buffer the K/V loads that depend on them.
+    """
+    if TILE_N <= BLOCK_SIZE:
+        block = tl.load(block_table_ptr + start // BLOCK_SIZE, mask=start < hi, other=0)
+    else:
+        toks = start + offs_n
+        block = tl.load(block_table_ptr + toks // BLOCK_SIZE, mask=toks < hi, other=0)
+    # Clamped so that padding (-1) can never address memory before the cache.
+    return tl.maximum(block, 0).to(tl.int64)
+
+
+@triton.jit
+def _as_fp16(x):
+    return tl.clamp(x.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16)
+
+
+@triton.jit
+def _fp8_to_fp16(x):
+    """float8 e4m3 -> float16, exact. As inline PTX the conversion is opaque to Triton, which therefore
+    cannot move the tile's change of layout ahead of it onto the float8 bytes."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+    return x.to(tl.float16)
+
+
+@triton.jit
+def _attend_tile(q, k, v_ptrs, tok_mask, visible, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
+    """One online-softmax step in base 2: folds a tile of keys k and values (loaded from v_ptrs where
+    tok_mask) into the running max m_i, denominator l_i and output acc; visible masks the scores.
+    Without MASKED every key of the tile is visible to every row, and neither mask is applied.
+    Cached tiles of another dtype (float8) are converted to q's dtype."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if v.dtype == tl.float8e4nv and q.dtype == tl.float16:
+        v = _fp8_to_fp16(v)
+    v = v.to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+# The block table's row stride (its width) varies from batch to batch outside CUDA graphs; specialised
+# on it (== 1, % 16), a kernel would compile again in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt"])
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, order_ptr, scales_ptr,
+    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_bt, stride_s, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DEQUANTIZE: tl.constexpr, FP16_DOT: tl.constexpr,
+):
+    """One program: one sequence, one KV head with its GROUP query heads, one slice of the context.
+
+    KV heads vary fastest across programs: a token's heads are adjacent in the cache, so programs
+    running side by side read neighbouring memory. Sequences start longest first (order): a long one
+    started last would leave the SMs idle while it finishes.
+    """
+    kv_head = tl.program_id(0)
+    b = tl.load(order_ptr + tl.program_id(1))
+    split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(0)
+
+    context_len = tl.load(context_lens_ptr + b)
+    if DEQUANTIZE:
+        qk_scale = qk_scale * tl.load(scales_ptr + kv_head)
+    # Split the actual context evenly, in whole tiles; trailing splits of short contexts stay empty.
+    chunk = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), TILE_N) * TILE_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, context_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, TILE_N)
+    heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    # Rows past GROUP pad the query tile to the 16 rows tl.dot needs; they are never stored.
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    if FP16_DOT:
+        q = _as_fp16(q)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + b * stride_bt
+    blocks = _tile_blocks(block_table, lo, offs_n, hi, BLOCK_SIZE, TILE_N)
+    for start in range(lo, hi, TILE_N):
+        tok_mask = start + offs_n < hi
+        pos = (start + offs_n) % BLOCK_SIZE
+        k_rows = blocks * stride_kb + pos * stride_kt
+        v_rows = blocks * stride_vb + pos * stride_vt
+        blocks = _tile_blocks(block_table, start + TILE_N, offs_n, hi, BLOCK_SIZE, TILE_N)
+        k = tl.load(k_cache_ptr + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :],
+                    mask=tok_mask[:, None], other=0.0)
+        # Every tile holds a valid token, so the running max is finite from the first tile on.
+        m_i, l_i, acc = _attend_tile(q, k, v_cache_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
+                                     tok_mask, tok_mask[None, :], m_i, l_i, acc, qk_scale, True)
+    if DEQUANTIZE:
+        acc = acc * tl.load(scales_ptr + stride_s + kv_head)
+
+    if NUM_SPLITS == 1:
+        # Empty contexts (padding rows of a captured batch) give zeros instead of NaN.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        part = (b * num_kv_heads * GROUP + heads) * NUM_SPLITS + split
+        tl.store(part_m_ptr + part, m_i, mask=g_mask)
+        tl.store(part_l_ptr + part, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, num_heads, stride_ob, stride_oh,
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merges the splits of one (sequence, query head) row."""
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    part = row * NUM_SPLITS + offs_s
+    m = tl.load(part_m_ptr + part, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # empty splits have m = -inf and weigh nothing
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    out = num / tl.where(den == 0.0, 1.0, den)
+    b = row // num_heads
+    h = row % num_heads
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _query_block(cu_q_ptr, num_seqs, pid, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr):
+    """(sequence, query block) of program pid, where the sequences take cdiv(q_len, BLOCK_M) programs
+    each, in order; sequence -1 past the last. Found on the device, so that the grid depends only on
+    the token and sequence counts, which a captured prefill fixes."""
+    offs = tl.arange(0, SEARCH)
+    seq = -1
+    block = 0
+    before = 0  # programs of the sequences before this chunk of SEARCH
+    for first in range(0, num_seqs, SEARCH):
+        idx = first + offs
+        mask = idx < num_seqs
+        q_len = tl.load(cu_q_ptr + idx + 1, mask=mask, other=0) - tl.load(cu_q_ptr + idx, mask=mask, other=0)
+        count = tl.where(mask, (q_len + BLOCK_M - 1) // BLOCK_M, 0)
+        start = tl.cumsum(count, 0) - count + before
+        hit = (pid >= start) & (pid < start + count)
+        seq = tl.maximum(seq, tl.max(tl.where(hit, idx, -1), 0))
+        block += tl.sum(tl.where(hit, pid - start, 0), 0)
+        before += tl.sum(count, 0)
+    return seq, block
+
+
+@triton.jit
+def _prefill_step(q, k_ptr, v_ptr, block_table, blocks, start, hi, q_start, q_pos, offs_n, offs_d, kv_head,
+                  m_i, l_i, acc, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """Folds the key tile at start into the running softmax; returns it with the blocks of the next tile."""
+    toks = start + offs_n
+    tok_mask = toks < hi
+    if PAGED:
+        k_rows = blocks * stride_kb + (toks % BLOCK_SIZE) * stride_kt
+        v_rows = blocks * stride_vb + (toks % BLOCK_SIZE) * stride_vt
+        blocks = _tile_blocks(block_table, start + BLOCK_N, offs_n, hi, BLOCK_SIZE, BLOCK_N)
+    else:
+        k_rows = (q_start + toks).to(tl.int64) * stride_kt
+        v_rows = (q_start + toks).to(tl.int64) * stride_vt
+    k_ptrs = k_ptr + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=tok_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    # Key 0 is visible to every row, so each row's max is finite after the first tile.
+    visible = tok_mask[None, :] & (toks[None, :] <= q_pos[:, None])
+    m_i, l_i, acc = _attend_tile(q, k, v_ptr + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :],
+                                 tok_mask, visible, m_i, l_i, acc, qk_scale, MASKED)
+    return m_i, l_i, acc, blocks
+
+
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, block_tables_ptr, scales_ptr, qk_scale, num_seqs,
+    stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_bt, stride_s, stride_on, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, DEQUANTIZE: tl.constexpr, FP16_DOT: tl.constexpr,
+    SEARCH: tl.constexpr,
+):
+    """One program: BLOCK_M new queries of one sequence and one query head.
+
+    PAGED: keys/values come from the cache through the block table and the queries are the last
+    tokens of the context; otherwise k/v are the new tokens' own [N, Hkv, D] rows. The tiles of keys
+    that every query of the block sees run without masks; only those at the causal diagonal take them.
+    """
+    b, m_block = _query_block(cu_q_ptr, num_seqs, tl.program_id(0), BLOCK_M, SEARCH)
+    if b < 0:
+        return
+    head = tl.program_id(1)
+    q_start = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q_start
+    if PAGED:
+        k_len = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
+    else:
+        k_len = q_len
+    prefix = k_len - q_len
+    kv_head = head // GROUP
+    if DEQUANTIZE:
+        qk_scale = qk_scale * tl.load(scales_ptr + kv_head)
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < q_len
+    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    if FP16_DOT:
+        q = _as_fp16(q)
+    q_pos = prefix + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + b * stride_bt
+    hi = tl.minimum(k_len, prefix + (m_block + 1) * BLOCK_M)
+    # Keys up to the block's first query position are visible to all its rows (and exist).
+    unmasked_hi = (prefix + m_block * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+    blocks = offs_n  # unused without PAGED
+    if PAGED:
+        blocks = _tile_blocks(block_table, 0, offs_n, hi, BLOCK_SIZE, BLOCK_N)
+    for start in range(0, unmasked_hi, BLOCK_N):
+        m_i, l_i, acc, blocks = _prefill_step(
+            q, k_ptr, v_ptr, block_table, blocks, start, hi, q_start, q_pos, offs_n, offs_d, kv_head,
+            m_i, l_i, acc, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            BLOCK_N, BLOCK_SIZE, PAGED, False)
+    for start in range(unmasked_hi, hi, BLOCK_N):
+        m_i, l_i, acc, blocks = _prefill_step(
+            q, k_ptr, v_ptr, block_table, blocks, start, hi, q_start, q_pos, offs_n, offs_d, kv_head,
+            m_i, l_i, acc, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            BLOCK_N, BLOCK_SIZE, PAGED, True)
+
+    if DEQUANTIZE:
+        acc = acc * tl.load(scales_ptr + stride_s + kv_head)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_on + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def _check_head_dim(head_dim: int):
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
+
+
+def check_cache(cache: torch.Tensor):
+    block_size = cache.size(1)
+    if block_size < 16 or block_size & (block_size - 1) or cache.stride(3) != 1:
+        raise ValueError("triton attention needs a power-of-two block size >= 16 and contiguous head_dim")
+
+
+def _scales_args(kv_scales: torch.Tensor | None, cache: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(pointer, row stride, quantized) kernel arguments for a cache's scales; the cache itself
+    stands in as the unused pointer of an unquantized cache."""
+    if kv_scales is None:
+        return cache, 0, False
+    assert kv_scales.dtype == torch.float32 and kv_scales.stride(1) == 1 and kv_scales.size(1) == cache.size(2)
+    return kv_scales, kv_scales.stride(0), True
+
+
+def _fp16_dot(q: torch.Tensor, dequantize: bool) -> bool:
+    """Whether the dot products over a float8 cache run in float16 (see the module's docstring)."""
+    return dequantize and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """k, v [N, Hkv, D] -> cache slots slot_mapping[i] (block * block_size + offset); -1 skips.
+    With kv_scales, quantized to the (float8) cache's dtype."""
+    num_tokens, num_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _check_head_dim(head_dim)
+    check_cache(k_cache)
+    assert k.stride(2) == 1 and v.stride(2) == 1
+    scales, stride_s, quantize = _scales_args(kv_scales, k_cache)
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, scales,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_s,
+        NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.size(1), QUANTIZE=quantize,
+    )
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Splits per (sequence, KV head) so that about PROGRAMS_PER_SM programs run on each SM.
+
+    Depends only on shapes, never on tensor data, so a captured CUDA graph stays valid.
+    """
+    programs = batch * num_kv_heads
+    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
+    useful = max(1, max_context // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def longest_first(context_lens: torch.Tensor) -> torch.Tensor:
+    """The batch's rows by falling context length (ties in row order), int32; capturable in a CUDA graph."""
+    batch = context_lens.numel()
+    order = torch.empty(batch, dtype=torch.int32, device=context_lens.device)
+    if batch:
+        _longest_first_kernel[(triton.cdiv(batch, ORDER_BLOCK),)](context_lens, order, batch, BLOCK=ORDER_BLOCK)
+    return order
+
+
+def decode_tile_config(dtype: torch.dtype, head_dim: int, quantized: bool) -> tuple[int, int, int]:
+    """(tokens per tile, num_warps, num_stages); fp32 tiles are halved to fit shared memory. A float8
+    cache with 16-bit queries runs best on two warps (83% of the copy rate against 70% on four, H200)."""
+    if dtype == torch.float32 or head_dim > 128:
+        return 32, 4, 2
+    return 64, 2 if quantized else 4, 3
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, num_sms: int | None = None,
+                 num_splits: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None, kv_scales: torch.Tensor | None = None,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D] attends to context_lens[b] cached tokens of block_tables[b] -> [B, Hq, D];
+    kv_scales dequantize a float8 cache; order is longest_first(context_lens), computed here if not given.
+
+    The optional arguments override the heuristics (for benchmarking); all of them depend on
+    shapes only, so the launch is CUDA-graph capturable.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.size(2)
+    block_size = k_cache.size(1)
+    _check_head_dim(head_dim)
+    check_cache(k_cache)
+    assert q.stride(2) == 1 and num_heads % num_kv_heads == 0
+    group = num_heads // num_kv_heads
+    default_tile, default_warps, default_stages = decode_tile_config(q.dtype, head_dim, kv_scales is not None)
+    tile_n = tile_n or default_tile
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        max_context = block_tables.size(1) * block_size
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context, num_sms or num_sms_of(q.device))
+    if num_splits > 1:
+        part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused by the single-split variant
+    scales, stride_s, dequantize = _scales_args(kv_scales, k_cache)
+    order = longest_first(context_lens) if order is None else order
+    _decode_kernel[(num_kv_heads, batch, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, order, scales, out, part_m, part_l, part_acc, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_s,
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE_N=tile_n, NUM_SPLITS=num_splits, DEQUANTIZE=dequantize, FP16_DOT=_fp16_dot(q, dequantize),
+        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch * num_heads,)](
+            out, part_m, part_l, part_acc, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4 if head_dim >= 128 else 2,
+        )
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, scale: float,
+                      block_tables: torch.Tensor | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal varlen attention for q [N, Hq, D] -> [N, Hq, D].
+
+    With block_tables, k/v are the paged caches (float8 ones dequantized with kv_scales) and
+    sequence b's queries are the last of its cu_seqlens_k[b+1] - cu_seqlens_k[b] context tokens;
+    without, k/v are [N, Hkv, D] rows laid out like q (no prefix) and cu_seqlens_k is ignored.
+    Rows of q past cu_seqlens_q[-1] (padding) are left unwritten; so are empty sequences. The launch
+    depends on the shapes only (CUDA-graph capturable).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _check_head_dim(head_dim)
+    paged = block_tables is not None
+    num_kv_heads = k.size(2) if paged else k.size(1)
+    assert q.stride(2) == 1 and num_heads % num_kv_heads == 0
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    batch = cu_seqlens_q.numel() - 1
+    if num_tokens == 0 or batch == 0:
+        return out
+    scales, stride_s, dequantize = _scales_args(kv_scales if paged else None, k)
+    if paged:
+        check_cache(k)
+        k_strides = k.stride(0), k.stride(1), k.stride(2)
+        v_strides = v.stride(0), v.stride(1), v.stride(2)
+        block_size, stride_bt = k.size(1), block_tables.stride(0)
+    else:
+        assert k.stride(2) == 1 and v.stride(2) == 1
+        k_strides = 0, k.stride(0), k.stride(1)
+        v_strides = 0, v.stride(0), v.stride(1)
+        block_tables, block_size, stride_bt = cu_seqlens_q, 16, 0  # table unused
+    fp32 = q.dtype == torch.float32
+    # Wide fp32 tiles spill registers on sm_90.
+    block_m = block_n = 32 if fp32 or head_dim > 128 else 64
+    # Each sequence takes cdiv(q_len, block_m) programs: at most cdiv(num_tokens, block_m) + batch.
+    grid = (triton.cdiv(num_tokens, block_m) + batch, num_heads)
+    _prefill_kernel[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_tables, scales, scale * LOG2E, batch,
+        q.stride(0), q.stride(1), *k_strides, *v_strides, stride_bt, stride_s, out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, PAGED=paged, DEQUANTIZE=dequantize, FP16_DOT=_fp16_dot(q, dequantize),
+        SEARCH=QUERY_BLOCK_SEARCH, num_warps=4, num_stages=2 if fp32 else 3,
+    )
+    return out

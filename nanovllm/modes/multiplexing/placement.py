@@ -1,0 +1,180 @@
+import math
+import time
+
+import torch
+
+from nanovllm.modes.disaggregation.loop import DecodeStep, PDLoop
+from nanovllm.modes.multiplexing.splits import (DEFAULT_ITL_FACTOR, STEP_MARGIN, Split, SplitProfiler, choose_split,
+                                                choose_splits, in_line_prefill_tokens, itl_bound_ms, split_ranges,
+                                                within_bound)
+from nanovllm.modes.multiplexing.stats import FILLING, FULL_GPU, IN_LINE, SplitStatistics
+from nanovllm.utils.log import get_logger
+
+logger = get_logger("PD-mux")
+# A prefill fills the batch (runs between decode steps, whatever its length) while the sequences to
+# join the decoding ones are at least this share of them: the batch is still to grow by a quarter.
+FILL_SHARE = 0.25
+
+
+class SplitPlacement:
+    """Where the multiplexing loop runs each prefill and decode step on one GPU.
+
+    While a prefill runs beside decoding sequences, it runs on the prefill partition of a split and the
+    decode steps on the decode partition, from graphs captured there; otherwise each uses the whole GPU.
+    The split follows the running batch: per decode bucket, the start-up profile picks the one that gives
+    up the least decode time for the prefill work done beside it, with the decode step within
+    pd_max_itl_ms; where the steps that then run on the split exceed the bound, the bucket moves to a
+    split with more decode SMs. A prefill short enough for a decode step and it to fit that bound runs
+    between two decode steps instead; so does every prefill while the sequences to join the decoding ones
+    are a quarter of them or more (a burst, or the start of an offline run): the batch fills first, as in
+    the sequential engine, since prefills on a split delay the sequences that are still to start.
+    Without splits (no green contexts) both runners share one stream and the scheduling is the same.
+    """
+
+    def __init__(self, splits: list[Split], partitions: str, max_itl_ms: float | None):
+        self.splits = splits
+        self.max_itl_ms = max_itl_ms
+        self.stats = SplitStatistics(partitions)
+        self.split_by_bucket: dict[int, Split] = {}
+        # Full-GPU decode step times per graph bucket, from the start-up profile and then from the steps
+        # run without a prefill beside; with the profiled prefill time they size in-line prefills.
+        self.decode_step_ms: dict[int, float] = {}
+        self.prefill_fixed_ms, self.prefill_ms_per_token = 0.0, math.inf
+        self.prefill_split: Split | None = None  # where the prefill in flight runs (None: the whole GPU)
+        self.prefill_in_line = False  # whether it runs between decode steps
+        self.decode_buckets: list[int] | None = None  # the decode graphs' batch buckets (None: eager)
+
+    def choose(self, prefill_runner, decode_runner) -> None:
+        """Profiles every split, picks one per decode bucket, and logs the measurements and the choice."""
+        graphs = decode_runner.decode_paths.graphs
+        self.decode_buckets = graphs.buckets if graphs is not None else None
+        if not self.splits:
+            return
+        if graphs is None:
+            split = self.splits[len(self.splits) // 2]
+            logger.info("enforce_eager: no decode graphs to profile; split under prefill: %s", split.label)
+            self.split_by_bucket = {decode_runner.config.scheduler.max_num_seqs: split}
+            self.stats.split_per_batch = split_ranges(self.split_by_bucket)
+            return
+        start = time.perf_counter()
+        profiler = SplitProfiler(prefill_runner, decode_runner)
+        full_steps_ms, full_prefill_ms = profiler.full_gpu()
+        logger.info("profile: decode step of %d x %d tokens %.2f ms, prefill of %d tokens %.1f ms on the whole GPU",
+                    profiler.batch, profiler.context, full_steps_ms[profiler.batch], profiler.prefill_tokens,
+                    full_prefill_ms)
+        for split in self.splits:
+            profiler.profile(split, full_prefill_ms)
+            p = split.profile
+            logger.info("  %s: decode step %.2f ms alone, %.2f ms beside prefill; prefill %.1f ms alone (%.2fx the "
+                        "whole GPU on %.0f%% of the SMs), %.1f ms beside decode; decode time given up per ms of "
+                        "prefill work %.2f", split.label, p["decode_step_ms_alone"], p["decode_step_ms"],
+                        p["prefill_ms_alone"], p["prefill_slowdown_alone"], 100 * p["prefill_sm_share"],
+                        p["prefill_ms"], split.prefill_cost(profiler.batch, full_steps_ms[profiler.batch]))
+        self.split_by_bucket = choose_splits(self.splits, full_steps_ms, self.max_itl_ms)
+        self.decode_step_ms.update(full_steps_ms)
+        # A prefill of any length reads every weight once, as the decode step of one sequence does.
+        self.prefill_fixed_ms = full_steps_ms[min(full_steps_ms)]
+        self.prefill_ms_per_token = (full_prefill_ms - self.prefill_fixed_ms) / profiler.prefill_tokens
+        limit = f"{self.max_itl_ms:g} ms" if self.max_itl_ms is not None else f"{DEFAULT_ITL_FACTOR} x its full-GPU step"
+        ranges = "; ".join(f"{batches}: {label}" for batches, label in split_ranges(self.split_by_bucket).items())
+        logger.info("split under prefill, by decode batch (step bound %s): %s. A prefill runs between decode steps "
+                    "on the whole GPU if a step of the running batch and it stay within the bound (at batch %d: up "
+                    "to %d tokens). Profiled in %.1f s", limit, ranges, profiler.batch,
+                    self.in_line_tokens(profiler.batch), time.perf_counter() - start)
+        self.stats.split_profiles = {s.label: s.profile for s in self.splits}
+        self.stats.split_observed = {s.label: s.observed for s in self.splits}
+        self.stats.split_per_batch = split_ranges(self.split_by_bucket)
+        torch.cuda.empty_cache()  # the profile's prefill activations, cached per stream
+
+    def split_for(self, batch: int) -> Split | None:
+        """The split to run a prefill on beside `batch` decoding sequences: that of the smallest bucket
+        that holds the batch (past the graphs' buckets, the largest); None without green contexts."""
+        if not self.split_by_bucket:
+            return None
+        buckets = sorted(self.split_by_bucket)
+        return self.split_by_bucket[next((b for b in buckets if b >= batch), buckets[-1])]
+
+    def in_line_tokens(self, batch: int) -> int:
+        """The most tokens a prefill may have to run between two decode steps of `batch` sequences: the
+        step (its bucket's latest full-GPU time) and the prefill within the ITL bound; 0 for a bucket
+        not timed yet."""
+        step_ms = self.decode_step_ms.get(self.bucket(batch))
+        if step_ms is None:
+            return 0
+        return in_line_prefill_tokens(itl_bound_ms(self.max_itl_ms, step_ms), step_ms, self.prefill_fixed_ms,
+                                      self.prefill_ms_per_token)
+
+    @staticmethod
+    def fills_batch(loop: PDLoop, running: int) -> bool:
+        """Whether the sequences to join the `running` decoding ones are at least FILL_SHARE of them."""
+        return loop.scheduler.num_joining() >= FILL_SHARE * running
+
+    def bucket(self, batch: int) -> int | None:
+        """The decode graph bucket that runs the batch: the batch itself without graphs, None past the
+        largest graph (such a batch runs eagerly, and its steps time no bucket)."""
+        buckets = self.decode_buckets
+        if buckets is None:
+            return batch
+        return next(b for b in buckets if b >= batch) if batch <= buckets[-1] else None
+
+    def prefill(self, loop: PDLoop, seqs):
+        # With nothing decoding the prefill has the whole GPU. Beside decode steps it runs on the split's
+        # partition, unless it is short enough to run between two decode steps within the ITL bound
+        # (then the split would cost throughput and bound nothing), or it fills the batch: on a split,
+        # the prefills of a burst take several times as long, and the sequences still to start finish
+        # that much later.
+        tokens = sum(seq.num_scheduled_tokens for seq in seqs)
+        running = len(loop.scheduler.running)
+        filling = running > 0 and self.fills_batch(loop, running)
+        self.prefill_in_line = filling or (running > 0 and tokens <= self.in_line_tokens(running))
+        self.prefill_split = self.split_for(running) if running and not self.prefill_in_line else None
+        label = FILLING if filling else IN_LINE if self.prefill_in_line else self._label(self.prefill_split)
+        self.stats.record_split_prefill(label)
+        # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
+        # still writes them.
+        return (self.prefill_split and self.prefill_split.prefill), (loop.last_decode,)
+
+    def decode(self, loop: PDLoop, beside_prefill: bool):
+        # A step on another stream than the step before reads that step's tokens and reuses its inputs.
+        split = self.prefill_split if beside_prefill else None
+        in_line = (loop.prefill_in_flight[1].timer,) if beside_prefill and self.prefill_in_line else ()
+        return (split and split.decode), (loop.last_decode, *in_line)
+
+    def decoded(self, loop: PDLoop, step: DecodeStep, seconds: float) -> None:
+        split = next((s for s in self.splits if s.decode is step.lane), None) if step.lane else None
+        self.stats.record_split_decode(self._label(split), seconds)
+        bucket = self.bucket(len(step.seqs))
+        if bucket is None:
+            return
+        if split is not None:
+            self.observe(split, bucket, 1e3 * seconds)
+        elif self.split_by_bucket and not step.beside_prefill:
+            self.decode_step_ms[bucket] = 1e3 * seconds
+
+    def observe(self, split: Split, bucket: int, step_ms: float) -> None:
+        """Takes in a decode step run on a split beside a prefill. Once the steps of the bucket's chosen
+        split exceed the bound, the bucket moves to the split that choose_split picks among those with
+        more decode SMs, if its step is shorter: the profile measured the slow-down beside a prefill at
+        one batch, and small batches can slow down more. Moving one way only, a bucket changes at most
+        once per split. Without a profile (enforce_eager) the split stays."""
+        split.observe(bucket, step_ms)
+        full_ms = self.decode_step_ms.get(bucket)
+        if (not split.profile or full_ms is None or self.split_by_bucket.get(bucket) is not split
+                or within_bound(split, bucket, full_ms, self.max_itl_ms)):
+            return
+        wider = [s for s in self.splits if s.decode.num_sms > split.decode.num_sms]
+        chosen = choose_split(wider, bucket, full_ms, self.max_itl_ms) if wider else split
+        if chosen.decode_step_ms(bucket) < split.decode_step_ms(bucket):
+            self.split_by_bucket[bucket] = chosen
+            self.stats.record_split_change(split_ranges(self.split_by_bucket))
+            logger.info("decode batch bucket %d: split under prefill now %s; %s took %.1f ms per decode step beside "
+                        "prefills, over %g x the %.1f ms bound", bucket, chosen.label, split.label,
+                        split.decode_step_ms(bucket), STEP_MARGIN, itl_bound_ms(self.max_itl_ms, full_ms))
+
+    def statistics(self) -> dict:
+        return self.stats.as_dict()
+
+    def _label(self, split: Split | None) -> str:
+        if split is not None:
+            return split.label
+        return FULL_GPU if self.split_by_bucket else "one stream"

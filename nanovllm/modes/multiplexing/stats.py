@@ -1,0 +1,45 @@
+FULL_GPU = "full GPU"
+IN_LINE = "full GPU, between decode steps"
+FILLING = "full GPU, between decode steps, filling the batch"
+
+
+class SplitStatistics:
+    """Where the multiplexing loop's work ran: each decode step and each prefill on the whole GPU (a
+    prefill alone, or between decode steps, short or filling the batch) or on a split, the split chosen for
+    each range of decode batches (and how often a choice changed while serving), the start-up profile of
+    every split and the decode steps observed on it per bucket. Reported beside the PDStatistics."""
+
+    def __init__(self, partitions: str):
+        self.partitions = partitions  # how prefill and decode share the GPU
+        self.split_per_batch: dict[str, str] = {}  # ranges of decode batches -> the split each takes
+        self.split_profiles: dict[str, dict] = {}
+        self.split_observed: dict[str, dict[int, tuple[int, float]]] = {}  # bucket -> (steps, mean ms)
+        self.split_changes = 0
+        self.decode_steps_in: dict[str, int] = {}
+        self.decode_seconds_in: dict[str, float] = {}
+        self.prefills_in: dict[str, int] = {}
+
+    def record_split_decode(self, split: str, seconds: float) -> None:
+        self.decode_steps_in[split] = self.decode_steps_in.get(split, 0) + 1
+        self.decode_seconds_in[split] = self.decode_seconds_in.get(split, 0.0) + seconds
+
+    def record_split_change(self, split_per_batch: dict[str, str]) -> None:
+        self.split_per_batch = split_per_batch
+        self.split_changes += 1
+
+    def record_split_prefill(self, split: str) -> None:
+        self.prefills_in[split] = self.prefills_in.get(split, 0) + 1
+
+    def as_dict(self) -> dict:
+        total = sum(self.decode_seconds_in.values())
+        return {
+            "partitions": self.partitions, "split_per_batch": dict(self.split_per_batch),
+            "split_changes": self.split_changes, "split_profiles": self.split_profiles,
+            "decode_step_ms_observed_per_split": {
+                split: {bucket: {"steps": steps, "mean_ms": ms} for bucket, (steps, ms) in sorted(observed.items())}
+                for split, observed in self.split_observed.items() if observed},
+            "decode_steps_per_split": dict(self.decode_steps_in),
+            "decode_time_per_split_s": dict(self.decode_seconds_in),
+            "decode_time_share_per_split": {k: v / total for k, v in self.decode_seconds_in.items()} if total else {},
+            "prefills_per_split": dict(self.prefills_in),
+        }

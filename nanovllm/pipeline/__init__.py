@@ -1,1 +1,0 @@
-"""The attention/FFN decode pipeline on green-context SM partitions; the runner uses it through DecodePipeline."""
