@@ -2,12 +2,11 @@ import sys
 import time
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.tools.make_model import default_preset, ensure_model
+from nanovllm.tools.make_model import default_model
 
 
 def main():
-    # Without a checkpoint path, use a random-weight model (its text is gibberish, its speed is real).
-    path = sys.argv[1] if len(sys.argv) > 1 else ensure_model(default_preset())
+    path = sys.argv[1] if len(sys.argv) > 1 else default_model()
     llm = LLM(str(path))
 
     sampling_params = SamplingParams(temperature=0.6, max_tokens=64)

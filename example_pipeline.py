@@ -5,11 +5,11 @@ python example_pipeline.py [CHECKPOINT_DIR]
 import sys
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.tools.make_model import default_preset, ensure_model
+from nanovllm.tools.make_model import default_model
 
 
 def main():
-    path = sys.argv[1] if len(sys.argv) > 1 else ensure_model(default_preset())
+    path = sys.argv[1] if len(sys.argv) > 1 else default_model()
     llm = LLM(
         str(path),
         enable_pipeline=True,

@@ -9,11 +9,11 @@ import sys
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.tools.make_model import default_preset, ensure_model
+from nanovllm.tools.make_model import default_model
 
 
 def main():
-    path = sys.argv[1] if len(sys.argv) > 1 else ensure_model(default_preset())
+    path = sys.argv[1] if len(sys.argv) > 1 else default_model()
     decode_device_id = 1 if torch.cuda.device_count() >= 2 else 0
     if decode_device_id == 0:
         where = "one GPU" if torch.cuda.is_available() else "no GPU"

@@ -1,18 +1,6 @@
-from dataclasses import dataclass
-
 import torch
 
 from nanovllm.utils.context import Context
-
-
-@dataclass
-class KVStore:
-    """This step's values and where they and the keys go in a layer's cache (16 or 32-bit), for a kernel
-    that computes the keys to store them itself (the fused q/k norm and RoPE) in place of store_kv."""
-    v: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    slot_mapping: torch.Tensor
 
 
 class AttentionBackend:

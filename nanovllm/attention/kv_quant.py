@@ -5,7 +5,7 @@ are a float32 [2, num_kv_heads] tensor, keys' scales in row 0 and values' in row
 """
 import torch
 
-FP8_MAX = 448.0
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 # kv_cache_dtype option -> the cache's dtype; None: the model's dtype.
 KV_CACHE_DTYPES = {"auto": None, "fp8_e4m3": torch.float8_e4m3fn}
 
@@ -23,7 +23,3 @@ def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     """float8 x [..., H, D] with per-head scale [H] -> dtype."""
     return (x.float() * scale[:, None]).to(dtype)
 
-
-def as_cached(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., H, D] as a float8 cache with per-head scale [H] gives it back."""
-    return dequantize(quantize(x, scale), scale, x.dtype)

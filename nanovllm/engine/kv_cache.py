@@ -4,8 +4,9 @@ allocation and binding to the attention layers, and the scales of a float8 cache
 The cache is block-major, [blocks, layers, 2 (K, V), block_size, kv_heads, head_dim]: a block with all its
 layers is one contiguous unit, which the prefill/decode handoff copies as such.
 
-The scales of a float8 cache are measured once at start-up on a calibration prefill. Fixed scales keep the cache's contents and the captured decode graphs static: a scale computed from
-each write would change what earlier tokens' bytes mean. Each (layer, K or V, KV head) gets the
+The scales of a float8 cache are measured once at start-up on a calibration prefill. Fixed scales keep
+the cache's contents and the captured decode graphs static: a scale computed from each write would
+change what earlier tokens' bytes mean. Each (layer, K or V, KV head) gets the
 largest magnitude the calibration saw, times MARGIN, mapped to FP8_MAX; e4m3 has the same relative
 precision over its whole normal range, so the headroom costs little. Keys are cached after RoPE,
 which rotates dimension pairs (i, i + head_dim/2) by position: their bound is the largest pair norm,

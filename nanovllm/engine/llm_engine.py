@@ -1,6 +1,7 @@
 import numbers
 import os
 import threading
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -23,6 +24,7 @@ class LLMEngine:
     the steps run is the StepLoop's business (build_loop); this class is the same for every mode."""
 
     def __init__(self, model: str, device=None, dtype=None, **options):
+        start = time.perf_counter()
         config = Config.from_options(model, device, dtype, **options)
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
@@ -31,6 +33,7 @@ class LLMEngine:
         self._lock = threading.RLock()
         self._streamed: dict[int, Sequence] = {}  # from add_request(), not yet finished
         self._closed = False
+        self.startup_seconds = time.perf_counter() - start
 
     def build_loop(self, config: Config, tokenizer) -> StepLoop:
         return SequentialLoop(config, tokenizer)
@@ -56,10 +59,11 @@ class LLMEngine:
             self._closed = True
 
     def statistics(self) -> dict:
-        """What the engine did, as one dict for every mode: "mode", each runner's decode path per batch
-        bucket (and the pipeline's statistics where it is on), and the two-runner modes' under "pd"."""
+        """What the engine did, as one dict for every mode: "mode", the seconds the engine took to start
+        ("startup_s"), the decoding runner's under "runner" (its start-up phases, its decode path per batch
+        bucket, the pipeline's statistics where it is on), and the two-runner modes' under "pd"."""
         with self._lock:
-            return self.loop.statistics()
+            return {**self.loop.statistics(), "startup_s": self.startup_seconds}
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -114,9 +118,14 @@ class LLMEngine:
             self._check_open()
             try:
                 produced = self.loop.step()
-            finally:
+            except BaseException:
                 self._streamed = {i: seq for i, seq in self._streamed.items() if not seq.is_finished}
-            return [(seq.seq_id, tokens, seq.is_finished) for seq, tokens in produced]
+                raise
+            outputs = [(seq.seq_id, tokens, seq.is_finished) for seq, tokens in produced]
+            for seq_id, _, finished in outputs:
+                if finished:
+                    self._streamed.pop(seq_id, None)
+            return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.loop.has_unfinished()

@@ -60,7 +60,6 @@ class ModelRunner:
         self.world_size = config.parallel.tensor_parallel_size
         self.block_size = config.cache.kvcache_block_size
         self.max_blocks_per_seq = -(-config.scheduler.max_model_len // self.block_size)
-        self.role = role
         if self.world_size > 1:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=dist_init_method,
                                     world_size=self.world_size, rank=rank)
@@ -68,10 +67,13 @@ class ModelRunner:
             torch.cuda.set_device(device)
         quantized = config.cache.kv_cache_dtype != "auto"
         self.backend = select_backend(config.runner.attention_backend, device, self.block_size, quantized)
-        self.model = self._build_model(role.shares)
+        self.startup_seconds: dict[str, float] = {}  # per phase, for statistics()
+        with self._phase("load_weights"):
+            self.model = self._build_model(role.shares)
         for layer in self.attention_layers():
             layer.backend = self.backend
-        self.kv_cache = self._kv_cache(role, quantized)
+        with self._phase("kv_cache"):
+            self.kv_cache = self._kv_cache(role, quantized)
         self.kv_cache.bind(self.attention_layers())
         self.sampler = Sampler()
         self.decode_inputs = DecodeInputs(config.scheduler.max_num_seqs, self.max_blocks_per_seq, self.block_size,
@@ -86,13 +88,23 @@ class ModelRunner:
                 # A graph replay takes the priority of the stream it is launched on.
                 self.stream = torch.cuda.Stream(device, priority=role.stream_priority)
                 torch.cuda.synchronize(device)  # the cache was zeroed on the default stream
-            # Compiles the prefill and sampling kernels now rather than inside the first requests.
-            warmup.paged_prefill(self.model, self.block_size, device)
-            self.sampler.warm_up(config.hf_config.vocab_size, config.dtype, device)
+            with self._phase("warm_up"):
+                # Compiles the prefill and sampling kernels now rather than inside the first requests.
+                warmup.paged_prefill(self.model, self.block_size, device)
+                self.sampler.warm_up(config.hf_config.vocab_size, config.dtype, device)
             if not config.runner.enforce_eager:
                 self._capture(role.graphs)
 
     # ---- start-up -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _phase(self, name: str):
+        """Times a start-up phase into startup_seconds."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.startup_seconds[name] = time.perf_counter() - start
 
     def _build_model(self, shares: "ModelRunner | None") -> DecoderModel:
         """The model on this runner's device with the checkpoint's weights, or with those of `shares`
@@ -158,11 +170,13 @@ class ModelRunner:
                                   self.device)
             setup = setup_key(self.device, config.hf_config, config.dtype, config.cache.kv_cache_dtype,
                               self.block_size, self.backend.name)
-            self.decode_paths.capture(graphs, setup, self.kv_cache.num_blocks, config.scheduler.max_model_len)
+            with self._phase("decode_graphs"):
+                self.decode_paths.capture(graphs, setup, self.kv_cache.num_blocks, config.scheduler.max_model_len)
         if "prefill" in kinds and self.backend.captures_prefill:
             self.prefill_graphs = PrefillGraphs(prefill_buckets(config.scheduler.max_num_batched_tokens),
                                                 config.scheduler.max_num_seqs, self.max_blocks_per_seq, self.device)
-            self.prefill_plans[None] = self._capture_prefill(None)
+            with self._phase("prefill_graphs"):
+                self.prefill_plans[None] = self._capture_prefill(None)
 
     def _capture_prefill(self, stream: torch.cuda.Stream | None) -> dict[int, CapturedGraph]:
         start = time.perf_counter()
@@ -220,7 +234,10 @@ class ModelRunner:
     def logits(self, batch: Batch, lane: Lane | None = None) -> torch.Tensor:
         """The next-token logits [len(batch.seqs), vocab] of the batch (complete on rank 0)."""
         if batch.is_prefill:
-            input_ids, positions, ctx, last_indices = prefill_step(batch.seqs, self.block_size, self._to_device)
+            # A float8 cache is read the same way whether a prompt's keys were just computed or found in the
+            # prefix cache, so that prefix hits do not change the tokens: from the cache.
+            input_ids, positions, ctx, last_indices = prefill_step(batch.seqs, self.block_size, self._to_device,
+                                                                   paged=self.kv_cache.scales is not None)
             hidden = self._prefill_hidden(batch.seqs, input_ids, positions, ctx, lane)[last_indices]
         else:
             hidden = self.decode_paths.run(*self.decode_inputs.decode_step(batch.seqs), lane)
@@ -247,8 +264,9 @@ class ModelRunner:
     # ---- statistics -----------------------------------------------------------------------------
 
     def statistics(self) -> dict:
-        """The decode path per batch bucket, and what each decode extension reports under its name."""
-        return {"decode_paths": self.decode_paths.statistics(),
+        """The seconds of each start-up phase, the decode path per batch bucket, and what each decode
+        extension reports under its name."""
+        return {"startup_s": dict(self.startup_seconds), "decode_paths": self.decode_paths.statistics(),
                 **{e.name: e.statistics() for e in self.decode_paths.extensions}}
 
     def get_pipeline_statistics(self) -> dict:

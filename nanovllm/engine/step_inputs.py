@@ -91,7 +91,7 @@ class DecodeInputs:
                 self.block_tables[:batch, :width].contiguous())
 
 
-def slots(seq: Sequence, positions: range, block_size: int) -> list[int]:
+def _slots(seq: Sequence, positions: range, block_size: int) -> list[int]:
     table = seq.block_table
     return [table[p // block_size] * block_size + p % block_size for p in positions]
 
@@ -101,24 +101,25 @@ def block_tables(seqs: list[Sequence], to_device) -> torch.Tensor:
     return to_device([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs], torch.int32)
 
 
-def prefill_step(seqs: list[Sequence], block_size: int, to_device):
+def prefill_step(seqs: list[Sequence], block_size: int, to_device, paged: bool = False):
     """(input_ids, positions, attention context, the rows of each sequence's last token) of a prefill step;
-    to_device(values, dtype) makes a tensor on the device. The context has block tables where some
-    sequence continues computed tokens (a chunk, or a prefix-cache hit)."""
+    to_device(values, dtype) makes a tensor on the device. The context has block tables, so that attention
+    reads every key from the cache, where `paged` or where some sequence continues computed tokens (a
+    chunk, or a prefix-cache hit)."""
     input_ids, positions, slot_mapping, cu_q, cu_k = [], [], [], [0], [0]
     for seq in seqs:
         span = seq.scheduled_positions
         input_ids.extend(seq.token_ids[span.start:span.stop])
         positions.extend(span)
-        slot_mapping.extend(slots(seq, span, block_size))
+        slot_mapping.extend(_slots(seq, span, block_size))
         cu_q.append(cu_q[-1] + len(span))
         cu_k.append(cu_k[-1] + span.stop)
-    has_prefix = any(seq.num_computed_tokens > 0 for seq in seqs)
+    paged = paged or any(seq.num_computed_tokens > 0 for seq in seqs)
     ctx = Context(is_prefill=True, cu_seqlens_q=to_device(cu_q, torch.int32), cu_seqlens_k=to_device(cu_k, torch.int32),
                   max_seqlen_q=max(len(s.scheduled_positions) for s in seqs),
                   max_seqlen_k=max(s.scheduled_positions.stop for s in seqs),
                   slot_mapping=to_device(slot_mapping, torch.int64),
-                  block_tables=block_tables(seqs, to_device) if has_prefix else None)
+                  block_tables=block_tables(seqs, to_device) if paged else None)
     last_indices = to_device(cu_q[1:], torch.int64) - 1
     return to_device(input_ids, torch.int64), to_device(positions, torch.int64), ctx, last_indices
 

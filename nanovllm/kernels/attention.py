@@ -18,10 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.attention.kv_quant import FP8_MAX
 from nanovllm.partitions.sm_limit import num_sms_of
 
 LOG2E = 1.4426950408889634
+# The largest finite float8 e4m3 value, where a float8 cache saturates.
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 # Kernels may read module globals only as constexprs.
 FP8_MAX_CONSTEXPR = tl.constexpr(FP8_MAX)
 # The interpreter (the CPU tests) cannot run inline PTX.

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.attention.base import KVStore
 from nanovllm.kernels.attention import check_cache
+from nanovllm.utils.context import KVStore
 
 # qk_norm_rope: a program of one (token, head) costs more to schedule than its work, which made the
 # kernel 5x slower than its bytes on a prefill; four tokens per program were the fastest on an H200.

@@ -1,10 +1,9 @@
 import torch
 from torch import nn
 
-from nanovllm.attention.base import AttentionBackend, KVStore
-from nanovllm.attention.kv_quant import as_cached
+from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import TorchBackend
-from nanovllm.utils.context import get_context
+from nanovllm.utils.context import KVStore, get_context
 
 
 class Attention(nn.Module):
@@ -34,9 +33,5 @@ class Attention(nn.Module):
         if self.k_cache is not None and not stored:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.kv_scales)
         if ctx.is_prefill:
-            if self.kv_scales is not None and ctx.block_tables is None:
-                # The new tokens attend to their keys and values as the float8 cache holds them, as later
-                # steps and prompts sharing a cached prefix will: outputs do not depend on prefix-cache hits.
-                k, v = as_cached(k, self.kv_scales[0]), as_cached(v, self.kv_scales[1])
             return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale, self.kv_scales)
         return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale, self.kv_scales)

@@ -1,5 +1,5 @@
 """How many SMs the kernels launched now run on: a green-context partition's, or the whole device's.
-Kernels that size their grids by the SM count (split-KV attention, sampling) read it here."""
+Kernels that size their grids by the SM count (split-KV attention) read it here."""
 import contextlib
 import functools
 

@@ -290,6 +290,17 @@ def default_preset() -> str:
     return "qwen3-0.6b" if torch.cuda.is_available() else "tiny"
 
 
+def default_model() -> Path:
+    """The default preset's checkpoint (built on first use), for a script run without a checkpoint of its
+    own; says that its weights are random."""
+    preset = default_preset()
+    path = ensure_model(preset)
+    get_logger("make_model").info("no checkpoint given: the '%s' preset has random weights, so its text is "
+                                  "gibberish (its speed is real); pass a Hugging Face Qwen3 checkpoint directory as "
+                                  "the first argument for real text", preset)
+    return path
+
+
 def ensure_model(preset: str) -> Path:
     """Build the preset with seed 0 into default_model_dir once; later calls reuse it."""
     target = default_model_dir(preset)

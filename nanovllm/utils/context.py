@@ -25,6 +25,16 @@ class Context:
                        block_tables=self.block_tables[rows], decode_order=None)
 
 
+@dataclass
+class KVStore:
+    """This step's values and where they and the keys go in a layer's cache (16 or 32-bit), for a kernel
+    that computes the keys to store them itself (the fused q/k norm and RoPE) in place of store_kv."""
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 _CONTEXT = Context()
 
 

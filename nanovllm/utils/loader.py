@@ -40,7 +40,8 @@ def load_model(model: nn.Module, path: str) -> None:
     """Loads Hugging Face safetensors weights, routing q/k/v and gate/up into their packed params.
 
     Every parameter, and every shard of a packed one, is loaded from exactly one tensor of exactly its
-    expected shape; anything else is a ValueError that names the file and the tensor.
+    expected shape, and holds finite values only; anything else is a ValueError that names the file and
+    the tensor.
     """
     files = sorted(glob(os.path.join(path, "*.safetensors")))
     if not files:
@@ -70,6 +71,27 @@ def load_model(model: nn.Module, path: str) -> None:
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ValueError(f"tensor {missing[0]!r}{more} missing from {', '.join(files)}")
+    _check_finite(params, targets, loaded)
+
+
+def _check_finite(params: dict[str, nn.Parameter], targets: dict, loaded: dict[str, str]) -> None:
+    """A NaN or infinite weight (damaged bytes, or a value past the range of the model's dtype) makes a
+    broken checkpoint. The loaded parameters are read once where they are, with one synchronisation for
+    all of them; only a failure opens the files again, to name the tensor."""
+    finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).tolist()
+    for param_name, ok in zip(params, finite):
+        if ok:
+            continue
+        dtype = params[param_name].dtype
+        for name in (name for name, (target, _) in targets.items() if target == param_name):
+            with safe_open(loaded[name], "pt", "cpu") as f:
+                tensor = f.get_tensor(name)
+            where = f"{loaded[name]}: tensor {name!r}"
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{where} holds NaN or infinite values: the checkpoint is broken")
+            if not torch.isfinite(tensor.to(dtype)).all():
+                raise ValueError(f"{where} holds values past the range of {str(dtype).removeprefix('torch.')}, the "
+                                 "model's dtype: pass dtype='bfloat16' or 'float32'")
 
 
 def _load_tensor(param: nn.Parameter, shard_id, loaded_weight: torch.Tensor) -> None:

@@ -128,8 +128,10 @@ class SplitPlacement:
         filling = running > 0 and self.fills_batch(loop, running)
         self.prefill_in_line = filling or (running > 0 and tokens <= self.in_line_tokens(running))
         self.prefill_split = self.split_for(running) if running and not self.prefill_in_line else None
-        label = FILLING if filling else IN_LINE if self.prefill_in_line else self._label(self.prefill_split)
-        self.stats.record_split_prefill(label)
+        if self.split_by_bucket and (filling or self.prefill_in_line):
+            self.stats.record_split_prefill(FILLING if filling else IN_LINE)
+        else:
+            self.stats.record_split_prefill(self._label(self.prefill_split))
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
         # still writes them.
         return (self.prefill_split and self.prefill_split.prefill), (loop.last_decode,)
