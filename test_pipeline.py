@@ -1,26 +1,31 @@
-"""The attention/FFN decode pipeline: same tokens as the sequential forward, validation, fallback."""
+"""The attention/FFN decode pipeline (enable_pipeline, nanovllm/modes/pipeline): same tokens as the
+sequential forward, validation, fallback."""
 import gc
+import logging
 
 import pytest
 import torch
 
 import green_ctx
 from nanovllm import LLM, SamplingParams
-from nanovllm.pipeline import green_manager
-from nanovllm.pipeline.scheduler import PipelineScheduler
+from nanovllm.config import Config
+from nanovllm.modes.pipeline import pipeline_extension
+from nanovllm.modes.pipeline.schedule import PipelineScheduler
+from nanovllm.partitions import green as green_manager
+from nanovllm.partitions.sm_limit import num_sms_of
 from nanovllm.utils.context import Context, get_context
-from nanovllm.utils.sm_limit import num_sms_of
-from tests.helpers import BLOCK_SIZE, build_checkpoint, random_prompts
+from tests.helpers import BLOCK_SIZE, checkpoint_fixture, gpu, logged, propagating_logs, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+checkpoint = checkpoint_fixture("module", seed=5, tie_word_embeddings=False, num_hidden_layers=3)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pipeline_model")
-    build_checkpoint(path, seed=5, tie_word_embeddings=False, num_hidden_layers=3)
-    return str(path)
+@pytest.fixture(autouse=True)
+def nanovllm_log_records():
+    """The library's log records reach caplog (as tests/conftest.py does for the tests under tests/)."""
+    with propagating_logs():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,18 @@ def tokens(llm, prompts):
     return [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
+@pytest.fixture(scope="module")
+def sequential(checkpoint, prompts):
+    """The sequential engine's tokens on CPU."""
+    return tokens(LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64), prompts)
+
+
+def pipeline_of(runner):
+    """The runner's pipeline extension (present wherever enable_pipeline is on)."""
+    [extension] = [e for e in runner.decode_paths.extensions if e.name == "pipeline"]
+    return extension
+
+
 def test_micro_batches_cover_the_batch_in_order():
     scheduler = PipelineScheduler(model=None)
     assert scheduler.micro_batches(7) == [slice(0, 3), slice(3, 7)]
@@ -39,30 +56,69 @@ def test_micro_batches_cover_the_batch_in_order():
     assert PipelineScheduler(None, num_micro_batches=3).micro_batches(9) == [slice(0, 3), slice(3, 6), slice(6, 9)]
 
 
-def test_cpu_micro_batch_schedule_matches_sequential(checkpoint, prompts):
-    sequential = tokens(LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE), prompts)
-    llm = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, enable_pipeline=True, pipeline_force=True)
-    assert llm.model_runner.pipeline is not None and not llm.model_runner.pipeline.scheduler.uses_streams
+def test_cpu_micro_batch_schedule_matches_sequential(checkpoint, prompts, sequential, caplog):
+    llm = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64, enable_pipeline=True,
+              pipeline_force=True)
+    paths = llm.model_runner.decode_paths
+    assert paths.forced == "pipeline" and paths.candidates["pipeline"].green is None  # one stream, no partitions
+    assert "pipeline_force=True: running the micro-batch schedule on one stream, without partitions" in \
+        logged(caplog, "ModelRunner")
     assert tokens(llm, prompts) == sequential
     stats = llm.model_runner.get_pipeline_statistics()
     assert stats["enabled"] is True
     assert stats["total_tokens"] == sum(GREEDY.max_tokens - 1 for _ in prompts)
+    assert stats == llm.statistics()["runner"]["pipeline"]
 
 
-def test_without_green_contexts_falls_back_to_sequential(checkpoint, prompts, capsys):
-    sequential = tokens(LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE), prompts)
-    llm = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, enable_pipeline=True,
+def test_on_cpu_the_pipeline_is_off_with_one_log_line(checkpoint, prompts, sequential, caplog):
+    llm = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64, enable_pipeline=True,
               pipeline_attention_sm_count=20, pipeline_ffn_sm_count=12)
-    out = capsys.readouterr().out
-    assert "[ModelRunner] Initializing pipeline with Attn=20, FFN=12 SMs" in out
-    assert "[GreenContextManager] Failed to initialize Green Context:" in out
-    assert "[ModelRunner] Falling back to sequential execution" in out
-    assert llm.model_runner.pipeline is None
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("nanovllm.") and "pipeline" in r.getMessage()] \
+        == ["enable_pipeline: the pipeline runs on SM partitions of a CUDA GPU; on cpu decode runs the sequential forward"]
+    paths = llm.model_runner.decode_paths
+    assert pipeline_of(llm.model_runner).candidates == [] and list(paths.forwards) == ["sequential"]
+    assert paths.forced is None
     assert tokens(llm, prompts) == sequential
     stats = llm.model_runner.get_pipeline_statistics()
-    assert stats["enabled"] is False and stats["avg_total_time"] is None
+    assert stats["enabled"] is False and stats["avg_total_time"] is None and stats["total_tokens"] == 0
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_without_green_contexts_falls_back_to_sequential(checkpoint, caplog, force):
+    """For a CUDA device where green contexts cannot be made (here: no CUDA at all), the log says so in three
+    lines and decode runs the sequential forward, or with pipeline_force the micro-batch schedule on one stream."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA: green_device_index then refuses before any CUDA call")
+    config = Config.from_options(checkpoint, device="cpu", enable_pipeline=True, pipeline_attention_sm_count=20,
+                                 pipeline_ffn_sm_count=12, pipeline_force=force)
+    extension = pipeline_extension(config, torch.device("cuda", 0))
+    assert logged(caplog, "ModelRunner")[0] == "Initializing pipeline with Attn=20, FFN=12 SMs"
+    assert logged(caplog, "GreenContextManager", logging.WARNING) == ["Failed to initialize Green Context: "
+                                                                      "CUDA is not available"]
+    if force:
+        assert logged(caplog, "ModelRunner")[1:] == ["pipeline_force=True: running the micro-batch schedule on one "
+                                                     "stream, without partitions"]
+        assert [c.green for c in extension.candidates] == [None] and extension.forced == "pipeline"
+    else:
+        assert logged(caplog, "ModelRunner", logging.WARNING) == ["Falling back to sequential execution "
+                                                                  "(with CUDA graphs where enabled)"]
+        assert extension.candidates == [] and extension.forced is None
+    assert extension.statistics()["enabled"] is force
+
+
+def test_print_pipeline_statistics_prints_the_report(checkpoint, capsys):
+    llm = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64, enable_pipeline=True,
+              pipeline_force=True)
+    tokens(llm, [[1, 2, 3]])
+    capsys.readouterr()  # the engine's start-up log lines
     llm.model_runner.print_pipeline_statistics()
-    assert "[Pipeline Statistics]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("[Pipeline Statistics]\n") and out == pipeline_of(llm.model_runner).report() + "\n"
+    plain = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64)
+    assert plain.model_runner.get_pipeline_statistics() == {"enabled": False}
+    capsys.readouterr()
+    plain.model_runner.print_pipeline_statistics()
+    assert capsys.readouterr().out == "[Pipeline Statistics]\n  Enabled: False\n"
 
 
 @pytest.mark.parametrize("options, option_name", [
@@ -87,67 +143,90 @@ def gpu_llm(checkpoint, dtype, **options):
                max_model_len=256, num_kvcache_blocks=1024, **options)
 
 
-@needs_cuda
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """reference(dtype): the sequential GPU engine of that dtype, built once for the module's tests."""
+    engines = {}
+
+    def get(dtype: str) -> LLM:
+        if dtype not in engines:
+            engines[dtype] = gpu_llm(checkpoint, dtype)
+        return engines[dtype]
+
+    yield get
+    for llm in engines.values():
+        llm.exit()
+
+
+@gpu
 @pytest.mark.parametrize("split", [(16, 16), (64, 56), (24, 96)])
-def test_pipelined_graph_matches_sequential_graph_in_every_bucket(checkpoint, split):
+def test_pipelined_graph_matches_sequential_graph_in_every_bucket(checkpoint, reference, split):
     """Replays both graphs of every bucket on the same synthetic batch and compares hidden states,
     then checks end-to-end greedy tokens with the pipeline forced."""
     llm = gpu_llm(checkpoint, "float32", enable_pipeline=True, pipeline_force=True,
                   pipeline_attention_sm_count=split[0], pipeline_ffn_sm_count=split[1])
     runner = llm.model_runner
-    assert runner.pipeline is not None and runner.pipeline.scheduler.uses_streams, "green contexts unavailable"
-    graphs, pipeline = runner.graphs, runner.pipeline
+    paths = runner.decode_paths
+    assert paths.candidates["pipeline"].green is not None, "green contexts unavailable"
+    graphs, captured = paths.graphs, paths.captured
     for bucket in graphs.buckets:
-        graphs.load_synthetic(bucket, 100, runner.num_kvcache_blocks)
-        runner.kv_cache.normal_()
-        sequential = pipeline.sequential_graphs[bucket].replay().clone()
-        pipelined = pipeline.pipelined_graphs[bucket].replay().clone()
-        assert runner.decode_plan[bucket] is pipeline.pipelined_graphs[bucket]
+        graphs.load_synthetic(bucket, 100, runner.kv_cache.num_blocks)
+        runner.kv_cache.tensor.normal_()
+        sequential = captured["sequential"][bucket].replay().clone()
+        pipelined = captured["pipeline"][bucket].replay().clone()
+        assert paths.plans[None][bucket] is captured["pipeline"][bucket]
         rel = (pipelined - sequential).norm() / sequential.norm()
         assert rel < 1e-5, f"bucket {bucket}: relative difference {rel}"
     prompts = random_prompts([5 + 11 * i % 80 for i in range(40)], seed=9)
-    reference = tokens(gpu_llm(checkpoint, "float32"), prompts)
-    assert tokens(llm, prompts) == reference
-    assert all(path == "pipeline" for path in runner.get_pipeline_statistics()["path_per_bucket"].values())
+    assert tokens(llm, prompts) == tokens(reference("float32"), prompts)
+    stats = runner.get_pipeline_statistics()
+    assert all(path == "pipeline" for path in stats["path_per_bucket"].values())
+    assert (stats["attention_sm_count"], stats["ffn_sm_count"]) == tuple(green_ctx.rounded_sm_counts(
+        list(split), paths.candidates["pipeline"].green.partitions.unit))
+    llm.exit()
 
 
-@needs_cuda
-def test_pipelined_graph_bfloat16_close_to_sequential(checkpoint):
+@gpu
+def test_pipelined_graph_bfloat16_close_to_sequential(checkpoint, reference):
     prompts = random_prompts([5 + 11 * i % 80 for i in range(40)], seed=10)
-    reference = tokens(gpu_llm(checkpoint, "bfloat16"), prompts)
+    expected = tokens(reference("bfloat16"), prompts)
     llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True, pipeline_force=True, pipeline_enable_profiling=True)
     ours = tokens(llm, prompts)
-    same = sum(a == b for a, b in zip(ours, reference))
+    same = sum(a == b for a, b in zip(ours, expected))
     assert same >= len(prompts) - 2, f"only {same}/{len(prompts)} sequences identical"
     stats = llm.model_runner.get_pipeline_statistics()
+    assert stats["profiling"] is True
     assert stats["avg_total_time"] > 0 and stats["avg_attention_time"] > 0 and stats["avg_ffn_time"] > 0
     assert stats["attention_sm_count"] >= 16 and stats["ffn_sm_count"] >= 16
+    llm.exit()
 
 
-@needs_cuda
-def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkpoint, tmp_path, monkeypatch, capsys):
+@gpu
+def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkpoint, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
     llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True)
     runner = llm.model_runner
+    paths = runner.decode_paths
     stats = runner.get_pipeline_statistics()
-    assert set(stats["path_per_bucket"]) == set(runner.graphs.buckets)
+    assert set(stats["path_per_bucket"]) == set(paths.graphs.buckets)
     assert stats["avg_attention_time"] is None
     for bucket, path in stats["path_per_bucket"].items():
         timings = stats["bucket_timings_ms"][bucket]
-        assert timings and all(t["attention_only_ms"] is None for t in timings)  # no stage graphs
-        faster = all(t["pipelined_ms"] < t["sequential_ms"] for t in timings)
+        assert timings and all("attention_only_ms" not in t for t in timings)  # no stage graphs without profiling
+        faster = all(t["pipeline_ms"] < t["sequential_ms"] for t in timings)
         assert path == ("pipeline" if faster else "sequential")
-        chosen = runner.pipeline.pipelined_graphs if faster else runner.pipeline.sequential_graphs
-        assert runner.decode_plan[bucket] is chosen[bucket]
-    assert "decode paths timed in" in capsys.readouterr().out
+        assert paths.plans[None][bucket] is paths.captured[path][bucket]
+    assert any(m.startswith("decode paths timed in") for m in logged(caplog, "ModelRunner"))
     llm.exit()
+    caplog.clear()
     again = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True)
-    assert "path timing skipped" in capsys.readouterr().out
+    assert any(m.endswith(": path timing skipped") for m in logged(caplog, "ModelRunner"))
+    assert not any(m.startswith("decode paths timed in") for m in logged(caplog, "ModelRunner"))
     assert again.model_runner.get_pipeline_statistics()["path_per_bucket"] == stats["path_per_bucket"]
     again.exit()
 
 
-@needs_cuda
+@gpu
 def test_engines_with_partitions_release_them(checkpoint, prompts):
     """Five engines made and dropped in turn: no partitions, streams or graph memory left behind
     (the partitions of one split are made once per process and reused)."""
@@ -168,18 +247,23 @@ def test_engines_with_partitions_release_them(checkpoint, prompts):
     assert leaked < 8 << 20, f"{leaked / 2 ** 20:.1f} MiB less free memory after four more engines"
 
 
-@needs_cuda
-def test_green_context_failure_keeps_cuda_graphs(checkpoint, prompts, monkeypatch, capsys):
+@gpu
+def test_green_context_failure_keeps_cuda_graphs(checkpoint, prompts, reference, monkeypatch, caplog):
     def fail(*args, **kwargs):
         raise green_ctx.GreenContextError("cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED (simulated)")
 
     monkeypatch.setattr(green_ctx, "split_device", fail)
     monkeypatch.setattr(green_manager, "_PARTITIONS", {})  # none made by earlier tests
     llm = gpu_llm(checkpoint, "float32", enable_pipeline=True)
-    assert "Falling back to sequential execution" in capsys.readouterr().out
-    assert llm.model_runner.pipeline is None
-    assert llm.model_runner.graphs is not None
-    assert tokens(llm, prompts) == tokens(gpu_llm(checkpoint, "float32"), prompts)
+    assert logged(caplog, "GreenContextManager", logging.WARNING) == [
+        "Failed to initialize Green Context: cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED (simulated)"]
+    assert logged(caplog, "ModelRunner", logging.WARNING) == ["Falling back to sequential execution "
+                                                              "(with CUDA graphs where enabled)"]
+    paths = llm.model_runner.decode_paths
+    assert pipeline_of(llm.model_runner).candidates == [] and list(paths.forwards) == ["sequential"]
+    assert paths.graphs is not None
+    assert tokens(llm, prompts) == tokens(reference("float32"), prompts)
+    llm.exit()
 
 
 def test_micro_batch_attention_runs_with_the_partition_sm_count():

@@ -1,41 +1,35 @@
 """Prefill/decode disaggregation (enable_two_gpu_pd): the same tokens as the single-runner engine,
 back-pressure without deadlock or lost requests, the KV handoff, the streaming API, statistics and bad
 configurations. On CPU and on one GPU both runners share the device (same-device mode); the tests that
-need two GPUs skip on fewer."""
+need two GPUs skip on fewer. The helpers these tests share with the multiplexing tests are in
+tests/modes/pd_helpers.py."""
 import random
 
 import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.disagg import PDEngine
-from nanovllm.disagg.kv_transfer import KVTransfer, block_runs
-from nanovllm.engine.scheduler import Scheduler
-from tests.helpers import (BLOCK_SIZE, MODEL_VARIANTS, TINY_EOS, TINY_EOS_VARIANT, VOCAB_SIZE, check_consistent,
-                           checkpoint_fixture, random_prompts, stream_to_completion)
+from nanovllm.modes.disaggregation.kv_transfer import KVTransfer, block_runs
+from nanovllm.modes.disaggregation.loop import PDLoop, RunnerStreams
+from nanovllm.modes.disaggregation.stats import report
+from tests.helpers import (BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, check_consistent, gpu, multi_gpu, propagating_logs,
+                           random_prompts, stream_to_completion)
+from tests.modes.pd_helpers import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, count_preemptions, cuda_expected,  # noqa: F401
+                                    expected, generate_twice, hold, mixed_prompts, model_dir, shared_weights,
+                                    streaming, tiny_model_dir, tokens)
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-MAX_MODEL_LEN = 160
-BLOCKS_PER_SEQ = MAX_MODEL_LEN // BLOCK_SIZE
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                    reason=f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+
+@pytest.fixture(autouse=True)
+def nanovllm_log_records():
+    """The library's log records reach caplog (as tests/conftest.py does for the tests under tests/)."""
+    with propagating_logs():
+        yield
 
 
 def pd_llm(model_dir, device="cpu", prefill_device_id=0, decode_device_id=0, **options):
     options = {"kvcache_block_size": BLOCK_SIZE, "max_model_len": MAX_MODEL_LEN, "num_kvcache_blocks": 64, **options}
     return LLM(model_dir, device=device, enable_two_gpu_pd=True, prefill_device_id=prefill_device_id,
                decode_device_id=decode_device_id, **options)
-
-
-def tokens(llm, prompts, params=GREEDY):
-    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def mixed_prompts():
-    """Mixed lengths, and prompts that share a prefix of full blocks with an earlier one."""
-    prompts = random_prompts([3, 17, 16, 120, 64, 45, 7, 99], seed=1234)
-    return prompts + [prompts[3][:48] + [5, 6, 7], prompts[3] + [9], prompts[4][:32]]
 
 
 def assert_idle(llm):
@@ -48,10 +42,20 @@ def assert_idle(llm):
         assert bm.num_free_blocks == len(bm.blocks)
 
 
+def assert_pd_loop(llm):
+    """The engine runs the disaggregation loop: two runners, each with a KV cache of its own and the graphs
+    of its role only, a KV handoff between them, each runner's work on its own stream."""
+    loop = llm.loop
+    assert isinstance(loop, PDLoop) and isinstance(loop.placement, RunnerStreams)
+    assert loop.kv_transfer is not None and llm.statistics()["mode"] == "disaggregation"
+    assert llm.runners == [loop.prefill_runner, loop.decode_runner] and llm.model_runner is loop.decode_runner
+    assert loop.prefill_runner.kv_cache is not loop.decode_runner.kv_cache
+    assert loop.prefill_runner.decode_paths.graphs is None and loop.decode_runner.prefill_graphs is None
+
+
 def assert_shared_weights(llm):
     """On one device the decode runner uses the prefill runner's weight tensors."""
-    pairs = list(zip(llm.prefill_runner.model.parameters(), llm.decode_runner.model.parameters(), strict=True))
-    assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+    assert shared_weights(llm.loop.prefill_runner, llm.loop.decode_runner)
 
 
 class Holder:
@@ -70,42 +74,6 @@ def check_invariants(llm):
                      + [Holder(blocks) for blocks in s.reserved.values()])
 
 
-def count_preemptions(monkeypatch) -> list:
-    preempted = []
-    original = Scheduler._preempt
-    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq.seq_id), original(self, seq)))
-    return preempted
-
-
-model_dir = checkpoint_fixture("module", **MODEL_VARIANTS["untied"])
-tiny_model_dir = checkpoint_fixture("module", **TINY_EOS_VARIANT)
-
-
-def generate_twice(llm, expected, monkeypatch, check_invariants, assert_idle) -> tuple[dict, dict]:
-    """Generates mixed_prompts() twice, the second time with prefix-cache hits, checking the tokens
-    both times, check_invariants(llm) after every step and assert_idle(llm) after each run; returns
-    the statistics after each run."""
-    step = llm.step
-    monkeypatch.setattr(llm, "step", lambda: (step(), check_invariants(llm))[0])
-    stats = []
-    for _ in range(2):
-        assert tokens(llm, mixed_prompts()) == expected
-        assert_idle(llm)
-        stats.append(llm.get_pd_statistics())
-    return stats[0], stats[1]
-
-
-def single_runner_tokens(model_dir, **options) -> list[list[int]]:
-    """The single-runner engine's greedy tokens for mixed_prompts()."""
-    llm = LLM(model_dir, kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64, **options)
-    return tokens(llm, mixed_prompts())
-
-
-@pytest.fixture(scope="module")
-def expected(model_dir):
-    return single_runner_tokens(model_dir, device="cpu")
-
-
 @pytest.mark.parametrize("options", [
     dict(),
     dict(max_num_batched_tokens=40),  # chunked prefill
@@ -116,7 +84,7 @@ def expected(model_dir):
 def test_greedy_tokens_match_the_single_runner_engine(model_dir, expected, monkeypatch, options):
     preempted = count_preemptions(monkeypatch)
     llm = pd_llm(model_dir, **options)
-    assert isinstance(llm, PDEngine)
+    assert_pd_loop(llm)
     assert_shared_weights(llm)
     first, again = generate_twice(llm, expected, monkeypatch, check_invariants, assert_idle)
     if options.get("num_kvcache_blocks") == BLOCKS_PER_SEQ:
@@ -125,46 +93,6 @@ def test_greedy_tokens_match_the_single_runner_engine(model_dir, expected, monke
     # The second run's prompts hit the prefill side's prefix cache.
     if "prefill_num_kvcache_blocks" not in options:
         assert again["prefill_tokens"] - first["prefill_tokens"] < sum(len(p) for p in mixed_prompts())
-
-
-class Held:
-    """Launched work (a prefill's tokens, a KV transfer) that reports itself unfinished until the test
-    releases it."""
-
-    def __init__(self, work):
-        self.work, self.released = work, False
-
-    def __getattr__(self, name):
-        return getattr(self.work, name)
-
-    def ready(self):
-        return self.released and self.work.ready()
-
-    def done(self):
-        return self.released and self.work.done()
-
-
-def hold(monkeypatch, owner, method: str) -> list[Held]:
-    """Makes owner.method return its work held; returns the list of held work."""
-    held, original = [], getattr(owner, method)
-
-    def held_call(*args, **kwargs):
-        held.append(Held(original(*args, **kwargs)))
-        return held[-1]
-
-    monkeypatch.setattr(owner, method, held_call)
-    return held
-
-
-def streaming(llm):
-    """step() that gathers each request's tokens into the returned dict."""
-    streamed = {}
-
-    def step():
-        for request_id, new_tokens, _ in llm.step():
-            streamed.setdefault(request_id, []).extend(new_tokens)
-
-    return streamed, step
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -176,7 +104,7 @@ def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected, monk
     first = llm.add_request(prompts[0], GREEDY)
     step()
     assert list(llm.scheduler.running) and streamed[first] == expected[0][:1]
-    held = hold(monkeypatch, llm.prefill_runner, "launch")
+    held = hold(monkeypatch, llm.loop.prefill_runner, "launch")
     second = llm.add_request(prompts[3], GREEDY)
     for n in range(2, 6):
         step()
@@ -198,7 +126,8 @@ def test_abort_while_work_is_in_flight(model_dir, expected, monkeypatch, stage):
     streamed, step = streaming(llm)
     first = llm.add_request(prompts[0], GREEDY)
     step()
-    held = hold(monkeypatch, *((llm.prefill_runner, "launch") if stage == "prefill" else (llm.kv_transfer, "start")))
+    held = hold(monkeypatch, *((llm.loop.prefill_runner, "launch") if stage == "prefill"
+                               else (llm.loop.kv_transfer, "start")))
     second = llm.add_request(prompts[3], GREEDY)
     step()
     assert held and (llm.scheduler.prefilling if stage == "prefill" else llm.scheduler.transferring)
@@ -220,14 +149,20 @@ def test_float8_cache_gives_the_single_runner_tokens_with_one_set_of_scales(mode
     single = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
                  num_kvcache_blocks=64, kv_cache_dtype="fp8_e4m3")
     llm = pd_llm(model_dir, kv_cache_dtype="fp8_e4m3")
-    assert torch.equal(llm.prefill_runner.kv_scales, llm.decode_runner.kv_scales)
+    prefill_scales, decode_scales = llm.loop.prefill_runner.kv_cache.scales, llm.loop.decode_runner.kv_cache.scales
+    assert prefill_scales is not None and torch.equal(prefill_scales, decode_scales)
     assert tokens(llm, mixed_prompts()) == tokens(single, mixed_prompts())
 
 
 def test_pipeline_option_applies_to_the_decode_runner(model_dir, expected):
     llm = pd_llm(model_dir, enable_pipeline=True, pipeline_force=True)
-    assert llm.decode_runner.pipeline is not None and llm.prefill_runner.pipeline is None
+    decode_paths, prefill_paths = llm.loop.decode_runner.decode_paths, llm.loop.prefill_runner.decode_paths
+    assert [e.name for e in decode_paths.extensions] == ["pipeline"] and not prefill_paths.extensions
+    assert decode_paths.forced == "pipeline" and "pipeline" not in prefill_paths.forwards
     assert tokens(llm, mixed_prompts()) == expected
+    stats = llm.statistics()
+    assert stats["runner"]["pipeline"]["enabled"] and stats["runner"]["pipeline"]["total_tokens"] > 0
+    assert "pipeline" not in stats["prefill_runner"]
 
 
 def test_many_requests_through_tiny_caches_finish_once_in_order(tiny_model_dir, monkeypatch):
@@ -241,15 +176,15 @@ def test_many_requests_through_tiny_caches_finish_once_in_order(tiny_model_dir, 
     params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randrange(1, 40),
                              ignore_eos=rng.random() < 0.5) for _ in prompts]
     finished = []
-    step = llm.step
+    step = llm.loop.step  # what generate() steps
 
     def checked_step():
-        outputs = step()
+        produced = step()
         check_invariants(llm)
-        finished.extend(i for i, _, done in outputs if done)
-        return outputs
+        finished.extend(seq.seq_id for seq, _ in produced if seq.is_finished)
+        return produced
 
-    monkeypatch.setattr(llm, "step", checked_step)
+    monkeypatch.setattr(llm.loop, "step", checked_step)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert len(finished) == len(set(finished)) == len(prompts), "each request finishes exactly once"
     assert preempted
@@ -305,7 +240,7 @@ def test_abort_of_waiting_and_decoding_requests_frees_both_caches(pd_engine, exp
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
 @pytest.mark.parametrize("runner", ["prefill_runner", "decode_runner"])
 def test_interrupted_generate_removes_its_requests(pd_engine, expected, monkeypatch, interrupt, runner):
-    target = getattr(pd_engine, runner)
+    target = getattr(pd_engine.loop, runner)
     launch, calls = target.launch, []
 
     def failing_launch(*args, **kwargs):
@@ -322,7 +257,7 @@ def test_interrupted_generate_removes_its_requests(pd_engine, expected, monkeypa
     assert tokens(pd_engine, mixed_prompts()) == expected
 
 
-def test_statistics_count_the_work(model_dir, capsys):
+def test_statistics_count_the_work(model_dir):
     llm = pd_llm(model_dir, num_kvcache_blocks=64, prefill_num_kvcache_blocks=64)
     prompts = random_prompts([5, 40, 17, 33], seed=3)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (1, 6, 9, 4)]
@@ -336,16 +271,24 @@ def test_statistics_count_the_work(model_dir, capsys):
     # The one-token request finishes at its prefill and is never handed over.
     handed_over = [p for p, sp in zip(prompts, params) if sp.max_tokens > 1]
     assert stats["kv_transfers"] == len(handed_over)
-    kv_cache = llm.prefill_runner.kv_cache
+    kv_cache = llm.loop.prefill_runner.kv_cache.tensor
     block_bytes = kv_cache[0].numel() * kv_cache.element_size()
+    assert block_bytes == llm.loop.prefill_runner.kv_cache.block_bytes
     assert stats["kv_transfer_bytes"] == sum(-(-len(p) // BLOCK_SIZE) for p in handed_over) * block_bytes
     assert 1 <= stats["kv_transfer_copies"] <= sum(-(-len(p) // BLOCK_SIZE) for p in handed_over)
     assert stats["kv_transfer_gb_per_s"] > 0
     assert stats["prefill_wait_for_decode_room_s"] == 0 and stats["decode_idle_s"] >= 0
     assert (stats["prefill_device"], stats["decode_device"], stats["kv_transfer_mode"]) == ("cpu", "cpu", "device-local")
-    llm.print_pd_statistics()
+    assert "partitions" not in stats  # the multiplexing placement's statistics only come with that mode
+    everything = llm.statistics()
+    assert everything["mode"] == "disaggregation" and everything["pd"] == stats
+    assert set(everything["runner"]["decode_paths"]) == {"path_per_bucket", "timings_ms"}
+
+
+def test_print_pd_statistics_prints_the_report(pd_engine, capsys):
+    pd_engine.print_pd_statistics()
     out = capsys.readouterr().out
-    assert "[PD Statistics]" in out and f"{stats['prefill_tokens']} tokens" in out
+    assert out.startswith("[PD Statistics]\n") and out == report(pd_engine.get_pd_statistics()) + "\n"
 
 
 def test_block_runs_group_blocks_consecutive_on_both_sides():
@@ -421,23 +364,19 @@ def test_default_decode_device_needs_a_second_gpu(model_dir):
 # ---- GPU ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cuda_expected(model_dir):
-    """On CUDA in float32, with decode CUDA graphs."""
-    return single_runner_tokens(model_dir, device="cuda", dtype="float32")
-
-
-@needs_cuda
+@gpu
 @pytest.mark.parametrize("options", [dict(), dict(num_kvcache_blocks=BLOCKS_PER_SEQ, max_num_batched_tokens=40)],
                          ids=["default", "tiny-chunked"])
 def test_same_device_mode_on_one_gpu_matches_the_single_runner_engine(model_dir, cuda_expected, monkeypatch, options):
     preempted = count_preemptions(monkeypatch)
     llm = pd_llm(model_dir, device=None, dtype="float32", **{"num_kvcache_blocks": 64, **options})
     # Each runner captures the graphs of its role only.
-    assert llm.decode_runner.graphs is not None and llm.prefill_runner.graphs is None
-    assert llm.prefill_runner.prefill_graphs is not None and llm.decode_runner.prefill_graphs is None
-    assert llm.prefill_runner.device == llm.decode_runner.device
-    assert llm.kv_transfer.mode == "device-local"
+    loop = llm.loop
+    assert loop.decode_runner.decode_paths.graphs is not None and loop.prefill_runner.decode_paths.graphs is None
+    assert loop.prefill_runner.prefill_graphs is not None and loop.decode_runner.prefill_graphs is None
+    assert loop.prefill_runner.device == loop.decode_runner.device
+    assert loop.kv_transfer.mode == "device-local"
+    assert_pd_loop(llm)
     assert_shared_weights(llm)
     assert tokens(llm, mixed_prompts()) == cuda_expected
     assert_idle(llm)
@@ -448,13 +387,13 @@ def test_same_device_mode_on_one_gpu_matches_the_single_runner_engine(model_dir,
     assert llm.get_pd_statistics()["kv_transfer_gb_per_s"] > 0
 
 
-@needs_cuda
+@gpu
 @pytest.mark.parametrize("staged", [False, True])
 def test_kv_transfer_copies_blocks_on_a_gpu(staged):
     check_transfer(*random_caches("cuda", dtype=torch.bfloat16), staged)
 
 
-@needs_two_gpus
+@multi_gpu
 @pytest.mark.parametrize("staged", [False, True])
 def test_kv_transfer_between_two_gpus(staged):
     src, _ = random_caches("cuda:0")
@@ -462,11 +401,12 @@ def test_kv_transfer_between_two_gpus(staged):
     check_transfer(src, dst, staged)
 
 
-@needs_two_gpus
+@multi_gpu
 def test_two_gpus_match_the_single_runner_engine(model_dir, cuda_expected):
     llm = pd_llm(model_dir, device=None, dtype="float32", prefill_device_id=0, decode_device_id=1,
                  num_kvcache_blocks=BLOCKS_PER_SEQ + 2, max_num_batched_tokens=40)
-    assert (str(llm.prefill_runner.device), str(llm.decode_runner.device)) == ("cuda:0", "cuda:1")
-    assert llm.kv_transfer.mode in ("peer-to-peer", "staged through pinned host memory")
+    assert (str(llm.loop.prefill_runner.device), str(llm.loop.decode_runner.device)) == ("cuda:0", "cuda:1")
+    assert_pd_loop(llm)
+    assert llm.loop.kv_transfer.mode in ("peer-to-peer", "staged through pinned host memory")
     assert tokens(llm, mixed_prompts()) == cuda_expected
     assert_idle(llm)

@@ -1,28 +1,41 @@
 """Shared fixtures; the helpers they use live in tests/helpers.py."""
+import os
+
 import pytest
+import torch
 
 from nanovllm import LLM
-from tests.helpers import (BLOCK_SIZE, MAX_NEW_TOKENS, MODEL_VARIANTS, PROMPT_LENGTHS, TINY_EOS_VARIANT,
-                           build_checkpoint, checkpoint_fixture, hf_greedy, random_prompts)
+from tests.helpers import (BLOCK_SIZE, MAX_NEW_TOKENS, MODEL_VARIANTS, PROMPT_LENGTHS, TINY_EOS_VARIANT, checkpoint_fixture,
+                           hf_greedy, propagating_logs, random_prompts, shared_checkpoint)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "spawn: starts extra processes (tensor-parallel ranks over gloo)")
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_process():
+    """The tests' models are tiny: torch's intra-op threads only add overhead, and on a machine of few cores they
+    contend with each other and with the processes some tests start (tensor-parallel ranks over gloo, the
+    Triton interpreter), which made the CPU suite about twice as slow. One thread here and in those processes."""
+    threads, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if variable is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = variable
+
+
+@pytest.fixture(autouse=True)
+def nanovllm_log_records():
+    """Every test sees the library's log records in caplog (assert on records, not on printed text)."""
+    with propagating_logs():
+        yield
 
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Lazily built checkpoints: model_dirs(variant) -> directory."""
-    built = {}
-
-    def get(variant: str) -> str:
-        if variant not in built:
-            path = tmp_path_factory.mktemp(f"qwen3_{variant}")
-            build_checkpoint(path, **MODEL_VARIANTS[variant])
-            built[variant] = str(path)
-        return built[variant]
-
-    return get
+    return lambda variant: shared_checkpoint(tmp_path_factory, **MODEL_VARIANTS[variant])
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,40 @@ The checkpoints are small enough for CPU float32. A large initializer_range and 
 give wide gaps between the top logits, so that greedy decoding does not flip on rounding differences
 between batch shapes.
 """
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
 import random
+import tempfile
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
+
+# Markers (registered in pyproject.toml) with the conditions that skip the tests where the hardware is absent:
+# `-m gpu` selects the tests that need a CUDA device, `-m multi_gpu` those that need two.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                    reason=f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+GPU = [pytest.mark.gpu, needs_cuda]
+MULTI_GPU = [pytest.mark.gpu, pytest.mark.multi_gpu, needs_two_gpus]
+
+
+def gpu(test):
+    """Marks a test (function or class) gpu and skips it without a CUDA device."""
+    for mark in GPU:
+        test = mark(test)
+    return test
+
+
+def multi_gpu(test):
+    """Marks a test gpu and multi_gpu and skips it with fewer than two CUDA devices."""
+    for mark in MULTI_GPU:
+        test = mark(test)
+    return test
+
 
 BLOCK_SIZE = 16
 VOCAB_SIZE = 512
@@ -63,13 +92,26 @@ def build_checkpoint(path, seed: int, **variant) -> None:
     model.save_pretrained(path)
 
 
-def checkpoint_fixture(scope: str, **variant):
-    """A pytest fixture of that scope: the directory of a checkpoint built once with build_checkpoint(**variant)."""
-    @pytest.fixture(scope=scope)
-    def fixture(tmp_path_factory):
+# (seed, variant) -> directory: every test module of the session reads the same checkpoint.
+_CHECKPOINTS: dict[str, str] = {}
+
+
+def shared_checkpoint(tmp_path_factory, **variant) -> str:
+    """The directory of a checkpoint built with build_checkpoint(**variant), once per test session."""
+    key = repr(sorted(variant.items()))
+    if key not in _CHECKPOINTS:
         path = tmp_path_factory.mktemp("qwen3")
         build_checkpoint(path, **variant)
-        return str(path)
+        _CHECKPOINTS[key] = str(path)
+    return _CHECKPOINTS[key]
+
+
+def checkpoint_fixture(scope: str, **variant):
+    """A pytest fixture of that scope: the directory of the session's checkpoint of build_checkpoint(**variant)
+    (built once, whichever module asks first)."""
+    @pytest.fixture(scope=scope)
+    def fixture(tmp_path_factory):
+        return shared_checkpoint(tmp_path_factory, **variant)
     return fixture
 
 
@@ -121,3 +163,53 @@ def stream_to_completion(llm, request_ids: list[int]) -> list[list[int]]:
                 finished.append(request_id)
     assert sorted(finished) == sorted(request_ids)
     return [streamed[i] for i in request_ids]
+
+
+@contextlib.contextmanager
+def propagating_logs():
+    """The library's log records reach the root logger, and so pytest's caplog, while the context is open.
+    The "nanovllm" logger writes to stdout itself and does not propagate (nanovllm/utils/log.py)."""
+    logger = logging.getLogger("nanovllm")
+    before = logger.propagate
+    logger.propagate = True
+    try:
+        yield
+    finally:
+        logger.propagate = before
+
+
+def logged(caplog, name: str, level: int = logging.INFO) -> list[str]:
+    """The messages that the library's logger "nanovllm.<name>" wrote at `level` during the test."""
+    return [r.getMessage() for r in caplog.records if r.name == f"nanovllm.{name}" and r.levelno == level]
+
+
+# Where the forkserver's children (forked tensor-parallel workers) write their output: the forkserver starts
+# when collection ends, outside any test's output capture.
+FORKSERVER_LOG = os.path.join(tempfile.gettempdir(), f"nanovllm-tests-forked-workers-{os.getpid()}.log")
+
+
+def start_forkserver() -> bool:
+    """Starts (once per session) the forkserver that some tensor-parallel tests fork their workers from, with
+    nanovllm's worker module imported in it, and returns whether there is one (Linux: yes). The server's
+    imports run beside whatever the session does next; its children inherit its environment and write their
+    output to FORKSERVER_LOG."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["nanovllm.engine.tp_worker"])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the tests' models are tiny: one thread per rank (tests/conftest.py)
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(FORKSERVER_LOG, "a") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            multiprocessing.forkserver.ensure_running()
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
+    return True

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.decode_inputs import DecodeInputs
+from nanovllm.engine.step_inputs import DecodeInputs
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
-from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, random_prompts, stream_to_completion
+from tests.helpers import GPU, BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, gpu, random_prompts, stream_to_completion
 
 MAX_MODEL_LEN = 96
 
@@ -30,13 +30,13 @@ class Recorder:
 
     def __init__(self, llm: LLM, monkeypatch):
         self.ran_ahead = self.preempted = self.chunks = self.cached_tokens = 0
-        run, allocate = llm.model_runner.run, llm.scheduler.block_manager.allocate
+        launch, allocate = llm.model_runner.launch, llm.scheduler.block_manager.allocate
         preempt = llm.scheduler._preempt
 
-        def observed_run(seqs, is_prefill):
-            self.ran_ahead += sum(seq.last_token == PENDING_TOKEN for seq in seqs)
-            self.chunks += is_prefill and any(s.scheduled_positions.stop < s.num_tokens for s in seqs)
-            return run(seqs, is_prefill)
+        def observed_launch(batch, *args, **kwargs):
+            self.ran_ahead += sum(seq.last_token == PENDING_TOKEN for seq in batch.seqs)
+            self.chunks += batch.is_prefill and any(s.scheduled_positions.stop < s.num_tokens for s in batch.seqs)
+            return launch(batch, *args, **kwargs)
 
         def observed_allocate(seq):
             placed = allocate(seq)
@@ -47,7 +47,7 @@ class Recorder:
             self.preempted += 1
             preempt(seq)
 
-        monkeypatch.setattr(llm.model_runner, "run", observed_run)
+        monkeypatch.setattr(llm.model_runner, "launch", observed_launch)
         monkeypatch.setattr(llm.scheduler.block_manager, "allocate", observed_allocate)
         monkeypatch.setattr(llm.scheduler, "_preempt", observed_preempt)
 
@@ -118,7 +118,7 @@ def test_abort_while_a_token_is_in_flight(tiny_model_dir):
     for _ in range(4):  # prefill, then decode steps: each launches a step before the last one's tokens arrive
         for request_id, new_tokens, _ in llm.step():
             streamed[request_id] += new_tokens
-    assert llm._in_flight is not None
+    assert llm.loop.in_flight is not None
     llm.abort_requests([ids[1]])
     while llm.has_unfinished_requests():
         for request_id, new_tokens, _ in llm.step():
@@ -140,10 +140,10 @@ def test_an_interrupted_step_drops_the_requests_it_had_in_flight(tiny_model_dir,
     for _ in range(3):
         llm.step()
 
-    def interrupted_run(*args):
+    def interrupted_launch(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llm.model_runner, "run", interrupted_run)
+    monkeypatch.setattr(llm.model_runner, "launch", interrupted_launch)
     with pytest.raises(KeyboardInterrupt):
         llm.step()
     monkeypatch.undo()
@@ -156,8 +156,7 @@ def test_an_interrupted_step_drops_the_requests_it_had_in_flight(tiny_model_dir,
     assert_idle(llm)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 def test_persistent_decode_inputs_match_inputs_built_from_lists(device):
     """Batches that change from step to step (order, members, grown and replaced block tables, tokens
     in flight) against the inputs written out from the sequences' lists. On the GPU the host runs
@@ -208,7 +207,7 @@ def test_async_scheduling_must_be_a_bool(tiny_model_dir):
         LLM(tiny_model_dir, device="cpu", async_scheduling="yes")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graph", "eager"])
 def test_async_matches_sync_on_the_gpu(model_dir, enforce_eager):
     """float32 on the GPU, in graph and eager mode, with preemption and end-of-sequence stops (the
@@ -218,19 +217,25 @@ def test_async_matches_sync_on_the_gpu(model_dir, enforce_eager):
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 48), ignore_eos=rng.random() < 0.3)
               for _ in prompts]
 
-    def generate(async_scheduling: bool, eos: int, params) -> list[list[int]]:
+    def engine(async_scheduling: bool) -> LLM:
         llm = LLM(model_dir, device="cuda", dtype="float32", kvcache_block_size=BLOCK_SIZE, max_num_seqs=64,
                   max_model_len=256, num_kvcache_blocks=48, enforce_eager=enforce_eager,
                   async_scheduling=async_scheduling)
-        assert (llm.model_runner.graphs is None) == enforce_eager
+        assert (llm.model_runner.decode_paths.graphs is None) == enforce_eager
+        return llm
+
+    def generate(llm: LLM, eos: int) -> list[list[int]]:
         llm.scheduler.eos_token_ids = {eos}
         outputs = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
         assert_idle(llm)
-        llm.exit()
         return outputs
 
-    unstopped = generate(False, -1, params)
+    sync = engine(False)  # one synchronous engine for both of its runs: the stop token changes, not the engine
+    unstopped = generate(sync, -1)
     eos = Counter(t for o in unstopped for t in o[1:]).most_common(1)[0][0]
-    expected = generate(False, eos, params)
+    expected = generate(sync, eos)
+    sync.exit()
     assert any(o[-1] == eos and len(o) < sp.max_tokens for o, sp in zip(expected, params))
-    assert generate(True, eos, params) == expected
+    asynchronous = engine(True)
+    assert generate(asynchronous, eos) == expected
+    asynchronous.exit()

@@ -3,11 +3,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig
 
-from tests.helpers import BLOCK_SIZE, VOCAB_SIZE, random_prompts
+from tests.helpers import BLOCK_SIZE, VOCAB_SIZE, logged, random_prompts
 from nanovllm import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -136,7 +137,9 @@ def test_bad_sampling_params_arguments_to_generate(llm, expected):
     (dict(tensor_parallel_size=3), ValueError, "tensor_parallel_size"),  # 4 heads / 2 kv heads
     (dict(enable_pipeline=True, tensor_parallel_size=2), ValueError, "enable_pipeline"),
     (dict(enable_two_gpu_pd=True, tensor_parallel_size=2), ValueError, "enable_two_gpu_pd"),
-    (dict(enable_two_gpu_pd=True), ValueError, "decode_device_id"),  # the CPU is one device
+    # The CPU is one device: the error says what to pass there.
+    (dict(enable_two_gpu_pd=True), ValueError, "pass prefill_device_id=0, decode_device_id=0"),
+    (dict(num_kvcache_blocks=10 ** 9), ValueError, "num_kvcache_blocks: 1000000000 KV blocks of 16 tokens need"),
     (dict(attention_backend="magic"), ValueError, "attention_backend"),
     (dict(attention_backend="triton"), ValueError, "attention_backend"),  # needs CUDA
     (dict(num_kvcache_blocks=0), ValueError, "num_kvcache_blocks"),
@@ -155,6 +158,28 @@ def test_bad_options(model_dir, llm, expected, options, error, match):
     with pytest.raises(error, match=match):
         LLM(model_dir, **{"device": "cpu", "kvcache_block_size": BLOCK_SIZE, **options})
     assert_still_serves(llm, expected)
+
+
+def test_prompts_of_numpy_and_torch_integers(llm, expected):
+    first, second = VALID_PROMPTS
+    prompts = [np.array(first, dtype=np.int32), [torch.tensor(t) for t in second]]
+    assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    assert [o["token_ids"] for o in llm.generate([torch.tensor(first), [np.int64(t) for t in second]], GREEDY,
+                                                 use_tqdm=False)] == expected
+
+
+@pytest.mark.parametrize("prompt,element", [([1, np.float32(2.0)], (1, "float32")), (np.array([1.0, 2.0]), (0, "float")),
+                                            ([3, torch.tensor(True)], (1, "Tensor")), ([[1, 2]], (0, "list"))])
+def test_prompt_elements_that_are_not_integers_are_named(llm, expected, prompt, element):
+    index, kind = element
+    with pytest.raises(TypeError, match=rf"element {index} of the prompt is .* \({kind}\)$"):
+        llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert_still_serves(llm, expected)
+
+
+def test_model_path_that_is_a_file(model_dir):
+    with pytest.raises(ValueError, match="is a file: pass the checkpoint's directory"):
+        LLM(str(Path(model_dir) / "config.json"), device="cpu")
 
 
 def test_missing_model_directory(tmp_path, llm, expected):
@@ -194,7 +219,7 @@ def test_checkpoint_without_weights(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
-def test_float8_cache_backend_follows_the_compute_capability(monkeypatch, capsys, capability):
+def test_float8_cache_backend_follows_the_compute_capability(monkeypatch, caplog, capability):
     """Before compute capability 8.9 the GPU has no float8 conversions, which the Triton kernels of a
     float8 cache use: "auto" then takes the torch backend with one log line, and "triton" is refused.
     Only the selection is exercised (it makes no CUDA call besides the capability query)."""
@@ -206,9 +231,10 @@ def test_float8_cache_backend_follows_the_compute_capability(monkeypatch, capsys
     assert selector.select_backend("auto", cuda, BLOCK_SIZE, quantized_kv=False).name == "triton"
     if capability < selector.FLOAT8_CAPABILITY:
         assert chosen.name == "torch"
-        assert "compute capability 8.9 or newer, this GPU has 8.0: using the torch backend" in capsys.readouterr().out
+        assert logged(caplog, "Attention") == ["the Triton kernels of a float8 KV cache need compute capability 8.9 "
+                                               "or newer, this GPU has 8.0: using the torch backend"]
         with pytest.raises(ValueError, match="attention_backend='triton' with kv_cache_dtype='fp8_e4m3'"):
             selector.select_backend("triton", cuda, BLOCK_SIZE, quantized_kv=True)
     else:
-        assert chosen.name == "triton"
+        assert chosen.name == "triton" and not logged(caplog, "Attention")
         assert selector.select_backend("triton", cuda, BLOCK_SIZE, quantized_kv=True).name == "triton"

@@ -45,14 +45,14 @@ class Observer:
         self.prefill_spans: list[tuple[int, int, int, int]] = []  # seq_id, start, stop, num_tokens
         self.cached_tokens: list[int] = []
         self.batch_sizes: list[int] = []
-        run, allocate = llm.model_runner.run, llm.scheduler.block_manager.allocate
+        launch, allocate = llm.model_runner.launch, llm.scheduler.block_manager.allocate
 
-        def observed_run(seqs, is_prefill):
-            if is_prefill:
+        def observed_launch(batch, *args, **kwargs):
+            if batch.is_prefill:
                 self.prefill_spans += [(s.seq_id, s.scheduled_positions.start, s.scheduled_positions.stop,
-                                        s.num_tokens) for s in seqs]
-            self.batch_sizes.append(len(seqs))
-            return run(seqs, is_prefill)
+                                        s.num_tokens) for s in batch.seqs]
+            self.batch_sizes.append(len(batch.seqs))
+            return launch(batch, *args, **kwargs)
 
         def observed_allocate(seq):
             placed = allocate(seq)
@@ -60,7 +60,7 @@ class Observer:
                 self.cached_tokens.append(seq.num_cached_tokens)
             return placed
 
-        monkeypatch.setattr(llm.model_runner, "run", observed_run)
+        monkeypatch.setattr(llm.model_runner, "launch", observed_launch)
         monkeypatch.setattr(llm.scheduler.block_manager, "allocate", observed_allocate)
 
 

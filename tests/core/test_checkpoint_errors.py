@@ -1,5 +1,6 @@
 """A broken checkpoint fails at load with a ValueError that names the file and the tensor or field."""
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from nanovllm import LLM, SamplingParams
 from nanovllm.layers.embed_head import VocabParallelEmbedding
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from tests.helpers import BLOCK_SIZE, VOCAB_SIZE, build_checkpoint, random_prompts
+from tests.helpers import BLOCK_SIZE, VOCAB_SIZE, build_checkpoint, logged, random_prompts
 
 WEIGHTS = "model.safetensors"
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -128,10 +129,40 @@ def test_config_without_size_field(broken_dir, field):
     ("num_attention_heads", 0), ("hidden_size", -64), ("num_hidden_layers", 0), ("vocab_size", 0),
     ("intermediate_size", 0), ("max_position_embeddings", 0), ("num_key_value_heads", 3), ("head_dim", 0),
     ("head_dim", 15), ("rms_norm_eps", 0.0), ("rms_norm_eps", -1e-6), ("hidden_size", "64"), ("head_dim", 16.0),
+    ("num_hidden_layers", -4),
 ])
 def test_invalid_config_field(broken_dir, field, value):
     edit_config(broken_dir, lambda c: c.update({field: value}))
     assert_load_fails(broken_dir, "config.json", field)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight(broken_dir, value):
+    def damage(tensors):
+        tensors[K_PROJ][3, 5] = value
+    edit_weights(broken_dir, damage)
+    assert_load_fails(broken_dir, str(broken_dir / WEIGHTS), K_PROJ, "NaN or infinite")
+
+
+def test_damaged_bytes_in_a_weights_file(broken_dir):
+    """0xFF bytes over a float32 tensor's data are NaNs: the file still parses, the tensor is broken."""
+    file = broken_dir / WEIGHTS
+    data = bytearray(file.read_bytes())
+    data[-4096:] = b"\xff" * 4096  # the data of the file's last tensors
+    file.write_bytes(bytes(data))
+    message = assert_load_fails(broken_dir, str(file), "NaN or infinite")
+    broken = re.search(r"tensor '([^']+)'", message).group(1)
+    assert not torch.isfinite(load_file(file)[broken]).all()
+
+
+def test_weight_past_the_range_of_the_model_dtype(broken_dir):
+    def enlarge(tensors):
+        tensors[DOWN_PROJ][0, 0] = 1e30
+    edit_weights(broken_dir, enlarge)
+    load(broken_dir)  # finite in float32, the checkpoint's dtype
+    with pytest.raises(ValueError, match=re.escape(f"{broken_dir / WEIGHTS}: tensor {DOWN_PROJ!r} holds values past "
+                                                   "the range of float16")):
+        load(broken_dir, dtype="float16")
 
 
 def test_invalid_tokenizer(broken_dir):
@@ -140,14 +171,16 @@ def test_invalid_tokenizer(broken_dir):
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"eos_token_id": "</s>"}'])
-def test_invalid_generation_config_warns_once(broken_dir, capsys, content):
+def test_invalid_generation_config_warns_once(broken_dir, caplog, content):
     edit_config(broken_dir, lambda c: c.update(eos_token_id=7))
     (broken_dir / "generation_config.json").write_text(content)
     llm = load(broken_dir)
     assert llm.config.eos_token_ids == (7,)  # from config.json
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "generation_config.json" in line]
-    assert len(warnings) == 1 and str(broken_dir / "generation_config.json") in warnings[0]
+    warnings = [m for m in logged(caplog, "Config", logging.WARNING) if "generation_config.json" in m]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"ignoring {broken_dir / 'generation_config.json'} (")
+    assert warnings[0].endswith("): end-of-sequence tokens come from config.json only")
 
 
 def test_kv_cache_too_small_suggests_num_kvcache_blocks(valid_dir):

@@ -1,14 +1,24 @@
-"""The on-disk record of start-up path timings: read back for the same setup only; bad files ignored."""
+"""The on-disk record of start-up decode path timings: read back for the same setup only; bad files ignored.
+And the rule that picks a bucket's path from its timings."""
 import json
+import logging
 
 import pytest
 
-from nanovllm.pipeline.paths import TimingCache, pipeline_wins
-from nanovllm.pipeline.stats import BucketTiming
+from nanovllm.engine.decode_paths import TimingCache, fastest
+from tests.helpers import logged
 
-KEY = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "buckets": [1, 2], "sm_counts": [16, 16]}
-TIMINGS = {1: [BucketTiming(256, 1.0, 1.5), BucketTiming(2048, 2.0, 2.5)],
-           2: [BucketTiming(256, 1.2, 1.1), BucketTiming(2048, 2.2, 2.1)]}
+NAMES = ["sequential", "pipeline"]
+KEY = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "buckets": [1, 2],
+       "candidates": {"sequential": {}, "pipeline": {"sm_counts": [16, 16, 100]}}}
+
+
+def timing(context_len, sequential_ms, pipeline_ms):
+    return {"context_len": context_len, "sequential_ms": sequential_ms, "pipeline_ms": pipeline_ms}
+
+
+TIMINGS = {1: [timing(256, 1.0, 1.5), timing(2048, 2.0, 2.5)],
+           2: [timing(256, 1.2, 1.1), timing(2048, 2.2, 2.1)]}
 
 
 @pytest.fixture(autouse=True)
@@ -18,12 +28,21 @@ def cache_root(tmp_path, monkeypatch):
 
 def test_same_setup_reads_back_what_was_saved():
     TimingCache(KEY).save(TIMINGS)
-    loaded = TimingCache(dict(KEY)).load()
+    loaded = TimingCache(json.loads(json.dumps(KEY))).load()
     assert loaded == TIMINGS
-    assert [pipeline_wins(loaded[b]) for b in (1, 2)] == [False, True]
+    assert [fastest(loaded[b], NAMES) for b in (1, 2)] == ["sequential", "pipeline"]
 
 
-@pytest.mark.parametrize("change", [{"gpu": "NVIDIA H200"}, {"driver": "575.0"}, {"sm_counts": [24, 16]}])
+def test_a_candidate_wins_a_bucket_only_where_it_is_faster_at_every_context():
+    assert fastest([timing(256, 1.0, 0.9), timing(2048, 2.0, 2.1)], NAMES) == "sequential"
+    assert fastest([timing(256, 1.0, 1.0)], NAMES) == "sequential"  # a tie is no win
+    both = [{**timing(256, 1.0, 0.9), "fused_ms": 0.8}, {**timing(2048, 2.0, 1.9), "fused_ms": 1.95}]
+    assert fastest(both, NAMES + ["fused"]) == "fused"  # of those faster everywhere, the least total time
+    assert fastest(both, ["sequential"]) == "sequential"
+
+
+@pytest.mark.parametrize("change", [{"gpu": "NVIDIA H200"}, {"driver": "575.0"},
+                                    {"candidates": {"sequential": {}, "pipeline": {"sm_counts": [24, 16, 92]}}}])
 def test_another_setup_has_no_timings(change):
     TimingCache(KEY).save(TIMINGS)
     assert TimingCache({**KEY, **change}).load() is None
@@ -31,12 +50,16 @@ def test_another_setup_has_no_timings(change):
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"key": {}, "timings": {}}),
                                      json.dumps({"key": KEY, "timings": {"1": [{"context_len": 256}]}}),
-                                     json.dumps({"key": KEY, "timings": {"1": []}})])
-def test_corrupt_or_stale_file_is_ignored_with_a_log_line(content, capsys):
+                                     json.dumps({"key": KEY, "timings": {"1": [], "2": []}}),
+                                     # every bucket, but the pipeline's time missing in one of them
+                                     json.dumps({"key": KEY, "timings": {"1": TIMINGS[1], "2": [
+                                         {"context_len": 256, "sequential_ms": 1.2}]}})])
+def test_corrupt_or_stale_file_is_ignored_with_a_log_line(content, caplog):
     cache = TimingCache(KEY)
     cache.path.parent.mkdir(parents=True)
     cache.path.write_text(content)
     assert cache.load() is None
-    assert f"ignoring the decode path cache {cache.path}" in capsys.readouterr().out
+    warnings = logged(caplog, "ModelRunner", logging.WARNING)
+    assert len(warnings) == 1 and warnings[0].startswith(f"ignoring the decode path cache {cache.path}: ")
     cache.save(TIMINGS)
     assert cache.load() == TIMINGS

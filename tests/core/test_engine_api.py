@@ -1,6 +1,6 @@
 """The streaming API (add_request/step), cleanup after an interrupted generate, and threads sharing one LLM."""
-import os
-import subprocess
+import importlib
+import logging
 import sys
 import threading
 
@@ -47,19 +47,51 @@ def test_generate_refuses_to_run_over_streamed_requests(engine):
     assert len(tokens(engine, prompt)[0]) == GREEDY.max_tokens
 
 
+def test_an_idle_engine_steps_to_nothing_and_aborts_one_id_or_several(engine):
+    assert engine.step() == [] and engine.step() == []
+    prompts = random_prompts([8, 20, 5], seed=24)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    engine.abort_requests(ids[1])  # one id, not in a list
+    engine.abort_requests(iter(ids[2:] + [10 ** 9]))  # any iterable; an unknown id is ignored
+    assert stream_to_completion(engine, ids[:1]) == tokens(engine, prompts[:1])
+    with pytest.raises(TypeError, match="request_ids"):
+        engine.abort_requests("0")
+    assert_idle(engine)
+
+
+def test_an_engine_that_exited_refuses_work(model_dir):
+    llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=32)
+    llm.exit()
+    with pytest.raises(RuntimeError, match="exit"):
+        llm.generate(random_prompts([5], seed=25), GREEDY, use_tqdm=False)
+    with pytest.raises(RuntimeError, match="exit"):
+        llm.add_request([1, 2, 3], GREEDY)
+
+
+def test_statistics_of_the_sequential_engine(engine, capsys):
+    stats = engine.statistics()
+    assert stats["mode"] == "sequential" and "pd" not in stats and engine.get_pd_statistics() == {}
+    assert stats["runner"] == engine.model_runner.statistics()
+    assert stats["runner"]["decode_paths"] == {"path_per_bucket": {}, "timings_ms": {}}  # eager on CPU: no graphs
+    assert engine.model_runner.get_pipeline_statistics() == {"enabled": False}
+    capsys.readouterr()
+    engine.print_pd_statistics()
+    assert capsys.readouterr().out == "[PD Statistics]\n  Prefill/decode disaggregation is off\n"
+
+
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_generate_removes_its_requests(engine, monkeypatch, interrupt):
     prompts = random_prompts([30, 12, 50, 7], seed=23)
     expected = tokens(engine, prompts)
-    run, calls = engine.model_runner.run, []
+    launch, calls = engine.model_runner.launch, []
 
-    def failing_run(*args):
+    def failing_launch(*args, **kwargs):
         calls.append(1)
         if len(calls) == 4:
             raise interrupt("stopped mid-generate")
-        return run(*args)
+        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model_runner, "run", failing_run)
+    monkeypatch.setattr(engine.model_runner, "launch", failing_launch)
     with pytest.raises(interrupt):
         engine.generate(prompts, GREEDY, use_tqdm=False)
     monkeypatch.undo()
@@ -95,7 +127,31 @@ def test_constructing_an_llm_leaves_torch_global_state_as_it_was(model_dir):
     llm.exit()
 
 
-def test_the_package_imports_where_triton_is_missing():
-    """triton is a Linux-only dependency: elsewhere the engine runs on the torch paths."""
-    code = "import sys; sys.modules['triton'] = None; import nanovllm, nanovllm.disagg.multiplex, nanovllm.pipeline.decode"
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+def test_the_package_imports_where_triton_is_missing(monkeypatch):
+    """triton is a Linux-only dependency: elsewhere the engine runs on the torch paths (every mode imports,
+    the kernels package says it has no kernels). The package is imported afresh in this process with triton
+    hidden (an entry None in sys.modules fails its import); then the modules as they were are put back."""
+    def ours(name):
+        return name == "nanovllm" or name.startswith("nanovllm.")
+
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    logger = logging.getLogger("nanovllm")  # nanovllm.utils.log configures it again when imported again
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        for name in saved:
+            del sys.modules[name]
+        monkeypatch.setitem(sys.modules, "triton", None)
+        for name in ("nanovllm", "nanovllm.llm", "nanovllm.modes", "nanovllm.modes.multiplexing.placement",
+                     "nanovllm.modes.pipeline.extension", "nanovllm.layers.sampler"):
+            importlib.import_module(name)
+        kernels = importlib.import_module("nanovllm.kernels")
+        assert kernels is not saved["nanovllm.kernels"]  # imported afresh
+        assert kernels.fused is None and kernels.sampling is None
+        assert not kernels.on_gpu(torch.zeros(1))
+    finally:
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate

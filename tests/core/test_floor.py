@@ -2,7 +2,7 @@
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.tools.floor import ScheduleFloor
+from benchmarks.floor import ScheduleFloor
 from tests.helpers import BLOCK_SIZE
 
 INF = float("inf")
@@ -16,7 +16,7 @@ def engine(model_dir):
 def run(engine, copy_rate, flop_rate):
     floor = ScheduleFloor(engine, copy_rate, flop_rate)
     engine.generate([[7, 8, 9, 10, 11]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
-    del engine.model_runner.sample  # back to the class's method
+    del engine.model_runner.launch  # back to the class's method
     return floor
 
 

@@ -3,15 +3,15 @@ start-up calibration of its scales, and the engine's outputs against a float32 c
 import pytest
 import torch
 
-from nanovllm import LLM
+from nanovllm import LLM, SamplingParams
 from nanovllm.attention.kv_quant import FP8_MAX, dequantize, quantize
 from nanovllm.attention.torch_backend import TorchBackend
-from nanovllm.engine import model_runner
-from nanovllm.engine.kv_calibration import MARGIN, record_kv_amax
+from benchmarks.quality import compare
+from nanovllm.engine import kv_cache
+from nanovllm.engine.kv_cache import MARGIN, record_kv_amax
 from nanovllm.layers.attention import Attention
-from nanovllm.tools.kv_quality import compare
 from nanovllm.utils.context import Context, reset_context, set_context
-from tests.helpers import BLOCK_SIZE, random_prompts
+from tests.helpers import BLOCK_SIZE, gpu, logged, random_prompts
 
 
 def engine(path, **options):
@@ -84,24 +84,28 @@ def test_calibration_records_key_pair_norms_and_value_magnitudes():
     torch.testing.assert_close(amax[:, 1], v.abs().amax(dim=(1, 3)))
 
 
-def test_engine_calibrates_without_warm_up_and_starts_zeroed(model_dir, capsys):
+def test_engine_calibrates_without_warm_up_and_starts_zeroed(model_dir, caplog):
     """num_kvcache_blocks set (no memory-sizing warm-up) still calibrates; the cache, padding block
     included, starts as float8 zeros; start-up reports the tokens the cache holds."""
     llm = engine(model_dir, kv_cache_dtype="fp8_e4m3")
     runner = llm.model_runner
-    assert runner.kv_cache.dtype == torch.float8_e4m3fn and runner.kv_cache.size(0) == 97
-    assert torch.equal(runner.kv_cache.view(torch.uint8), torch.zeros_like(runner.kv_cache, dtype=torch.uint8))
+    cache = runner.kv_cache.tensor
+    assert cache.dtype == torch.float8_e4m3fn and cache.size(0) == 97 and runner.kv_cache.num_blocks == 96
+    assert torch.equal(cache.view(torch.uint8), torch.zeros_like(cache, dtype=torch.uint8))
     hf = llm.config.hf_config
-    assert runner.kv_scales.shape == (hf.num_hidden_layers, 2, hf.num_key_value_heads)
-    assert torch.isfinite(runner.kv_scales).all() and (runner.kv_scales > 1e-4).all()
-    assert len(set(runner.kv_scales.flatten().tolist())) == runner.kv_scales.numel()  # measured, not a default
-    assert "KV cache: 96 blocks of 16 tokens = 1536 tokens, fp8_e4m3" in capsys.readouterr().out
+    scales = runner.kv_cache.scales
+    assert scales.shape == (hf.num_hidden_layers, 2, hf.num_key_value_heads)
+    assert torch.isfinite(scales).all() and (scales > 1e-4).all()
+    assert len(set(scales.flatten().tolist())) == scales.numel()  # measured, not a default
+    assert all(layer.kv_scales is not None for layer in runner.attention_layers())
+    [line] = [m for m in logged(caplog, "ModelRunner") if m.startswith("KV cache: ")]
+    assert line.startswith("KV cache: 96 blocks of 16 tokens = 1536 tokens, fp8_e4m3 (float8_e4m3fn), ")
 
 
 def test_sized_from_memory_the_cache_holds_twice_the_tokens_of_bfloat16(model_dir, monkeypatch):
-    monkeypatch.setattr(model_runner, "CPU_KV_CACHE_BYTES", 1 << 20)
+    monkeypatch.setattr(kv_cache, "CPU_KV_CACHE_BYTES", 1 << 20)
     blocks = {kv: LLM(model_dir, device="cpu", dtype="bfloat16", kvcache_block_size=BLOCK_SIZE,
-                      kv_cache_dtype=kv).model_runner.num_kvcache_blocks for kv in ("auto", "fp8_e4m3")}
+                      kv_cache_dtype=kv).model_runner.kv_cache.num_blocks for kv in ("auto", "fp8_e4m3")}
     assert blocks["auto"] > 64 and blocks["fp8_e4m3"] in (2 * blocks["auto"], 2 * blocks["auto"] + 1)
 
 
@@ -119,3 +123,42 @@ def test_outputs_close_to_a_float32_cache(model_dirs, variant):
     assert result["forced_top1_agreement"] > 0.75
     assert result["max_abs_error/range"] < 0.3
     assert 1e-3 < result["mean_abs_error/range"] < 0.02
+
+
+def rerun_differences(path, device: str, dtype: str, kv_cache_dtype: str, **options) -> int:
+    """How many of 40 prompts get other greedy tokens when generated again on the same engine, where their
+    full blocks hit the prefix cache (with a float8 cache, no more than with a cache in the model's dtype)."""
+    llm = LLM(path, device=device, dtype=dtype, kvcache_block_size=BLOCK_SIZE, max_num_seqs=64,
+              num_kvcache_blocks=600, kv_cache_dtype=kv_cache_dtype, **options)
+    prompts = random_prompts([20 + 7 * i % 90 for i in range(40)], seed=17)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    first = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    manager, cached = llm.scheduler.block_manager, []
+    allocate = manager.allocate
+
+    def counted_allocate(seq):
+        placed = allocate(seq)
+        cached.append(placed and seq.num_cached_tokens)
+        return placed
+
+    manager.allocate = counted_allocate
+    again = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    assert sum(cached) == sum((len(p) - 1) // BLOCK_SIZE * BLOCK_SIZE for p in prompts), "every full block hits"
+    llm.exit()
+    return sum(a != b for a, b in zip(first, again))
+
+
+def test_prefix_hits_change_no_tokens_with_a_float8_cache(model_dir):
+    """A prompt reads its keys from the float8 cache whether it computed them in this step or found them in
+    the prefix cache: the same computation, so a rerun gives the same tokens."""
+    assert rerun_differences(model_dir, "cpu", "float32", "fp8_e4m3") == 0
+
+
+@gpu
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
+def test_prefix_hits_change_no_more_tokens_with_a_float8_cache_than_with_bfloat16_on_the_gpu(model_dir, enforce_eager):
+    """On the GPU kernels, whose dot products over a float8 cache run in float16 with the scales applied
+    outside; eager prefills included (the prefill graphs always read the cache)."""
+    counts = {kv: rerun_differences(model_dir, "cuda", "bfloat16", kv, enforce_eager=enforce_eager)
+              for kv in ("auto", "fp8_e4m3")}
+    assert counts["fp8_e4m3"] <= counts["auto"], counts

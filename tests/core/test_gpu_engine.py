@@ -5,16 +5,33 @@ from transformers import Qwen3ForCausalLM
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils.context import reset_context, set_context
-from tests.helpers import BLOCK_SIZE, MODEL_VARIANTS, hf_greedy, random_prompts
+from tests.helpers import GPU, BLOCK_SIZE, MODEL_VARIANTS, random_prompts
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = GPU
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+# Engines of the same options serve every test that asks for them (tests leave them idle).
+_ENGINES: dict[tuple, LLM] = {}
+
+
+def engine(model_dir, **options) -> LLM:
+    key = (model_dir, tuple(sorted(options.items())))
+    if key not in _ENGINES:
+        _ENGINES[key] = LLM(model_dir, device="cuda", kvcache_block_size=BLOCK_SIZE, max_num_seqs=64, max_model_len=512,
+                            num_kvcache_blocks=1024, **options)
+    return _ENGINES[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_engines():
+    yield
+    for llm in _ENGINES.values():
+        llm.exit()
+    _ENGINES.clear()
 
 
 def generate(model_dir, prompts, **options):
-    llm = LLM(model_dir, device="cuda", kvcache_block_size=BLOCK_SIZE, max_num_seqs=64, max_model_len=512,
-              num_kvcache_blocks=1024, **options)
+    llm = engine(model_dir, **options)
     outputs = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     return outputs, llm
 
@@ -25,7 +42,7 @@ def test_float32_graph_replay_matches_eager(model_dir, backend):
     prompts = random_prompts([5 + 7 * i % 90 for i in range(37)], seed=7)
     eager, _ = generate(model_dir, prompts, dtype="float32", attention_backend=backend, enforce_eager=True)
     graph, llm = generate(model_dir, prompts, dtype="float32", attention_backend=backend)
-    assert llm.model_runner.graphs is not None
+    assert llm.model_runner.decode_paths.graphs is not None and llm.model_runner.backend.name == backend
     assert graph == eager
 
 
@@ -47,7 +64,7 @@ def test_float32_prefill_graphs_match_eager(model_dir):
     runner, scheduler = llm.model_runner, llm.scheduler
     assert runner.prefill_graphs.buckets[-1] == 300
     prefills, replayed, preempted = [], [], []
-    prefill_hidden, load, preempt = runner.prefill_hidden, runner.prefill_graphs.load, scheduler._preempt
+    prefill_hidden, load, preempt = runner._prefill_hidden, runner.prefill_graphs.load, scheduler._preempt
 
     def counted_prefill(seqs, *args):
         prefills.append(len(seqs))
@@ -61,7 +78,7 @@ def test_float32_prefill_graphs_match_eager(model_dir):
         preempted.append(seq.seq_id)
         preempt(seq)
 
-    runner.prefill_hidden, runner.prefill_graphs.load, scheduler._preempt = counted_prefill, counted_load, counted_preempt
+    runner._prefill_hidden, runner.prefill_graphs.load, scheduler._preempt = counted_prefill, counted_load, counted_preempt
     assert tokens(llm) == eager
     assert preempted and 0 < len(replayed) < len(prefills)
     assert 30 in prefills and runner.prefill_graphs.seqs_in(300) < 30  # the burst, eagerly
@@ -74,7 +91,7 @@ def test_capture_survives_unreachable_graphs():
     the warm-up, must not drop it: a collection there is harmless.)"""
     import gc
 
-    from nanovllm.engine.cuda_graph import capture
+    from nanovllm.engine.graphs import capture
     x = torch.arange(4.0, device="cuda")
     stream = torch.cuda.Stream()
     gc.collect()
@@ -102,13 +119,14 @@ def test_float8_cache_graph_replay_matches_eager(model_dir, backend):
     """Teacher-forced, since graph and eager steps differ in float summation order (split counts of
     padded buckets), which can move a value across a float8 rounding boundary and a tiny model's greedy
     tokens with it."""
-    from nanovllm.tools.kv_quality import compare
+    from benchmarks.quality import compare
     prompts = random_prompts([5 + 7 * i % 90 for i in range(37)], seed=7)
     options = dict(dtype="float32", attention_backend=backend, kv_cache_dtype="fp8_e4m3", async_scheduling=False)
     _, eager = generate(model_dir, [[1, 2, 3]], enforce_eager=True, **options)
-    _, graph = generate(model_dir, [[1, 2, 3]], **options)
-    assert graph.model_runner.graphs is not None and graph.model_runner.kv_cache.dtype == torch.float8_e4m3fn
-    assert torch.equal(graph.model_runner.kv_scales, eager.model_runner.kv_scales)
+    _, graph = generate(model_dir, [[1, 2, 3]], **options)  # the next test's float8 engine too
+    assert graph.model_runner.decode_paths.graphs is not None
+    assert graph.model_runner.kv_cache.tensor.dtype == torch.float8_e4m3fn
+    assert torch.equal(graph.model_runner.kv_cache.scales, eager.model_runner.kv_cache.scales)
     result = compare(eager, graph, prompts, 32)
     assert result["forced_top1_agreement"] > 0.98
     assert result["max_abs_error/range"] < 0.02
@@ -116,8 +134,8 @@ def test_float8_cache_graph_replay_matches_eager(model_dir, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_float8_cache_outputs_close_to_a_float32_cache(model_dir, backend):
-    """The CPU test's bounds (tests/test_fp8_kv_cache.py), on the GPU kernels and CUDA graphs."""
-    from nanovllm.tools.kv_quality import compare
+    """The CPU test's bounds (tests/core/test_fp8_kv_cache.py), on the GPU kernels and CUDA graphs."""
+    from benchmarks.quality import compare
     prompts = random_prompts([3, 17, 16, 120, 64, 45, 7, 99], seed=1234)
     options = dict(dtype="float32", attention_backend=backend, async_scheduling=False)
     _, reference = generate(model_dir, [[1, 2, 3]], **options)
@@ -134,13 +152,14 @@ def test_bfloat16_graph_replay_close_to_eager_in_every_bucket(model_dir, backend
     """bf16 greedy runs drift apart after a few tokens on rounding alone, so compare one step's
     hidden states: the padded graph replay against the eager forward on the same batch."""
     _, llm = generate(model_dir, [[1, 2, 3]], dtype="bfloat16", attention_backend=backend)
-    runner, graphs = llm.model_runner, llm.model_runner.graphs
-    runner.kv_cache.normal_()
+    runner, graphs = llm.model_runner, llm.model_runner.decode_paths.graphs
+    # Random keys and values everywhere: the engine's later prompts overwrite the blocks they use.
+    runner.kv_cache.tensor.normal_()
     for bucket in graphs.buckets:
         batch = max(1, bucket - 1)  # one padded row when the bucket allows it
-        graphs.load_synthetic(bucket, 100, runner.num_kvcache_blocks)
+        graphs.load_synthetic(bucket, 100, runner.kv_cache.num_blocks)
         graphs.input_ids[:batch].random_(0, 512)
-        replayed = runner.decode_plan[bucket].replay()[:batch].float()
+        replayed = runner.decode_paths.plans[None][bucket].replay()[:batch].float()
         with torch.inference_mode():
             set_context(graphs.context(batch))
             eager = runner.model(graphs.input_ids[:batch], graphs.positions[:batch]).float()
@@ -150,19 +169,29 @@ def test_bfloat16_graph_replay_close_to_eager_in_every_bucket(model_dir, backend
 
 
 @pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
-def test_float32_greedy_matches_transformers(model_dirs, prompts, variant):
-    """Every parity checkpoint, its RoPE scaling types included, on the GPU path."""
-    ours, llm = generate(model_dirs(variant), prompts, dtype="float32")
-    assert llm.model_runner.backend.name == "triton"
-    assert ours == hf_greedy(model_dirs(variant), prompts, 32)
+def test_float32_greedy_matches_transformers(model_dirs, prompts, hf_outputs, variant):
+    """Every parity checkpoint, its RoPE scaling types included, on the GPU path (the default backend,
+    Triton: for the untied checkpoint, the engine of test_float32_graph_replay_matches_eager[triton])."""
+    ours, llm = generate(model_dirs(variant), prompts, dtype="float32", attention_backend="triton")
+    assert llm.model_runner.backend.name == "triton" and llm.model_runner.decode_paths.graphs is not None
+    assert ours == hf_outputs(variant)  # transformers' greedy tokens, shared with tests/core/test_hf_parity.py
 
 
 def test_bfloat16_logits_close_to_transformers_at_every_step(model_dir):
     """Both models are fed the same tokens (teacher forcing); nanovllm's logits at each decode step
-    must stay close to transformers' bf16 logits at that position."""
+    must stay close to transformers' bf16 logits at that position. (The engine of
+    test_bfloat16_graph_replay_close_to_eager_in_every_bucket[triton]; its sampler is put back after.)"""
     hf = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
-    llm = LLM(model_dir, device="cuda", dtype="bfloat16", kvcache_block_size=BLOCK_SIZE, max_model_len=512,
-              max_num_seqs=8, num_kvcache_blocks=1024)
+    _, llm = generate(model_dir, [[1, 2, 3]], dtype="bfloat16", attention_backend="triton")
+    runner = llm.model_runner
+    sampler = runner.sampler
+    try:
+        check_teacher_forced_logits(llm, hf)
+    finally:
+        runner.sampler = sampler
+
+
+def check_teacher_forced_logits(llm, hf):
     runner = llm.model_runner
     for prompt in random_prompts([9, 40, 77], seed=11):
         forced = random_prompts([24], seed=len(prompt))[0]

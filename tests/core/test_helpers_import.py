@@ -2,8 +2,10 @@
 import sys
 
 import tests.helpers
+import tests.modes.pd_helpers
 
 
 def test_helpers_are_imported_under_one_name_only():
     assert sys.modules["tests.helpers"] is tests.helpers
-    assert "helpers" not in sys.modules and "conftest" not in sys.modules
+    assert sys.modules["tests.modes.pd_helpers"] is tests.modes.pd_helpers
+    assert not {"helpers", "pd_helpers", "conftest", "triton_interpreter"} & set(sys.modules)

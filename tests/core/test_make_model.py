@@ -1,3 +1,5 @@
+"""The model maker (nanovllm/tools/make_model.py): random-weight checkpoints with Qwen's tokenizer that load
+in transformers."""
 import json
 
 import pytest
@@ -6,6 +8,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from nanovllm.tools import make_model as mm
+from tests.helpers import logged
+
+pytestmark = pytest.mark.slow  # the tiny preset's checkpoint and Qwen's 151k-token tokenizer, written several times
 
 
 def weights(path):
@@ -98,15 +103,16 @@ def test_real_shapes():
     assert all(sum(torch.Size(s).numel() * 2 for _, s, _ in shard) <= mm.MAX_SHARD_BYTES for shard in shards)
 
 
-def test_ensure_model_builds_once_and_says_so(tmp_path, monkeypatch, capsys):
+def test_ensure_model_builds_once_and_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
     path = mm.ensure_model("tiny")
     assert path == tmp_path / "models" / "tiny-seed0" == mm.default_model_dir("tiny")
-    said = capsys.readouterr().out
+    [said] = logged(caplog, "make_model")
     assert "'tiny' preset" in said and str(path) in said and "GiB" in said
+    caplog.clear()
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert mm.ensure_model("tiny") == path
-    assert capsys.readouterr().out == ""
+    assert not [r for r in caplog.records if r.name.startswith("nanovllm")]
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-seed0"]
 
@@ -116,3 +122,12 @@ def test_cli(tmp_path, monkeypatch, capsys):
     mm.main()
     assert capsys.readouterr().out.strip() == str(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "model.safetensors").is_file()
+
+
+def test_the_default_model_says_its_weights_are_random(tmp_path, monkeypatch, caplog):
+    """What the examples run without a checkpoint: the default preset, with one line saying why its text is
+    gibberish and how to pass a real checkpoint."""
+    monkeypatch.setattr(mm, "ensure_model", lambda preset: tmp_path / preset)
+    assert mm.default_model() == tmp_path / mm.default_preset()
+    [said] = logged(caplog, "make_model")
+    assert "random weights" in said and "Hugging Face Qwen3 checkpoint directory" in said

@@ -1,7 +1,7 @@
 """The static inputs of captured prefills, on CPU: buckets, padding and the batches left eager."""
 import torch
 
-from nanovllm.engine.prefill_graphs import PREFILL_GRAPH_TOKENS, PrefillGraphs, prefill_buckets
+from nanovllm.engine.graphs import PREFILL_GRAPH_TOKENS, PrefillGraphs, prefill_buckets
 from nanovllm.utils.context import Context
 
 

@@ -9,13 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.helpers import BLOCK_SIZE
+from tests.helpers import GPU, BLOCK_SIZE
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.sampling_inputs import sampling_inputs
+from nanovllm.engine.step_inputs import sampling_inputs
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import Sampler, keep_top_tokens
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 DRAWS = 20000
 TOLERANCE = 0.015  # over 4 standard deviations of a frequency from DRAWS draws
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.1])

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import BLOCK_SIZE, check_consistent
 from nanovllm.config import Config
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.scheduler import Batch, Scheduler
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
 
@@ -42,9 +42,23 @@ def reference_completion(prompt, max_tokens, ignore_eos, max_model_len, eos=(FAK
 
 
 def make_scheduler(model_dir, num_blocks, eos=(FAKE_EOS,), **options) -> Scheduler:
-    config = Config(model_dir, device="cpu", kvcache_block_size=BS, **options)
-    config.eos_token_ids = eos
-    return Scheduler(config, num_blocks)
+    config = Config.from_options(model_dir, device="cpu", kvcache_block_size=BS, **options)
+    scheduler = Scheduler(config, num_blocks)
+    scheduler.eos_token_ids = set(eos)
+    return scheduler
+
+
+def schedule(scheduler: Scheduler) -> tuple[list[Sequence], bool]:
+    """The next step's sequences and whether it is a prefill; ([], False) when there is nothing to run."""
+    batch = scheduler.schedule()
+    return (batch.seqs, batch.is_prefill) if batch is not None else ([], False)
+
+
+def postprocess(scheduler: Scheduler, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
+    """A synchronous step's bookkeeping, as the engine does it: book the launched step, then fill in its
+    tokens (one per sequence). Returns the sequences that gained a token."""
+    scheduler.book(seqs)
+    return [seq for seq, _ in scheduler.fill(seqs, [[t] for t in token_ids])]
 
 
 def check_block_invariants(scheduler: Scheduler, ahead: bool = False) -> None:
@@ -121,7 +135,7 @@ def drive(scheduler: Scheduler, seqs: list[Sequence], arrivals_per_step: int | N
             if not pending:
                 break
             continue
-        batch, is_prefill = scheduler.schedule()
+        batch, is_prefill = schedule(scheduler)
         assert len(batch) <= scheduler.max_num_seqs and (batch or in_flight)
         if is_prefill:
             assert sum(s.num_scheduled_tokens for s in batch) <= scheduler.max_num_batched_tokens
@@ -129,11 +143,11 @@ def drive(scheduler: Scheduler, seqs: list[Sequence], arrivals_per_step: int | N
         if ahead:
             previous = dict(zip((s.seq_id for s in in_flight[0]), in_flight[1])) if in_flight else {}
             launched = (batch, runner.run(batch, is_prefill, previous)) if batch else None
-            produced = scheduler.fill(*in_flight) if in_flight else []
+            produced = [seq for seq, _ in scheduler.fill(in_flight[0], [[t] for t in in_flight[1]])] if in_flight else []
             scheduler.book(batch)
             in_flight = launched
         else:
-            produced = scheduler.postprocess(batch, runner.run(batch, is_prefill))
+            produced = postprocess(scheduler, batch, runner.run(batch, is_prefill))
         for seq in produced:
             if seq.is_finished:
                 assert seq.seq_id not in finished, "a request finished twice"
@@ -195,8 +209,7 @@ def test_prefix_cache_hits_skip_computation(model_dir):
     drive(scheduler, [Sequence(prompt, SamplingParams(temperature=0.0, max_tokens=3))])
     again = Sequence(prompt[:3 * BS] + [9, 9], SamplingParams(temperature=0.0, max_tokens=3))
     scheduler.add(again)
-    batch, is_prefill = scheduler.schedule()
-    assert is_prefill and batch == [again]
+    assert scheduler.schedule() == Batch([again], True)
     assert again.num_cached_tokens == 3 * BS
     assert list(again.scheduled_positions) == [3 * BS, 3 * BS + 1]
 
@@ -211,9 +224,9 @@ def test_max_tokens_and_max_model_len_stop_generation(model_dir):
 
 
 def run_prefill(scheduler):
-    batch, is_prefill = scheduler.schedule()
+    batch, is_prefill = schedule(scheduler)
     assert is_prefill
-    scheduler.postprocess(batch, [FAKE_VOCAB - 1] * len(batch))
+    postprocess(scheduler, batch, [FAKE_VOCAB - 1] * len(batch))
     return batch
 
 
@@ -225,11 +238,11 @@ def test_chunked_prefill_bookkeeping(model_dir):
     scheduler.add(short)
     bm = scheduler.block_manager
 
-    batch, is_prefill = scheduler.schedule()
+    batch, is_prefill = schedule(scheduler)
     assert is_prefill and batch == [long] and long.num_scheduled_tokens == 20
     assert len(long.block_table) == 4  # the whole prompt's blocks are held from the first chunk
     assert long.status == SequenceStatus.WAITING and scheduler.waiting[0] is long
-    scheduler.postprocess(batch, [42])
+    postprocess(scheduler, batch, [42])
     assert long.num_computed_tokens == 20 and long.num_tokens == 50  # no token from a partial prompt
     assert [bm.blocks[b].hash != -1 for b in long.block_table] == [True, False, False, False]
 
@@ -237,10 +250,10 @@ def test_chunked_prefill_bookkeeping(model_dir):
     assert batch == [long] and long.num_computed_tokens == 40 and long.num_tokens == 50
 
     # The last 10 tokens of the long prompt, then 10 of the short one fill the budget of 20.
-    batch, _ = scheduler.schedule()
+    batch, _ = schedule(scheduler)
     assert batch == [long, short]
     assert (long.num_scheduled_tokens, short.num_scheduled_tokens) == (10, 10)
-    scheduler.postprocess(batch, [42, 43])
+    postprocess(scheduler, batch, [42, 43])
     assert long.num_tokens == 51 and long.completion_token_ids == [42]
     assert long.status == SequenceStatus.RUNNING and list(scheduler.running) == [long]
     assert short.num_computed_tokens == 10 and short.num_tokens == 15 and scheduler.waiting[0] is short
@@ -249,7 +262,7 @@ def test_chunked_prefill_bookkeeping(model_dir):
     assert batch == [short] and short.completion_token_ids == [FAKE_VOCAB - 1]
     assert list(scheduler.running) == [long, short]
 
-    batch, is_prefill = scheduler.schedule()
+    batch, is_prefill = schedule(scheduler)
     assert not is_prefill and batch == [long, short]
 
 
@@ -263,20 +276,20 @@ def test_preemption_takes_the_newest_running_sequence(model_dir):
     assert batch == [a, b, c, d] and scheduler.block_manager.num_free_blocks == 0
 
     # a takes d's block, b takes c's: the newest requests give way, the oldest resume first.
-    batch, is_prefill = scheduler.schedule()
+    batch, is_prefill = schedule(scheduler)
     assert not is_prefill and batch == [a, b]
     assert list(scheduler.waiting) == [c, d] and list(scheduler.running) == [a, b]
     for seq in (c, d):
         assert seq.status == SequenceStatus.WAITING and seq.block_table == [] and seq.num_computed_tokens == 0
         assert seq.num_tokens == BS + 1  # keeps its generated token and recomputes it
-    scheduler.postprocess(batch, [7, 7])
+    postprocess(scheduler, batch, [7, 7])
 
     # a and b fill their two blocks; then a's third block has to come from b, the newer one.
     while a.num_tokens <= 2 * BS:
-        batch, is_prefill = scheduler.schedule()
+        batch, is_prefill = schedule(scheduler)
         assert not is_prefill and batch == [a, b]
-        scheduler.postprocess(batch, [7, 7])
-    batch, is_prefill = scheduler.schedule()
+        postprocess(scheduler, batch, [7, 7])
+    batch, is_prefill = schedule(scheduler)
     assert not is_prefill and batch == [a]
     assert list(scheduler.waiting) == [b, c, d]
     assert b.block_table == [] and b.status == SequenceStatus.WAITING
@@ -301,12 +314,12 @@ def test_preempted_sequence_reuses_its_cached_blocks(model_dir):
     scheduler.add(c)
     run_prefill(scheduler)
     # a takes the last free block; c, the newest, has nobody else to take from and preempts itself.
-    batch, is_prefill = scheduler.schedule()
+    batch, is_prefill = schedule(scheduler)
     assert not is_prefill and batch == [a]
     assert list(scheduler.waiting) == [c] and c.block_table == []
-    scheduler.postprocess(batch, [7])
+    postprocess(scheduler, batch, [7])
     assert a.is_finished and scheduler.block_manager.num_free_blocks == 4
-    batch, is_prefill = scheduler.schedule()
+    batch, is_prefill = schedule(scheduler)
     assert is_prefill and batch == [c]
     assert c.num_cached_tokens == 2 * BS  # its two full blocks kept their hashes while free
     assert list(c.scheduled_positions) == [2 * BS]

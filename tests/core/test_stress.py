@@ -28,14 +28,14 @@ def test_many_random_requests(tiny_model_dir, monkeypatch):
     llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=60,
               max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=512, max_num_seqs=48)
     finished_ids = []
-    step = llm.step
+    step = llm.loop.step  # what generate() steps
 
     def recording_step():
-        outputs = step()
-        finished_ids.extend(seq_id for seq_id, _, finished in outputs if finished)
-        return outputs
+        produced = step()
+        finished_ids.extend(seq.seq_id for seq, _ in produced if seq.is_finished)
+        return produced
 
-    monkeypatch.setattr(llm, "step", recording_step)
+    monkeypatch.setattr(llm.loop, "step", recording_step)
     prompts, params = make_requests(seed=5)
     outputs = llm.generate(prompts, params, use_tqdm=False)
 

@@ -1,17 +1,50 @@
 """Tensor parallelism on CPU: two ranks over gloo, the second in a spawned process."""
+import multiprocessing
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
 
-from tests.helpers import BLOCK_SIZE, random_prompts
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine import tp_worker
+from tests.helpers import BLOCK_SIZE, random_prompts, start_forkserver
 
-pytestmark = pytest.mark.spawn
+pytestmark = [pytest.mark.spawn, pytest.mark.slow]
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def script_without_main_guard(model_dir, tmp_path_factory):
+    """A script that makes a tensor-parallel LLM without `if __name__ == "__main__":`, run in a subprocess
+    started with the module's first test: its two Python processes (the script, and the worker that imports
+    it again) start up beside the other tests; the last test of the module waits for its outcome."""
+    folder = tmp_path_factory.mktemp("no_guard")
+    script = folder / "no_guard.py"
+    script.write_text(f"from nanovllm import LLM\nLLM({model_dir!r}, device='cpu', tensor_parallel_size=2)\n")
+    with open(folder / "stderr", "w+") as stderr:
+        process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        yield process, stderr
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def tp_workers(request, monkeypatch):
+    """How TensorParallelGroup starts its rank-1 worker: "spawn", as the library does, or "forkserver": forked
+    from a server that imported nanovllm's worker module once, when collection ended (tests/core/conftest.py),
+    beside the tests before these. Both run the same worker_main with the same pickled Config in a process
+    that imported nanovllm afresh; a forked worker skips a new interpreter's imports, which take seconds on
+    CPU and over ten on some GPU machines. The plain run and the script without a main guard keep spawn."""
+    if request.param == "forkserver" and start_forkserver():
+        context = multiprocessing.get_context("forkserver")
+        monkeypatch.setattr(tp_worker, "mp", SimpleNamespace(get_context=lambda method: context))
+    return request.param
 
 
 def generate(model_dir, prompts, **options) -> list[list[int]]:
@@ -27,8 +60,10 @@ def generate(model_dir, prompts, **options) -> list[list[int]]:
         llm.exit()
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])  # float8: each rank calibrates its own heads
-def test_tp2_matches_tp1(model_dir, kv_cache_dtype):
+# float8: each rank calibrates its own heads
+@pytest.mark.parametrize("kv_cache_dtype,tp_workers", [("auto", "spawn"), ("fp8_e4m3", "forkserver")],
+                         indirect=["tp_workers"])
+def test_tp2_matches_tp1(model_dir, kv_cache_dtype, tp_workers):
     prompts = random_prompts([3, 40, 17, 64], seed=31)
     prompts += [prompts[3][:48] + [5, 6, 7]]
     tp2 = generate(model_dir, prompts, tensor_parallel_size=2, kv_cache_dtype=kv_cache_dtype)
@@ -39,16 +74,8 @@ def test_tp2_matches_tp1(model_dir, kv_cache_dtype):
     assert all(len(t) == 16 for t in tp2)
 
 
-def test_script_without_main_guard_fails_with_the_reason(model_dir, tmp_path):
-    script = tmp_path / "no_guard.py"
-    script.write_text(f"from nanovllm import LLM\nLLM({model_dir!r}, device='cpu', tensor_parallel_size=2)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    assert proc.returncode != 0
-    assert "__name__ == \"__main__\"" in proc.stderr and "rank 1 exited" in proc.stderr
-
-
-def test_broken_checkpoint_under_tp_leaves_no_process_group(model_dir, tmp_path):
+@pytest.mark.parametrize("tp_workers", ["forkserver"], indirect=True)
+def test_broken_checkpoint_under_tp_leaves_no_process_group(model_dir, tmp_path, tp_workers):
     """A load that fails on every rank raises the loader's error and cleans up the workers and the group."""
     import shutil
     from safetensors.torch import load_file, save_file
@@ -61,3 +88,11 @@ def test_broken_checkpoint_under_tp_leaves_no_process_group(model_dir, tmp_path)
         LLM(str(broken), device="cpu", tensor_parallel_size=2, kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=48)
     assert not dist.is_initialized()
     assert len(generate(model_dir, random_prompts([5], seed=3))[0]) == 16
+
+
+def test_script_without_main_guard_fails_with_the_reason(script_without_main_guard):
+    process, stderr = script_without_main_guard
+    assert process.wait(timeout=120) != 0
+    stderr.seek(0)
+    said = stderr.read()
+    assert "__name__ == \"__main__\"" in said and "rank 1 exited" in said

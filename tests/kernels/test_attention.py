@@ -1,15 +1,13 @@
-"""Triton attention kernels against a plain torch reference.
+"""The Triton attention kernels (nanovllm/kernels/attention.py) against a plain torch reference.
 
 On CUDA the checks run directly; on CPU they run with small sizes under the Triton interpreter.
 Dtype names "bf16-fp8" and "fp32-fp8" are bf16/fp32 queries over a float8 cache with per-head scales.
 """
-import sys
-
 import torch
 
 from nanovllm.attention.kv_quant import FP8_MAX, dequantize, quantize
 
-from tests.triton_interpreter import interpreter_main, kernel_tests
+from tests.kernels.triton_interpreter import kernel_tests
 
 NUM_LAYERS = 2
 LAYER = 1
@@ -102,7 +100,7 @@ def assert_close(out, ref, dtype):
 # ---------------------------------------------------------------------------------------------- checks
 
 def check_store_kv(device, dtype, cache_dtype, block_size, num_kv_heads, head_dim, slot_dtype):
-    from nanovllm.attention.triton_kernels import store_kv
+    from nanovllm.kernels.attention import store_kv
     gen = torch.Generator().manual_seed(block_size * 7 + head_dim)
     num_blocks, num_tokens = 5, 2 * block_size + 3
     kv_cache = torch.randn(num_blocks, NUM_LAYERS, 2, block_size, num_kv_heads, head_dim, generator=gen)
@@ -131,7 +129,7 @@ def check_store_kv(device, dtype, cache_dtype, block_size, num_kv_heads, head_di
 
 def check_decode(device, dtype, cache_dtype, block_size, group, head_dim, context_lens, num_kv_heads=2,
                  num_splits=None):
-    from nanovllm.attention.triton_kernels import paged_decode
+    from nanovllm.kernels.attention import paged_decode
     gen = torch.Generator().manual_seed(block_size + 31 * group + head_dim + len(context_lens))
     num_heads = group * num_kv_heads
     num_blocks = sum((n + block_size - 1) // block_size for n in context_lens) + 3
@@ -163,7 +161,7 @@ def check_decode(device, dtype, cache_dtype, block_size, group, head_dim, contex
 
 def check_longest_first(device, case):
     """case: (batch, lengths below); a small bound makes ties."""
-    from nanovllm.attention.triton_kernels import longest_first
+    from nanovllm.kernels.attention import longest_first
     batch, bound = case
     context_lens = torch.randint(0, bound, (batch,), generator=torch.Generator().manual_seed(batch + bound)).tolist()
     order = longest_first(torch.tensor(context_lens, dtype=torch.int32, device=device))
@@ -175,7 +173,7 @@ def check_prefill(device, dtype, cache_dtype, block_size, group, head_dim, q_len
                   num_kv_heads=2, padded=False):
     """padded: as a captured prefill runs it, with rows past the last sequence's and empty sequences
     after it; the padding is NaN, which must reach no real row."""
-    from nanovllm.attention.triton_kernels import prefill_attention
+    from nanovllm.kernels.attention import prefill_attention
     gen = torch.Generator().manual_seed(block_size + 17 * group + head_dim + sum(q_lens) + paged)
     num_heads = group * num_kv_heads
     context_lens = [p + n for p, n in zip(prefix_lens, q_lens)]
@@ -373,7 +371,3 @@ KINDS = {"store_kv": (store_kv_cases, run_store_kv), "decode": (decode_cases, ru
 
 
 test_cuda, test_interpreter = kernel_tests(KINDS, __file__)
-
-
-if __name__ == "__main__":
-    interpreter_main(KINDS, sys.argv[1])

@@ -1,18 +1,16 @@
-"""The fused Triton ops (RMSNorm, q/k norm with RoPE, SiLU·mul, sampling) against the layers' torch
-code or, for sampling, against the argmax and the tempered softmax.
+"""The fused Triton ops (nanovllm/kernels/fused.py: RMSNorm, q/k norm with RoPE, SiLU·mul) against the
+layers' torch code.
 
 The reference is the same layer run on CPU tensors, which takes the unfused torch path. On CUDA the
 checks run directly; on CPU they run with small sizes under the Triton interpreter.
 """
-import sys
-
 import torch
 from transformers import Qwen3Config
 
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
-from tests.triton_interpreter import interpreter_main, kernel_tests
+from tests.kernels.triton_interpreter import kernel_tests
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_POSITIONS = 4096
@@ -38,7 +36,7 @@ def random_rows(rows, cols, dtype, gen, extra_cols=0):
 
 
 def check_rms_norm(device, dtype, rows, hidden, with_residual):
-    from nanovllm.layers.triton_ops import rms_norm
+    from nanovllm.kernels.fused import rms_norm
     gen = torch.Generator().manual_seed(rows * 1000 + hidden)
     norm = RMSNorm(hidden, eps=1e-6).to(dtype)
     norm.weight.data = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
@@ -54,7 +52,7 @@ def check_rms_norm(device, dtype, rows, hidden, with_residual):
 
 
 def check_qk_norm_rope(device, dtype, num_tokens, num_heads, num_kv_heads, head_dim):
-    from nanovllm.layers.triton_ops import qk_norm_rope
+    from nanovllm.kernels.fused import qk_norm_rope
     gen = torch.Generator().manual_seed(num_tokens * 100 + num_heads * 10 + head_dim)
     config = Qwen3Config(head_dim=head_dim, max_position_embeddings=MAX_POSITIONS, rope_theta=1e6)
     rotary = RotaryEmbedding(config, head_dim)
@@ -78,11 +76,11 @@ def check_qk_norm_rope(device, dtype, num_tokens, num_heads, num_kv_heads, head_
 
 def check_qk_norm_rope_store(device, dtype, num_tokens, num_heads, num_kv_heads, head_dim, block_size):
     """With a cache to store into, the kernel returns what it returns without one (to rounding: the
-    variant compiles to other code), and leaves the cache as store_kv (tests/test_triton_attention.py
+    variant compiles to other code), and leaves the cache as store_kv (tests/kernels/test_attention.py
     checks it against torch) leaves it given the keys it returned, slot -1 included."""
-    from nanovllm.attention.base import KVStore
-    from nanovllm.attention.triton_kernels import store_kv
-    from nanovllm.layers.triton_ops import qk_norm_rope
+    from nanovllm.kernels.attention import store_kv
+    from nanovllm.utils.context import KVStore
+    from nanovllm.kernels.fused import qk_norm_rope
     gen = torch.Generator().manual_seed(num_tokens * 100 + num_kv_heads * 10 + block_size)
     config = Qwen3Config(head_dim=head_dim, max_position_embeddings=MAX_POSITIONS, rope_theta=1e6)
     cos_sin = RotaryEmbedding(config, head_dim).cos_sin_cache.to(device)
@@ -108,95 +106,10 @@ def check_qk_norm_rope_store(device, dtype, num_tokens, num_heads, num_kv_heads,
 
 
 def check_silu_and_mul(device, dtype, rows, n):
-    from nanovllm.layers.triton_ops import silu_and_mul
+    from nanovllm.kernels.fused import silu_and_mul
     gen = torch.Generator().manual_seed(rows * 7 + n)
     x = random_rows(rows, 2 * n, dtype, gen, extra_cols=16) * 4
     assert_close(silu_and_mul(x.to(device)), SiluAndMul()(x), dtype)
-
-
-def check_sample(device, dtype, vocab_size, block, draws):
-    check_sample_greedy_and_seeded(device, dtype, vocab_size, block)
-    if draws:
-        check_sample_frequencies(device, dtype, block, draws)
-        check_sample_dense_frequencies(device, dtype, vocab_size, block, draws)
-
-
-def sample_on(device, block, logits, temperatures, seed, row_seeds=None):
-    from nanovllm.layers.triton_ops import sample
-    row_seeds = None if row_seeds is None else row_seeds.to(device)
-    return sample(logits.to(device), temperatures.to(device), seed, row_seeds, block=block).cpu()
-
-
-def check_sample_greedy_and_seeded(device, dtype, vocab_size, block):
-    """Greedy rows give the argmax, the first one on ties within a tile, across tiles and across
-    chunks. A seeded row draws the same token alone, in a batch and under another step seed, and
-    leaves the other rows' draws as they were."""
-    gen = torch.Generator().manual_seed(vocab_size)
-    logits = (torch.randn(8, vocab_size, generator=gen) * 3).to(dtype)
-    logits[0, [10, block + 10, vocab_size - 1]] = logits[0].max() + 1
-    temperatures = torch.tensor([0.0, 1.0, 0.0, 0.5] * 2)
-    greedy = temperatures == 0
-    argmax = logits.float().argmax(-1)
-    tokens = sample_on(device, block, logits, temperatures, seed=vocab_size)
-    assert argmax[0] == 10 and tokens[0] == 10
-    assert sample_on(device, block, logits[:1], temperatures[:1], seed=1).item() == 10
-    assert torch.equal(tokens[greedy], argmax[greedy])
-    # Where the argmax is likely, one step's four draws may all be it; three steps' are not.
-    assert any(not torch.equal(sample_on(device, block, logits, temperatures, seed=seed)[~greedy], argmax[~greedy])
-               for seed in (vocab_size, vocab_size + 1, vocab_size + 2))
-
-    row_seeds = torch.tensor([[-1, 5, 7, 2 ** 62 + 3, -1, -1, 5, 5],
-                              [0, 0, 3, 9, 0, 0, 0, 1]]).T.contiguous()
-    seeded = sample_on(device, block, logits, temperatures, seed=vocab_size, row_seeds=row_seeds)
-    unseeded = row_seeds[:, 0] < 0
-    assert torch.equal(seeded[unseeded], tokens[unseeded])
-    assert torch.equal(seeded[greedy], argmax[greedy])
-    for row in (~greedy & ~unseeded).nonzero().flatten().tolist():
-        alone = sample_on(device, block, logits[row:row + 1], temperatures[row:row + 1], seed=vocab_size + 1,
-                          row_seeds=row_seeds[row:row + 1])
-        assert alone.item() == seeded[row], row
-
-
-def check_sample_frequencies(device, dtype, block, draws):
-    """Each group of `draws` rows follows softmax(logits / temperature): two temperatures from the
-    step's stream, and seeded rows (one seed at many token indices, many seeds at one index). Once
-    with the four tokens side by side, once with them in three chunks (the last one partial) and -inf
-    (cut tokens) everywhere else, where the draw crosses chunks."""
-    from nanovllm.layers.triton_ops import SAMPLE_TILES
-    small = torch.tensor([2.0, 1.0, 0.0, -1.0]).to(dtype)
-    temperatures = torch.tensor([0.5, 2.0, 1.0]).repeat_interleave(draws)
-    row_seeds = torch.full((3 * draws, 2), -1)
-    half = draws // 2
-    row_seeds[2 * draws:, 0] = torch.cat([torch.full((half,), 42), torch.arange(draws - half) * 7919])
-    row_seeds[2 * draws:, 1] = torch.cat([torch.arange(half), torch.full((draws - half,), 5)])
-    chunk = block * SAMPLE_TILES
-    for positions in ([0, 1, 2, 3], [chunk + 1, 0, 2 * chunk + 2, chunk + 3]):
-        logits = torch.full((3 * draws, max(positions) + 1), float("-inf")).to(dtype)
-        logits[:, positions] = small
-        tokens = sample_on(device, block, logits, temperatures, seed=draws, row_seeds=row_seeds)
-        assert torch.isin(tokens, torch.tensor(positions)).all()
-        picks = (tokens[:, None] == torch.tensor(positions)).int().argmax(-1)
-        tolerance = 4 * 0.5 / draws ** 0.5  # four standard deviations of a frequency at most
-        for group, temperature in enumerate((0.5, 2.0, 1.0)):
-            frequencies = torch.bincount(picks[group * draws:(group + 1) * draws], minlength=4) / draws
-            expected = torch.softmax(small.float() / temperature, -1)
-            assert (frequencies - expected).abs().max() < tolerance, (positions, temperature, frequencies, expected)
-
-
-def check_sample_dense_frequencies(device, dtype, vocab_size, block, draws):
-    """One row with every token possible, its mass spread over the chunks: the draws follow its
-    softmax on its four most likely tokens and on the rest together."""
-    gen = torch.Generator().manual_seed(draws + vocab_size)
-    logits = (torch.randn(vocab_size, generator=gen) * 2).to(dtype)
-    logits[torch.randperm(vocab_size, generator=gen)[:4]] += 6.0  # four likely tokens, anywhere
-    rows = min(draws, (2 ** 31 - 1) // vocab_size)
-    tokens = sample_on(device, block, logits.repeat(rows, 1), torch.full((rows,), 0.8), seed=rows)
-    expected = torch.softmax(logits.float() / 0.8, -1)
-    top = expected.topk(4).indices
-    observed = torch.bincount(tokens, minlength=vocab_size).float() / rows
-    expected, observed = (torch.cat([p[top], p.sum(0, keepdim=True) - p[top].sum(0, keepdim=True)])
-                          for p in (expected, observed))
-    assert (observed - expected).abs().max() < 4 * 0.5 / rows ** 0.5, (observed, expected)
 
 
 def rms_norm_cases(small):
@@ -222,19 +135,11 @@ def silu_and_mul_cases(small):
     return cases if small else cases + [(d, r, n) for d in DTYPES for r in (1, 256, 512) for n in (3072, 12288)]
 
 
-def sample_cases(small):
-    # (dtype, vocabulary, tile width, draws per frequency group); the interpreter affords few draws.
-    cases = [("fp32", 160, 16, 200), ("bf16", 100, 32, 0)]
-    return cases if small else cases + [("bf16", 151936, 2048, 20000), ("fp32", 4097, 2048, 0),
-                                        ("bf16", 5000, 2048, 0)]
-
-
 KINDS = {"rms_norm": (rms_norm_cases, lambda device, c: check_rms_norm(device, DTYPES[c[0]], *c[1:])),
          "qk_norm_rope": (qk_norm_rope_cases, lambda device, c: check_qk_norm_rope(device, DTYPES[c[0]], *c[1:])),
          "qk_norm_rope_store": (qk_norm_rope_store_cases,
                                 lambda device, c: check_qk_norm_rope_store(device, DTYPES[c[0]], *c[1:])),
-         "silu_and_mul": (silu_and_mul_cases, lambda device, c: check_silu_and_mul(device, DTYPES[c[0]], *c[1:])),
-         "sample": (sample_cases, lambda device, c: check_sample(device, DTYPES[c[0]], *c[1:]))}
+         "silu_and_mul": (silu_and_mul_cases, lambda device, c: check_silu_and_mul(device, DTYPES[c[0]], *c[1:]))}
 
 
 test_cuda, test_interpreter = kernel_tests(KINDS, __file__)
@@ -264,7 +169,3 @@ def test_only_the_triton_backend_with_a_16_or_32_bit_cache_takes_the_fused_store
         assert attn.fused_store(v) is None
     finally:
         reset_context()
-
-
-if __name__ == "__main__":
-    interpreter_main(KINDS, sys.argv[1])

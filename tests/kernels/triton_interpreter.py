@@ -1,20 +1,34 @@
-"""Runs Triton kernel checks on CPU under the Triton interpreter, in a subprocess, because
-TRITON_INTERPRET must be set before triton is imported.
+"""Runs the Triton kernel checks on CPU under the Triton interpreter.
 
-A test file defines KINDS = {kind: (cases(small) -> list, run(device, case))}, takes its tests from
-kernel_tests(KINDS, __file__), and calls interpreter_main(KINDS, kind) from __main__.
+A test file defines KINDS = {kind: (cases(small) -> list, run(device, case))} and takes its tests from
+kernel_tests(KINDS, __file__): test_cuda runs every case compiled on CUDA; test_interpreter[kind] runs the small
+cases of a kind under the interpreter on CPU.
+
+The interpreter runs in a subprocess, because TRITON_INTERPRET must be set before triton is imported. One
+subprocess serves the whole session (each pays some 3 s of imports): tests/kernels/conftest.py starts it in the
+background as soon as collection ends, with every selected (file, kind), so that it runs beside the rest of the
+suite; each test_interpreter then waits for its kind's result. A kind's failure is that test's failure, with the
+kind's output and traceback.
 """
+import atexit
+import importlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INTERPRETER_UNAVAILABLE = 77
+RESULT = "INTERPRETER-RESULT "  # the subprocess's line for one kind: this prefix, then JSON
+TIMEOUT_S = 900
 
 
 def kernel_tests(kinds: dict, test_file: str):
@@ -22,31 +36,103 @@ def kernel_tests(kinds: dict, test_file: str):
     under the interpreter on CPU."""
     cuda = torch.cuda.is_available()
 
+    @pytest.mark.gpu
     @pytest.mark.skipif(not cuda, reason="needs CUDA; the CPU run is test_interpreter")
     @pytest.mark.parametrize("kind,case", [(kind, case) for kind, (cases, _) in kinds.items() for case in cases(False)],
                              ids=str)
     def test_cuda(kind, case):
         kinds[kind][1]("cuda", case)
 
+    @pytest.mark.slow
     @pytest.mark.skipif(cuda, reason="CUDA present: test_cuda runs the compiled kernels")
     @pytest.mark.parametrize("kind", list(kinds))
     def test_interpreter(kind):
-        _check_in_interpreter(test_file, kind)
+        outcome = interpreter_result(test_file, kind)
+        if outcome["status"] == "unavailable":
+            pytest.skip(f"Triton interpreter unavailable: {outcome['output'][-500:]}")
+        assert outcome["status"] == "ok", outcome["output"]
 
     return test_cuda, test_interpreter
 
 
-def _check_in_interpreter(test_file: str, kind: str):
+# ---- the session's subprocess (the pytest side) -----------------------------------------------------------
+
+def job(test_file) -> str:
+    """A test file as the subprocess names it: its path from the repository root."""
+    return Path(test_file).resolve().relative_to(ROOT).as_posix()
+
+
+class InterpreterRun:
+    """One subprocess running the kinds of jobs [(test file, kind)], its output in a temporary file."""
+
+    def __init__(self, jobs: list[tuple[str, str]]):
+        self.jobs = list(dict.fromkeys(jobs))
+        self.log = tempfile.TemporaryFile(mode="w+")
+        pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        # One thread: the subprocess runs beside the test session, whose CPUs it shares.
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.kernels.triton_interpreter", *(f"{f}::{k}" for f, k in self.jobs)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.started = time.monotonic()
+        self.results: dict[tuple[str, str], dict] | None = None
+
+    def wait(self) -> dict[tuple[str, str], dict]:
+        if self.results is None:
+            try:
+                self.process.wait(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - self.started)))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.log.seek(0)
+            output = self.log.read()
+            self.log.close()
+            self.results = {}
+            for line in output.splitlines():
+                if line.startswith(RESULT):
+                    result = json.loads(line[len(RESULT):])
+                    self.results[result["file"], result["kind"]] = result
+            for key in self.jobs:  # the kinds the subprocess did not report on: what it said is all there is
+                if key not in self.results:
+                    status = "unavailable" if self.process.returncode == INTERPRETER_UNAVAILABLE else "missing"
+                    self.results[key] = {"status": status, "output": f"exit code {self.process.returncode}\n"
+                                                                     f"{output[-10000:]}"}
+        return self.results
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+_RUNS: list[InterpreterRun] = []  # the session's subprocess, and any started for a kind it was not given
+
+
+def start(jobs: list[tuple[str, str]]) -> None:
+    """Starts the session's subprocess for these (test file, kind)s, if triton is installed."""
+    if jobs and importlib.util.find_spec("triton") is not None:
+        _RUNS.append(InterpreterRun([(job(f), k) for f, k in jobs]))
+        atexit.register(_RUNS[-1].stop)
+
+
+def stop() -> None:
+    for run in _RUNS:
+        run.stop()
+
+
+def interpreter_result(test_file: str, kind: str) -> dict:
+    """The outcome of one kind: {"status": "ok" | "failed" | "unavailable" | "missing", "output": ...}."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=pythonpath)
-    proc = subprocess.run([sys.executable, test_file, kind], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode == INTERPRETER_UNAVAILABLE:
-        pytest.skip(f"Triton interpreter unavailable: {proc.stdout.strip()[-500:]}")
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    key = (job(test_file), kind)
+    run = next((run for run in _RUNS if key in run.jobs), None)
+    if run is None:  # not started when collection ended (a test called some other way)
+        start([(ROOT / key[0], kind)])
+        run = _RUNS[-1]
+    return run.wait()[key]
 
+
+# ---- the subprocess ---------------------------------------------------------------------------------------
 
 def _patch_interpreter_bf16_dot():
     """The interpreter keeps bf16 as raw uint16 bits and feeds them to an integer matmul; widen them first."""
@@ -120,8 +206,15 @@ def _patch_interpreter_fp8_rounding():
     interpreter.InterpreterBuilder.create_fp_to_fp = patched
 
 
-def interpreter_main(kinds: dict, kind: str):
+def _report(file: str, kind: str, status: str, output: str, seconds: float) -> None:
+    print(RESULT + json.dumps({"file": file, "kind": kind, "status": status, "output": output,
+                               "seconds": round(seconds, 2)}), flush=True)
+
+
+def interpreter_main(jobs: list[str]) -> None:
+    """Runs the small cases of each "test file::kind" under the interpreter, reporting each kind on a line."""
     os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
     try:
         import triton
         import triton.language as tl
@@ -140,7 +233,20 @@ def interpreter_main(kinds: dict, kind: str):
     except Exception as e:  # any failure here means the interpreter itself is unusable
         print(f"{type(e).__name__}: {e}")
         sys.exit(INTERPRETER_UNAVAILABLE)
-    cases, run = kinds[kind]
-    for case in cases(True):
-        run("cpu", case)
-        print("ok", kind, case, flush=True)
+    for spec in jobs:
+        file, kind = spec.split("::")
+        start, done = time.perf_counter(), []
+        try:
+            module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
+            cases, run = module.KINDS[kind]
+            for case in cases(True):
+                run("cpu", case)
+                done.append(case)
+        except BaseException:  # reported as the kind's failure; the other kinds still run
+            _report(file, kind, "failed", f"passed cases: {done}\n{traceback.format_exc()}", time.perf_counter() - start)
+        else:
+            _report(file, kind, "ok", f"passed cases: {done}", time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    interpreter_main(sys.argv[1:])

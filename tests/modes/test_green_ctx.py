@@ -1,10 +1,13 @@
+"""CUDA green contexts (green_ctx.py) and the partitions every mode takes from them (nanovllm/partitions/green.py):
+validation and error paths on CPU with a fake driver, real partitions on a GPU."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nanovllm.pipeline import green_manager
-from nanovllm.pipeline.green_manager import GreenContextManager, GreenContextUnavailable
+from nanovllm.partitions import green as green_manager
+from nanovllm.partitions.green import GreenContextManager, GreenContextUnavailable
+from tests.helpers import logged
 
 needs_bindings = pytest.mark.skipif(green_manager.green_ctx is None, reason="cuda-python not installed")
 
@@ -23,7 +26,12 @@ def _green_ctx_usable():
 
 
 _skip_reason = _green_ctx_usable()
-needs_green = pytest.mark.skipif(_skip_reason is not None, reason=f"green contexts unusable: {_skip_reason}")
+
+
+def needs_green(test):
+    """A gpu test that skips where green contexts cannot be used."""
+    test = pytest.mark.skipif(_skip_reason is not None, reason=f"green contexts unusable: {_skip_reason}")(test)
+    return pytest.mark.gpu(test)
 
 
 # ---- CPU: validation and the manager's error paths ----
@@ -79,14 +87,14 @@ def fake_driver(monkeypatch):
     return SimpleNamespace(gc=gc, splits=splits, monkeypatch=monkeypatch)
 
 
-def test_manager_prints_allocation(fake_driver, capsys):
+def test_manager_logs_allocation(fake_driver, caplog):
     manager = GreenContextManager(torch.device("cuda:0"), 16, 16)
-    assert capsys.readouterr().out == (
-        "[GreenContextManager] Initialized with SM allocation:\n"
+    assert logged(caplog, "GreenContextManager") == [
+        "Initialized with SM allocation:\n"
         "  - Attention: 16 SMs\n"
         "  - FFN: 16 SMs\n"
-        "  - Remaining: 100 SMs\n"
-    )
+        "  - Remaining: 100 SMs"
+    ]
     assert (manager.attention_sm_count, manager.ffn_sm_count, manager.remaining_sm_count) == (16, 16, 100)
     assert manager.get_attention_stream() == "attn" and manager.get_ffn_stream() == "ffn"
 
@@ -216,9 +224,10 @@ def test_partitions_disjoint_and_concurrent(gemm_operands):
 
 
 @needs_green
-def test_manager_on_device(capsys):
+def test_manager_on_device(caplog):
     manager = GreenContextManager(torch.device("cuda:0"), 16, 16)
-    assert "[GreenContextManager] Initialized with SM allocation:" in capsys.readouterr().out
+    [line] = logged(caplog, "GreenContextManager")
+    assert line.startswith("Initialized with SM allocation:\n  - Attention: ")
     total = torch.cuda.get_device_properties(0).multi_processor_count
     assert manager.attention_sm_count >= 16 and manager.ffn_sm_count >= 16
     assert manager.attention_sm_count + manager.ffn_sm_count + manager.remaining_sm_count == total

@@ -1,39 +1,30 @@
 """Prefill/decode multiplexing on one GPU (enable_pd_multiplexing): the same greedy tokens as the
 single-runner engine with one shared KV cache, the split statistics, the candidate splits and bad
-options. On CPU the engine runs its fallback (one stream); the split tests need a CUDA device."""
+options. On CPU the engine runs its fallback (one stream); the split tests need a CUDA device.
+
+The engine's loop is the disaggregation loop (PDLoop) with a SplitPlacement (llm.loop.placement), which decides
+where each prefill and decode step runs; the CPU tests drive its code paths with stand-in splits (lanes
+without streams)."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from nanovllm import LLM
-from nanovllm.attention.triton_kernels import choose_num_splits
-from nanovllm.utils.sm_limit import num_sms_of, on_sms
-from nanovllm.disagg import MuxEngine
-from nanovllm.disagg.engine import DecodeStep
-from nanovllm.disagg.multiplex import FILL_SHARE
-from nanovllm.disagg.splits import (OBSERVED_WEIGHT, STEP_MARGIN, STEPS_OBSERVED, STEPS_PER_BUCKET, Split, SplitProfiler,
-                                    candidate_sizes, choose_split, choose_splits, in_line_prefill_tokens, itl_bound_ms,
-                                    split_ranges)
-from nanovllm.disagg.stats import FILLING, IN_LINE
-from nanovllm.disagg.streams import Lane
-from nanovllm.engine.cuda_graph import DecodeGraphs
-from test_two_gpu import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, count_preemptions, mixed_prompts, needs_cuda,
-                          tokens)
-from test_two_gpu import generate_twice, single_runner_tokens
-from tests.helpers import BLOCK_SIZE, MODEL_VARIANTS, check_consistent, checkpoint_fixture
-
-model_dir = checkpoint_fixture("module", **MODEL_VARIANTS["untied"])
-
-
-@pytest.fixture(scope="module")
-def expected(model_dir):
-    return single_runner_tokens(model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def cuda_expected(model_dir):
-    return single_runner_tokens(model_dir, device="cuda", dtype="float32")
+from nanovllm.engine.graphs import DecodeGraphs
+from nanovllm.kernels.attention import choose_num_splits
+from nanovllm.modes.disaggregation.loop import DecodeStep, PDLoop
+from nanovllm.modes.multiplexing.placement import FILL_SHARE, SplitPlacement
+from nanovllm.modes.multiplexing.splits import (OBSERVED_WEIGHT, STEP_MARGIN, STEPS_OBSERVED, STEPS_PER_BUCKET, Split,
+                                                SplitProfiler, candidate_sizes, choose_split, choose_splits,
+                                                in_line_prefill_tokens, itl_bound_ms, split_ranges)
+from nanovllm.modes.multiplexing.stats import FILLING, FULL_GPU, IN_LINE
+from nanovllm.partitions.sm_limit import num_sms_of, on_sms
+from nanovllm.partitions.streams import Lane
+from tests.helpers import BLOCK_SIZE, check_consistent, gpu, logged
+from tests.modes.pd_helpers import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, collect, count_preemptions,  # noqa: F401
+                                    cuda_expected, expected, generate_twice, mixed_prompts, model_dir, shared_weights,
+                                    tokens)
 
 
 def mux_llm(model_dir, device="cpu", **options):
@@ -55,25 +46,25 @@ def assert_idle(llm):
     assert llm.scheduler.block_manager.num_free_blocks == len(llm.scheduler.block_manager.blocks)
 
 
+def assert_mux_loop(llm):
+    """The engine runs the disaggregation loop with the multiplexing placement and no KV handoff."""
+    loop = llm.loop
+    assert isinstance(loop, PDLoop) and isinstance(loop.placement, SplitPlacement) and loop.kv_transfer is None
+    assert llm.statistics()["mode"] == "multiplexing"
+    assert llm.runners == [loop.prefill_runner, loop.decode_runner] and llm.model_runner is loop.decode_runner
+
+
 def assert_shared(llm):
     """Both runners use the same weight and buffer tensors and the same KV cache."""
-    prefill, decode = llm.prefill_runner, llm.decode_runner
-    pairs = list(zip(prefill.model.parameters(), decode.model.parameters(), strict=True))
-    assert pairs and all(a.data_ptr() == b.data_ptr() for a, b in pairs)
-    buffers = list(zip(prefill.model.buffers(), decode.model.buffers(), strict=True))
-    assert buffers and all(a.data_ptr() == b.data_ptr() for a, b in buffers)
-    assert prefill.kv_cache.data_ptr() == decode.kv_cache.data_ptr()
+    prefill, decode = llm.loop.prefill_runner, llm.loop.decode_runner
+    assert shared_weights(prefill, decode)
+    assert prefill.kv_cache is decode.kv_cache
     layers = list(zip(prefill.attention_layers(), decode.attention_layers(), strict=True))
-    assert all(a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
-
-
-def collect(step_outputs, outputs: dict) -> None:
-    for request_id, new_tokens, _ in step_outputs:
-        outputs.setdefault(request_id, []).extend(new_tokens)
+    assert layers and all(a is not b and a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
 
 
 def run_and_check(llm, expected, monkeypatch, preempted, options):
-    assert isinstance(llm, MuxEngine)
+    assert_mux_loop(llm)
     assert_shared(llm)
     first, again = generate_twice(llm, expected, monkeypatch, check_invariants, assert_idle)
     if options.get("num_kvcache_blocks") == BLOCKS_PER_SEQ:
@@ -94,11 +85,16 @@ OPTION_IDS = ["default", "chunked", "tiny-cache", "tiny-chunked", "tiny-cache-sy
 
 
 @pytest.mark.parametrize("options", [OPTIONS[i] for i in (0, 2, 4)], ids=[OPTION_IDS[i] for i in (0, 2, 4)])
-def test_cpu_fallback_matches_the_single_runner_engine(model_dir, expected, monkeypatch, capsys, options):
+def test_cpu_fallback_matches_the_single_runner_engine(model_dir, expected, monkeypatch, caplog, options):
     preempted = count_preemptions(monkeypatch)
     llm = mux_llm(model_dir, **options)
-    assert "[PD-mux] green contexts unavailable" in capsys.readouterr().out
-    assert not llm.split_by_bucket
+    said = logged(caplog, "PD-mux")
+    assert said[0].startswith("green contexts unavailable (device cpu is not a CUDA device): ")
+    assert said[0].endswith(": prefill and decode run one after the other on one stream")
+    placement = llm.loop.placement
+    assert not placement.split_by_bucket and not placement.splits
+    # Without splits both runners launch on one stream (on CPU: none).
+    assert llm.loop.prefill_runner.stream is llm.loop.decode_runner.stream
     stats = run_and_check(llm, expected, monkeypatch, preempted, options)
     assert stats["partitions"].startswith("one stream")
     assert stats["split_per_batch"] == {}
@@ -116,7 +112,8 @@ def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected):
         collect(llm.step(), outputs)
     ids += [llm.add_request(p, GREEDY) for p in prompts[4:]]
     collect(llm.step(), outputs)
-    assert llm.get_pd_statistics()["prefill_batches"] >= 2 and llm.scheduler.running
+    stats = llm.get_pd_statistics()
+    assert stats["prefill_batches"] >= 2 and llm.scheduler.running
     while llm.has_unfinished_requests():
         collect(llm.step(), outputs)
     assert [outputs[i] for i in ids] == expected
@@ -148,7 +145,7 @@ def test_itl_bound_needs_the_mode(model_dir):
 
 def test_same_device_ids_are_accepted(model_dir, expected):
     llm = mux_llm(model_dir, enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=0)
-    assert isinstance(llm, MuxEngine)
+    assert_mux_loop(llm)
     assert tokens(llm, mixed_prompts()) == expected
 
 
@@ -227,48 +224,57 @@ def test_observed_decode_steps_replace_the_profiles_estimate():
     assert choose_split([s, narrow], 64, 8.0, None) is s  # none within the bound: the shortest step
 
 
-def test_decode_steps_over_the_bound_move_their_bucket_to_more_decode_sms(model_dir, capsys):
+def test_decode_steps_over_the_bound_move_their_bucket_to_more_decode_sms(model_dir, caplog):
     """The engine feeds each decode step run on a split to that split: once the steps of a bucket's
     chosen split exceed the bound, the bucket moves to a split with more decode SMs, the log says so
     and the statistics show the change. It never moves back, nor off the split with the most decode
     SMs, nor off a split without a profile (enforce_eager)."""
     llm = mux_llm(model_dir)
+    placement = llm.loop.placement
     wide = profiled_split(48, {4: 6.0}, 1.4)
     narrow = profiled_split(80, {4: 6.5}, 2.6)
-    llm.decode_runner.splits = [wide, narrow]  # stand-ins: lanes without streams
-    llm.split_by_bucket = {4: wide}
-    llm.decode_step_ms = {4: 6.0}  # on CPU a batch is its own bucket; bound 9 ms
+    placement.splits = [wide, narrow]  # stand-ins: lanes without streams
+    placement.split_by_bucket = {4: wide}
+    placement.decode_step_ms = {4: 6.0}  # on CPU a batch is its own bucket; bound 9 ms
+    caplog.clear()
     for _ in range(STEPS_OBSERVED):
-        llm._observe(wide, 4, 9.5)
-    assert llm.split_by_bucket == {4: narrow}
-    assert "decode batch bucket 4: split under prefill now decode 80 / prefill 40 SMs" in capsys.readouterr().out
+        placement.observe(wide, 4, 9.5)
+    assert placement.split_by_bucket == {4: narrow}
+    assert logged(caplog, "PD-mux") == [
+        "decode batch bucket 4: split under prefill now decode 80 / prefill 40 SMs; decode 48 / prefill 72 SMs took "
+        f"9.5 ms per decode step beside prefills, over {STEP_MARGIN:g} x the 9.0 ms bound"]
     stats = llm.get_pd_statistics()
     assert stats["split_changes"] == 1 and stats["split_per_batch"] == {"1-4": narrow.label}
     for _ in range(STEPS_OBSERVED):
-        llm._observe(narrow, 4, 20.0)  # over the bound, and longer than wide's steps: no split has more SMs
-    assert llm.split_by_bucket == {4: narrow} and llm.get_pd_statistics()["split_changes"] == 1
+        placement.observe(narrow, 4, 20.0)  # over the bound, and longer than wide's steps: no split has more SMs
+    assert placement.split_by_bucket == {4: narrow} and llm.get_pd_statistics()["split_changes"] == 1
     bare = Split(Lane(None, 8), Lane(None, 16))
-    llm.split_by_bucket = {4: bare}
+    placement.split_by_bucket = {4: bare}
     for _ in range(STEPS_OBSERVED):
-        llm._observe(bare, 4, 100.0)
-    assert llm.split_by_bucket == {4: bare} and bare.observed[4][0] == STEPS_OBSERVED
+        placement.observe(bare, 4, 100.0)
+    assert placement.split_by_bucket == {4: bare} and bare.observed[4][0] == STEPS_OBSERVED
+    assert len(logged(caplog, "PD-mux")) == 1
 
 
 def test_batches_past_the_largest_decode_graph_time_no_bucket(model_dir):
     """max_num_seqs above the largest decode graph: such batches run eagerly; their steps are recorded
     per split but time no bucket, and a prefill beside them never runs in line."""
     llm = mux_llm(model_dir)
-    decode = llm.decode_runner
-    decode.graphs = DecodeGraphs([1, 2], decode.max_blocks_per_seq, decode.device)  # a stand-in: never replayed
+    placement = llm.loop.placement
+    assert placement.decode_buckets is None  # eager on CPU: a batch is its own bucket
+    assert placement.bucket(3) == 3
+    placement.decode_buckets = [1, 2]  # as if the decode graphs had these buckets
     split = Split(Lane(None, 8), Lane(None, 16))  # a stand-in
-    llm.split_by_bucket = {1: split, 2: split}
-    llm.decode_step_ms = {1: 5.0, 2: 6.0}
-    assert llm._bucket(2) == 2 and llm._bucket(3) is None
-    assert llm.in_line_tokens(3) == 0 and llm.split_for(3) is split
+    placement.split_by_bucket = {1: split, 2: split}
+    placement.decode_step_ms = {1: 5.0, 2: 6.0}
+    assert placement.bucket(1) == 1 and placement.bucket(2) == 2 and placement.bucket(3) is None
+    assert placement.in_line_tokens(3) == 0 and placement.split_for(3) is split
     timer = SimpleNamespace(seconds=lambda: 0.009)
-    llm._record_decode(DecodeStep([object()] * 3, SimpleNamespace(timer=timer), beside_prefill=False))
-    assert llm.decode_step_ms == {1: 5.0, 2: 6.0}
-    assert llm.get_pd_statistics()["decode_steps_per_split"] == {"full GPU": 1}
+    placement.decoded(llm.loop, DecodeStep([object()] * 3, SimpleNamespace(timer=timer), beside_prefill=False), 0.009)
+    assert placement.decode_step_ms == {1: 5.0, 2: 6.0}
+    assert llm.get_pd_statistics()["decode_steps_per_split"] == {FULL_GPU: 1}
+    placement.decoded(llm.loop, DecodeStep([object()] * 2, SimpleNamespace(timer=timer), beside_prefill=False), 0.004)
+    assert placement.decode_step_ms == {1: 5.0, 2: 4.0}  # a full-GPU step without a prefill beside times its bucket
 
 
 def test_split_ranges():
@@ -300,11 +306,12 @@ def test_split_profile_times_both_roles_and_stores_no_kv(model_dir):
     """The profile's code path on CPU, with counted stand-ins for the graphs: every split gets its
     measurements, the prefill stores no KV and the prefill runner gets its cache back."""
     llm = mux_llm(model_dir, max_num_batched_tokens=64)
-    decode, prefill = llm.decode_runner, llm.prefill_runner
-    decode.graphs = DecodeGraphs([1, 2, 4, 8], decode.max_blocks_per_seq, decode.device)
+    decode, prefill = llm.loop.decode_runner, llm.loop.prefill_runner
+    paths = decode.decode_paths
+    paths.graphs = DecodeGraphs([1, 2, 4, 8], decode.max_blocks_per_seq, decode.device)
     splits = [Split(Lane(None, 8), Lane(None, 16)), Split(Lane(None, 16), Lane(None, 8))]
-    decode.plans = {n: {b: CountedReplay() for b in decode.graphs.buckets} for n in (None, 8, 16)}
-    cache = prefill.kv_cache.clone()
+    paths.plans = {n: {b: CountedReplay() for b in paths.graphs.buckets} for n in (None, 8, 16)}
+    cache = prefill.kv_cache.tensor.clone()
     profiler = SplitProfiler(prefill, decode)
     assert profiler.batch == 8  # 64 blocks of 16 tokens hold 6 sequences of 160: bucket 8
     full_steps_ms, full_prefill_ms = profiler.full_gpu()
@@ -316,10 +323,10 @@ def test_split_profile_times_both_roles_and_stores_no_kv(model_dir):
         assert p["batch"] == 8 and p["prefill_tokens"] == 64
         assert all(p[k] > 0 for k in ("decode_step_ms", "prefill_ms", "decode_step_ms_alone", "prefill_slowdown"))
         assert set(p["decode_step_ms_alone_per_batch"]) == {1, 2, 4, 8}
-        plan = decode.plans[split.decode.num_sms]
+        plan = paths.plans[split.decode.num_sms]
         assert [plan[b].replays for b in (1, 2, 4)] == [timed] * 3 and plan[8].replays >= timed + 3
-    assert [decode.plans[None][b].replays for b in (1, 2, 4, 8)] == [timed] * 4
-    assert torch.equal(prefill.kv_cache, cache)
+    assert [paths.plans[None][b].replays for b in (1, 2, 4, 8)] == [timed] * 4
+    assert torch.equal(prefill.kv_cache.tensor, cache)
     layers = list(zip(prefill.attention_layers(), decode.attention_layers(), strict=True))
     assert all(a.k_cache is not None and a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
     chosen = choose_splits(splits, full_steps_ms, None)
@@ -329,15 +336,16 @@ def test_split_profile_times_both_roles_and_stores_no_kv(model_dir):
 def decode_beside_every_prefill(llm, monkeypatch):
     """Each prefill counts as in flight when the decode step after its launch starts, so that this step
     runs on the split: on a GPU a tiny model's prefill may be done before."""
-    launch = llm._launch_prefill_batch
+    runner = llm.loop.prefill_runner
+    launch = runner.launch
 
-    def launch_and_hold(seqs):
-        pending = launch(seqs)
-        ready, answers = pending.ready, [False]
-        pending.ready = lambda: answers.pop() if answers else ready()
-        return pending
+    def launch_and_hold(*args, **kwargs):
+        step_tokens = launch(*args, **kwargs)
+        ready, answers = step_tokens.ready, [False]
+        step_tokens.ready = lambda: answers.pop() if answers else ready()
+        return step_tokens
 
-    monkeypatch.setattr(llm, "_launch_prefill_batch", launch_and_hold)
+    monkeypatch.setattr(runner, "launch", launch_and_hold)
 
 
 @pytest.mark.parametrize("in_line_tokens", [0, 10 ** 9], ids=["on-the-split", "in-line"])
@@ -347,14 +355,16 @@ def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model
     the split of the running batch's bucket, or between decode steps when it has at most
     in_line_tokens(batch) tokens; the decode steps beside it follow. The tokens stay the same."""
     llm = mux_llm(model_dir, max_num_batched_tokens=40)
+    placement = llm.loop.placement
     small, large = Split(Lane(None, 8), Lane(None, 16)), Split(Lane(None, 16), Lane(None, 8))
-    llm.split_by_bucket = {2: small, llm.config.max_num_seqs: large}  # stand-ins: lanes without streams
-    assert llm.split_for(1) is small and llm.split_for(2) is small and llm.split_for(3) is large
-    llm.in_line_tokens = lambda batch: in_line_tokens
-    llm.fills_batch = lambda running: False
+    placement.splits = [small, large]  # stand-ins: lanes without streams
+    placement.split_by_bucket = {2: small, llm.config.scheduler.max_num_seqs: large}
+    assert placement.split_for(1) is small and placement.split_for(2) is small and placement.split_for(3) is large
+    placement.in_line_tokens = lambda batch: in_line_tokens
+    placement.fills_batch = lambda loop, running: False
     chosen = []
-    split_for = llm.split_for
-    monkeypatch.setattr(llm, "split_for", lambda batch: chosen.append(split_for(batch)) or chosen[-1])
+    split_for = placement.split_for
+    monkeypatch.setattr(placement, "split_for", lambda batch: chosen.append(split_for(batch)) or chosen[-1])
     decode_beside_every_prefill(llm, monkeypatch)
     assert tokens(llm, mixed_prompts()) == expected
     stats = llm.get_pd_statistics()
@@ -362,7 +372,7 @@ def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model
     assert on_splits == {s.label: chosen.count(s) for s in set(chosen)}
     assert bool(on_splits) == (not in_line_tokens)
     assert (IN_LINE in stats["prefills_per_split"]) == bool(in_line_tokens)
-    assert set(stats["decode_steps_per_split"]) - {"full GPU"} == set(on_splits)
+    assert set(stats["decode_steps_per_split"]) - {FULL_GPU} == set(on_splits)
 
 
 def test_prefills_that_fill_the_batch_run_between_decode_steps(model_dir, expected, monkeypatch):
@@ -370,13 +380,15 @@ def test_prefills_that_fill_the_batch_run_between_decode_steps(model_dir, expect
     prefill runs on the whole GPU between decode steps, long as it may be; once the batch is mostly
     full, the rest go on the split. The tokens stay the same."""
     llm = mux_llm(model_dir, max_num_batched_tokens=64)
+    placement = llm.loop.placement
     split = Split(Lane(None, 8), Lane(None, 16))
-    llm.split_by_bucket = {llm.config.max_num_seqs: split}  # a stand-in: lanes without streams
-    llm.in_line_tokens = lambda batch: 0
+    placement.splits = [split]  # a stand-in: lanes without streams
+    placement.split_by_bucket = {llm.config.scheduler.max_num_seqs: split}
+    placement.in_line_tokens = lambda batch: 0
     decode_beside_every_prefill(llm, monkeypatch)
     launched = []
-    record = llm.stats.record_split_prefill
-    monkeypatch.setattr(llm.stats, "record_split_prefill", lambda label: launched.append(
+    record = placement.stats.record_split_prefill
+    monkeypatch.setattr(placement.stats, "record_split_prefill", lambda label: launched.append(
         (label, len(llm.scheduler.running), llm.scheduler.num_joining())) or record(label))
     assert tokens(llm, mixed_prompts()) == expected
     filling = [(running, joining) for label, running, joining in launched if label == FILLING]
@@ -392,105 +404,133 @@ def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
     """The decode steps run on the whole GPU without a prefill beside time their batch's bucket, and
     the in-line size follows that time: a bucket not timed yet runs no prefill in line."""
     llm = mux_llm(model_dir, max_num_batched_tokens=40)
-    llm.split_by_bucket = {llm.config.max_num_seqs: Split(Lane(None, 8), Lane(None, 16))}  # a stand-in
-    llm.prefill_ms_per_token = 40.0 / 16384
+    placement = llm.loop.placement
+    placement.split_by_bucket = {llm.config.scheduler.max_num_seqs: Split(Lane(None, 8), Lane(None, 16))}  # a stand-in
+    placement.prefill_ms_per_token = 40.0 / 16384
     assert tokens(llm, mixed_prompts()) == expected
-    assert llm.decode_step_ms and all(ms > 0 for ms in llm.decode_step_ms.values())
-    llm.decode_step_ms = {4: 10.0}  # on CPU a batch is its own bucket
-    assert llm.in_line_tokens(4) == 2048  # 5 ms of prefill within the default bound of 15 ms
-    assert llm.in_line_tokens(3) == 0
-    llm.prefill_fixed_ms = 2.5
-    assert llm.in_line_tokens(4) == 1024
-    llm.prefill_fixed_ms = 0.0
-    llm.config.pd_max_itl_ms = 12.0
-    assert llm.in_line_tokens(4) == 819
+    assert placement.decode_step_ms and all(ms > 0 for ms in placement.decode_step_ms.values())
+    placement.decode_step_ms = {4: 10.0}  # on CPU a batch is its own bucket
+    assert placement.in_line_tokens(4) == 2048  # 5 ms of prefill within the default bound of 15 ms
+    assert placement.in_line_tokens(3) == 0
+    placement.prefill_fixed_ms = 2.5
+    assert placement.in_line_tokens(4) == 1024
+    placement.prefill_fixed_ms = 0.0
+    placement.max_itl_ms = 12.0  # what pd_max_itl_ms sets
+    assert placement.in_line_tokens(4) == 819
+    assert mux_llm(model_dir, pd_max_itl_ms=12.0).loop.placement.max_itl_ms == 12.0
 
 
-@needs_cuda
+@pytest.fixture(scope="module")
+def gpu_mux(model_dir):
+    """gpu_mux(**options): the float32 multiplexing engine on the GPU with those options, built once for the
+    module's tests (each engine profiles its splits at start-up). A test changes its placement only through
+    monkeypatch, so that the next one finds it as built; statistics and prefix-cache contents carry over, and
+    the tests compare counts before and after."""
+    engines = {}
+
+    def get(**options) -> LLM:
+        key = tuple(sorted(options.items()))
+        if key not in engines:
+            engines[key] = mux_llm(model_dir, device=None, dtype="float32", **options)
+        llm = engines[key]
+        if not llm.loop.placement.split_by_bucket:
+            pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
+        return llm
+
+    yield get
+    for llm in engines.values():
+        llm.exit()
+
+
+@gpu
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
-def test_gpu_tokens_match_on_every_split(model_dir, cuda_expected, monkeypatch, options):
+def test_gpu_tokens_match_on_every_split(gpu_mux, cuda_expected, monkeypatch, options):
     """Every prepared split in turn runs the decode steps beside prefills: the tokens stay the same."""
-    llm = mux_llm(model_dir, device=None, dtype="float32", **options)
-    if not llm.split_by_bucket:
-        pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
-    llm.in_line_tokens = lambda batch: 0  # every prefill beside decoding sequences on the split
-    llm.fills_batch = lambda running: False
-    splits = llm.decode_runner.splits
-    assert len(splits) >= 2 and set(llm.decode_runner.plans) == {None, *(s.decode.num_sms for s in splits)}
-    assert set(llm.prefill_runner.plans) == {None, *(s.prefill.num_sms for s in splits)}
+    llm = gpu_mux(**options)
+    placement, decode, prefill = llm.loop.placement, llm.loop.decode_runner, llm.loop.prefill_runner
+    splits = placement.splits
+    assert len(splits) >= 2 and set(decode.decode_paths.plans) == {None, *(s.decode.num_sms for s in splits)}
+    assert set(prefill.prefill_plans) == {None, *(s.prefill.num_sms for s in splits)}
     chosen_per_batch = llm.get_pd_statistics()["split_per_batch"]
     assert chosen_per_batch and set(chosen_per_batch.values()) <= {s.label for s in splits}
-    assert set(llm.split_by_bucket) == set(llm.decode_runner.graphs.buckets)
+    assert set(placement.split_by_bucket) == set(decode.decode_paths.graphs.buckets)
     for chosen in splits:
         preempted = count_preemptions(monkeypatch)
+        monkeypatch.setattr(placement, "in_line_tokens", lambda batch: 0)  # every prefill beside decode on the split
+        monkeypatch.setattr(placement, "fills_batch", lambda loop, running: False)
         decode_beside_every_prefill(llm, monkeypatch)
-        monkeypatch.setattr(llm, "split_by_bucket", dict.fromkeys(llm.split_by_bucket, chosen))
-        before = llm.get_pd_statistics()["decode_steps_per_split"].get(chosen.label, 0)
+        monkeypatch.setattr(placement, "split_by_bucket", dict.fromkeys(placement.split_by_bucket, chosen))
+        before = llm.get_pd_statistics()
         stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
         if options:  # more than one prefill batch: later ones run beside decoding sequences
-            assert stats["decode_steps_per_split"][chosen.label] > before
-            assert stats["prefills_per_split"][chosen.label] > 0
+            assert stats["decode_steps_per_split"][chosen.label] > before["decode_steps_per_split"].get(chosen.label, 0)
+            assert stats["prefills_per_split"][chosen.label] > before["prefills_per_split"].get(chosen.label, 0)
         monkeypatch.undo()
     assert sum(stats["decode_steps_per_split"].values()) == stats["decode_steps"]
-    assert set(stats["decode_steps_per_split"]) <= {"full GPU", *(s.label for s in splits)}
+    assert set(stats["decode_steps_per_split"]) <= {FULL_GPU, *(s.label for s in splits)}
     assert set(stats["split_profiles"]) == {s.label for s in splits}
     assert all(p["decode_step_ms"] > 0 and p["prefill_ms"] > 0 for p in stats["split_profiles"].values())
 
 
-@needs_cuda
+@gpu
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
-def test_gpu_short_prefills_run_between_decode_steps(model_dir, cuda_expected, monkeypatch, options):
+def test_gpu_short_prefills_run_between_decode_steps(gpu_mux, cuda_expected, monkeypatch, options):
     """With every prefill short enough to run in line, a prefill beside decoding sequences runs on the
     whole GPU and the decode step after it waits for it: the tokens stay the same, no step uses the split."""
-    llm = mux_llm(model_dir, device=None, dtype="float32", **options)
-    if not llm.split_by_bucket:
-        pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
-    llm.in_line_tokens = lambda batch: 10 ** 9
-    llm.fills_batch = lambda running: False
+    llm = gpu_mux(**options)
+    placement = llm.loop.placement
+    monkeypatch.setattr(placement, "in_line_tokens", lambda batch: 10 ** 9)
+    monkeypatch.setattr(placement, "fills_batch", lambda loop, running: False)
     preempted = count_preemptions(monkeypatch)
     decode_beside_every_prefill(llm, monkeypatch)
+    before = llm.get_pd_statistics()
     stats = run_and_check(llm, cuda_expected, monkeypatch, preempted, options)
     if options:  # more than one prefill batch: later ones run beside decoding sequences
-        assert stats["prefills_per_split"][IN_LINE] > 0
-    assert set(stats["decode_steps_per_split"]) == {"full GPU"}
-    assert not {s.label for s in llm.decode_runner.splits} & set(stats["prefills_per_split"])
+        assert stats["prefills_per_split"][IN_LINE] > before["prefills_per_split"].get(IN_LINE, 0)
+    # This test's decode steps all ran on the whole GPU, and no prefill on a split.
+    assert stats["decode_steps_per_split"][FULL_GPU] - before["decode_steps_per_split"].get(FULL_GPU, 0) == \
+        stats["decode_steps"] - before["decode_steps"] > 0
+    for split in placement.splits:
+        assert stats["prefills_per_split"].get(split.label, 0) == before["prefills_per_split"].get(split.label, 0)
 
 
-@needs_cuda
-def test_gpu_decode_runs_on_the_split_beside_a_prefill(model_dir, cuda_expected):
+@gpu
+def test_gpu_decode_runs_on_the_split_beside_a_prefill(gpu_mux, cuda_expected, monkeypatch):
     """With a prefill held in flight, the decode step replays the split's graphs on its partition."""
-    llm = mux_llm(model_dir, device=None, dtype="float32")
-    if not llm.split_by_bucket:
-        pytest.skip(f"green contexts unavailable: {llm.get_pd_statistics()['partitions']}")
-    llm.in_line_tokens = lambda batch: 0
-    llm.fills_batch = lambda running: False
+    llm = gpu_mux()
+    placement = llm.loop.placement
+    monkeypatch.setattr(placement, "in_line_tokens", lambda batch: 0)
+    monkeypatch.setattr(placement, "fills_batch", lambda loop, running: False)
     chosen = []
-    split_for = llm.split_for
-    llm.split_for = lambda batch: chosen.append(split_for(batch)) or chosen[-1]
+    split_for = placement.split_for
+    monkeypatch.setattr(placement, "split_for", lambda batch: chosen.append(split_for(batch)) or chosen[-1])
+    before = llm.get_pd_statistics()
     prompts, outputs = mixed_prompts(), {}
     ids = [llm.add_request(p, GREEDY) for p in prompts[:4]]
     while not llm.scheduler.running:
         collect(llm.step(), outputs)
     ids += [llm.add_request(p, GREEDY) for p in prompts[4:]]
-    original = llm._launch_prefill_batch
+    runner = llm.loop.prefill_runner
+    original = runner.launch
     held = []
 
-    def launch_held(seqs):
-        pending = original(seqs)
-        pending.ready = lambda: False  # the prefill counts as in flight during the decode step beside it
-        held.append(pending)
-        return pending
+    def launch_held(*args, **kwargs):
+        step_tokens = original(*args, **kwargs)
+        step_tokens.ready = lambda: False  # the prefill counts as in flight during the decode step beside it
+        held.append(step_tokens)
+        return step_tokens
 
-    llm._launch_prefill_batch = launch_held
+    monkeypatch.setattr(runner, "launch", launch_held)
     collect(llm.step(), outputs)
-    llm._launch_prefill_batch = original
+    monkeypatch.setattr(runner, "launch", original)
     assert held
-    for pending in held:
-        del pending.ready
+    for step_tokens in held:
+        del step_tokens.ready
     while llm.has_unfinished_requests():
         collect(llm.step(), outputs)
     stats = llm.get_pd_statistics()
     assert chosen
-    assert stats["decode_steps_per_split"].get(chosen[0].label, 0) >= 1
-    assert stats["prefills_per_split"].get(chosen[0].label, 0) >= 1
+    label = chosen[0].label
+    assert stats["decode_steps_per_split"].get(label, 0) >= before["decode_steps_per_split"].get(label, 0) + 1
+    assert stats["prefills_per_split"].get(label, 0) >= before["prefills_per_split"].get(label, 0) + 1
     assert [outputs[i] for i in ids] == cuda_expected

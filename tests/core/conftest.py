@@ -1,0 +1,19 @@
+"""Starts, as soon as the tests are collected, the forkserver that tests/core/test_tp.py forks some
+tensor-parallel workers from (tests/helpers.py: start_forkserver), so that its imports run beside the
+tests before it."""
+import os
+
+from tests.helpers import FORKSERVER_LOG, start_forkserver
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and any(
+            hasattr(item, "callspec") and item.callspec.params.get("tp_workers") == "forkserver"
+            for item in session.items):
+        start_forkserver()
+
+
+def pytest_sessionfinish(session):
+    """The forked workers' log is kept where a test failed."""
+    if not session.testsfailed and os.path.exists(FORKSERVER_LOG):
+        os.remove(FORKSERVER_LOG)
