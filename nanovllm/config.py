@@ -192,8 +192,6 @@ def _groups(options: dict) -> dict:
 
 
 def _check_type(name: str, value, kind) -> None:
-    if isinstance(kind, str):  # annotations are strings where a module defers them
-        kind = eval(kind, {"float": float, "int": int, "bool": bool, "str": str})
     optional = isinstance(kind, types.UnionType)
     if optional and value is None:
         return

@@ -49,7 +49,7 @@ def build_loop(config: Config, tokenizer, decode_extensions: tuple[DecodeExtensi
         graphs=("prefill",), num_kvcache_blocks=prefill_cache_blocks(config, same), stream_priority=PREFILL_PRIORITY))
     decode = ModelRunner(config, decode_device, role=RunnerRole(
         graphs=("decode",), stream_priority=DECODE_PRIORITY, shares=prefill, decode_extensions=decode_extensions))
-    scheduler = PDScheduler(config, Scheduler(config, decode.kv_cache.num_blocks, tokenizer),
+    scheduler = PDScheduler(Scheduler(config, decode.kv_cache.num_blocks, tokenizer),
                             BlockManager(prefill.kv_cache.num_blocks, config.cache.kvcache_block_size))
     transfer = KVTransfer(prefill.kv_cache.tensor, decode.kv_cache.tensor)
     where = " (same-device mode)" if same else ""

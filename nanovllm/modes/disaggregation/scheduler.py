@@ -1,4 +1,3 @@
-from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler, advance
 from nanovllm.engine.sequence import Sequence, SequenceStatus
@@ -24,17 +23,19 @@ class PDScheduler:
     of every sequence.
     """
 
-    def __init__(self, config: Config, decode: Scheduler, prefill_manager: BlockManager | None):
+    def __init__(self, decode: Scheduler, prefill_manager: BlockManager | None):
         self.decode = decode
         self.shared = prefill_manager is None
         self.prefill_manager = decode.block_manager if self.shared else prefill_manager
-        self.max_num_seqs = config.scheduler.max_num_seqs
-        self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         self.prefilling: list[Sequence] = []  # admitted, prompt KV not complete; block_table: prefill cache
         self.reserved: dict[int, list[int]] = {}  # decode blocks held for each prefilling sequence
         # Prompt KV complete and on its way; block_table: decode cache, the value: its prefill blocks.
         self.transferring: dict[int, tuple[Sequence, list[int]]] = {}
         self.blocked_on_decode = False  # the last schedule_prefill found no decode room for the next prompt
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.decode.max_num_seqs
 
     @property
     def waiting(self):
@@ -67,7 +68,7 @@ class PDScheduler:
     def schedule_prefill(self) -> list[Sequence]:
         """The next prefill batch: prompts cut by the previous batch's token budget first, then new
         admissions in arrival order while the budget, max_num_seqs and the caches allow."""
-        scheduled, budget = [], self.max_num_batched_tokens
+        scheduled, budget = [], self.decode.max_num_batched_tokens
         self.blocked_on_decode = False
         for seq in self.prefilling:
             if budget == 0:

@@ -39,7 +39,7 @@ def build_loop(config: Config, tokenizer) -> PDLoop:
     if splits and not config.runner.enforce_eager:
         logger.info("captured the graphs again for %d splits (decode %s SMs) in %.1f s", len(splits),
                     ", ".join(str(s.decode.num_sms) for s in splits), time.perf_counter() - start)
-    scheduler = PDScheduler(config, Scheduler(config, decode.kv_cache.num_blocks, tokenizer), None)
+    scheduler = PDScheduler(Scheduler(config, decode.kv_cache.num_blocks, tokenizer), None)
     placement = SplitPlacement(splits, partitions, config.mux.pd_max_itl_ms)
     placement.choose(prefill, decode)
     logger.info("prefill and decode share %d KV blocks of %d tokens on %s; %s", decode.kv_cache.num_blocks,
