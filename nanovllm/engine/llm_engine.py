@@ -1,5 +1,4 @@
 import numbers
-import os
 import threading
 import time
 from collections.abc import Iterable
@@ -7,17 +6,14 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_loop import SequentialLoop, StepLoop
+from nanovllm.engine.tokenizer import load_tokenizer
 from nanovllm.sampling_params import SamplingParams
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
 
 class LLMEngine:
     """Requests in and out: tokenize and check them, queue them, step the loop, report their tokens. How
@@ -197,16 +193,6 @@ class LLMEngine:
         else:
             text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
         return {"text": text, "token_ids": token_ids, "finish_reason": seq.finish_reason}
-
-
-def load_tokenizer(path: str):
-    present = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(path, f))]
-    if not present:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # each tokenizer file format fails in its own way
-        raise ValueError(f"cannot read the tokenizer files {', '.join(present)} in {path}: {e!r}") from None
 
 
 def _token_ids(prompt) -> list[int]:
