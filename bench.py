@@ -7,7 +7,9 @@ python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 python bench.py --sampler
 python bench.py --prefill-latency --compare graph,eager   # one prompt at a time: host and GPU time of its prefill
+python bench.py --latency --compare graph-unfused,fused   # one request at a time: TTFT, time per output token
 python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu,pd-mux [--workload prefill-heavy]
+python bench.py --online --goodput --slo-ttft-ms 500,2000 --slo-itl-ms 25,100 --rates 8,4,48 --compare graph,pd-mux
 python bench.py --workload steady --compare graph,pd-mux [--pd-max-itl-ms 30]   # 2048 requests queued at once, max_num_seqs=256
 python bench.py --kv-cache-dtype auto,fp8_e4m3    # the default workload with each KV cache dtype
 python bench.py --kv-quality --presets hf-parity,qwen3-0.6b,qwen3-8b
@@ -21,6 +23,7 @@ import importlib
 import torch
 
 from benchmarks.common import MODES
+from benchmarks.goodput import MIN_REQUESTS, positive_floats
 from benchmarks.report import save
 from benchmarks.throughput import STEADY_MAX_NUM_SEQS, STEADY_REQUESTS
 from benchmarks.workloads import WORKLOADS
@@ -29,18 +32,29 @@ from nanovllm.attention.kv_quant import KV_CACHE_DTYPES
 # The flag of each benchmark -> (its module in benchmarks/, function), in order of precedence; without
 # any, the throughput comparison. Modules are imported when chosen: the kernels' imports Triton.
 BENCHMARKS = {"attention_kernel": ("kernels", "attention"), "sampler": ("kernels", "sampler"),
-              "online": ("online", "run"), "prefill_latency": ("latency", "run"), "kv_quality": ("quality", "run"),
+              "online": ("online", "run"), "latency": ("latency", "one_stream"),
+              "prefill_latency": ("latency", "prefill"), "kv_quality": ("quality", "run"),
               "decode_sweep": ("sweeps", "run"), "startup": ("startup", "run")}
 GPU_ONLY = ("decode_sweep", "attention_kernel", "sampler", "hf_peer")
 # Where the GPU's defaults take many minutes on CPU (the tiny preset makes tens to hundreds of tokens/s).
 CPU_DEFAULTS = {"max_len": 128, "rates": "1,4", "duration": 10.0, "prompt_lens": "100,500,2000",
-                "quality_prompts": 8, "quality_tokens": 32, "presets": "tiny"}
+                "output_tokens": 32, "quality_prompts": 8, "quality_tokens": 32, "presets": "tiny"}
 # --num-seqs: (default and prefill-heavy workloads, steady workload) on a GPU and on CPU.
 NUM_SEQS = {"gpu": (256, STEADY_REQUESTS), "cpu": (16, 64)}
 
 
 def flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def positive_ints(text: str) -> list[int]:
@@ -80,6 +94,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate for --online")
     p.add_argument("--pd-max-itl-ms", type=positive_float,
                    help="pd_max_itl_ms of the pd-mux modes (default: the engine's, 1.5x the full-GPU decode step)")
+    p.add_argument("--pd-max-ttft-ms", type=positive_float, help="pd_max_ttft_ms of the pd-mux modes (default: the "
+                   "engine's, the full-GPU prefill of a full token budget)")
+    p.add_argument("--slo-ttft-ms", type=positive_floats,
+                   help="--online: bounds on the TTFT p99, comma-separated, paired in order with --slo-itl-ms")
+    p.add_argument("--slo-itl-ms", type=positive_floats, help="--online: bounds on the ITL p99, comma-separated")
+    p.add_argument("--goodput", action="store_true",
+                   help="--online: per mode and SLO pair, the highest Poisson rate that meets it; the search starts "
+                        "at the first of --rates and stays within the smallest and the largest")
+    p.add_argument("--goodput-requests", type=int, default=MIN_REQUESTS,
+                   help=f"--goodput: measured requests per rate (default {MIN_REQUESTS}, the fewest for a p99)")
+    p.add_argument("--goodput-warmup", type=float, default=10.0,
+                   help="--goodput: seconds of arrivals per rate before the measured requests")
+    p.add_argument("--goodput-resolution", type=positive_float, default=0.2,
+                   help="--goodput: the most by which neighbouring rates of the search differ (0.2: 20%%)")
     p.add_argument("--hf-peer", type=int, default=0, help="also run transformers' generate on this many seqs")
     p.add_argument("--decode-sweep", action="store_true")
     p.add_argument("--attention-kernel", action="store_true", help="time the Triton decode attention kernel")
@@ -90,9 +118,14 @@ def parser() -> argparse.ArgumentParser:
                    help="host and device time of one prompt's prefill per --compare mode and --prompt-lens")
     p.add_argument("--prompt-lens", type=positive_ints, default="100,500,2000,4000,8000",
                    help="comma-separated prompt lengths (integers >= 1) for --prefill-latency")
+    p.add_argument("--latency", action="store_true",
+                   help="one request at a time per --compare mode: TTFT, time per output token and its floor")
+    p.add_argument("--prompt-tokens", type=positive_int, default=128, help="prompt length for --latency")
+    p.add_argument("--output-tokens", type=positive_int, default=512,
+                   help="output tokens per request for --latency (at least 2)")
     p.add_argument("--fp8-tiles", default="64,128", help="--attention-kernel: tile sizes to time the float8 cache at")
     p.add_argument("--kv-cache-dtype", default="auto",
-                   help=f"comma-separated KV cache dtypes from {list(KV_CACHE_DTYPES)} (workload and sweep)")
+                   help=f"comma-separated KV cache dtypes from {list(KV_CACHE_DTYPES)} (workload, sweep, --latency)")
     p.add_argument("--kv-quality", action="store_true",
                    help="float8 KV cache quality against the model's dtype on --presets "
                         "(hf-parity: the test suite's checkpoints)")
@@ -105,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-gpu-grids", action="store_true",
                    help="also sweep each split with attention grids sized for the whole GPU")
     p.add_argument("--sweep-memory", type=float, default=0.7, help="gpu_memory_utilization in the sweep")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=positive_int, default=10,
+                   help="what each median is taken over: requests, prompts or graph replays")
     p.add_argument("--json")
     p.add_argument("--plot")
     if not torch.cuda.is_available():
@@ -124,12 +158,16 @@ def main():
         args.min_len = min(100, args.max_len)
     if args.min_len > args.max_len:
         p.error(f"--min-len {args.min_len} is more than --max-len {args.max_len}")
+    if args.output_tokens < 2:
+        p.error("--output-tokens must be at least 2: the time per output token is taken after the first")
     for dest, choices in (("compare", MODES), ("kv_cache_dtype", KV_CACHE_DTYPES)):
         unknown = set(getattr(args, dest).split(",")) - set(choices)
         if unknown:
             p.error(f"unknown {flag(dest)} {sorted(unknown)}; choose from {list(choices)}")
     if device == "cpu" and any(getattr(args, dest) for dest in GPU_ONLY):
         p.error(f"{', '.join(map(flag, GPU_ONLY[:-1]))} and {flag(GPU_ONLY[-1])} need a CUDA device")
+    if args.goodput and not args.online:
+        p.error("--goodput needs --online")
     chosen = next((dest for dest in BENCHMARKS if getattr(args, dest)), None)
     if args.plot and chosen not in (None, "online", "decode_sweep"):
         p.error("--plot draws the results of the throughput comparison, --online and --decode-sweep only")

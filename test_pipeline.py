@@ -204,7 +204,8 @@ def test_pipelined_graph_bfloat16_close_to_sequential(checkpoint, reference):
 @gpu
 def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkpoint, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
-    llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True)
+    # Without the fused decode, the other candidate, so that each bucket chooses between these two.
+    llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True, fused_decode="off")
     runner = llm.model_runner
     paths = runner.decode_paths
     stats = runner.get_pipeline_statistics()
@@ -219,7 +220,7 @@ def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkp
     assert any(m.startswith("decode paths timed in") for m in logged(caplog, "ModelRunner"))
     llm.exit()
     caplog.clear()
-    again = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True)
+    again = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True, fused_decode="off")
     assert any(m.endswith(": path timing skipped") for m in logged(caplog, "ModelRunner"))
     assert not any(m.startswith("decode paths timed in") for m in logged(caplog, "ModelRunner"))
     assert again.model_runner.get_pipeline_statistics()["path_per_bucket"] == stats["path_per_bucket"]
@@ -254,7 +255,7 @@ def test_green_context_failure_keeps_cuda_graphs(checkpoint, prompts, reference,
 
     monkeypatch.setattr(green_ctx, "split_device", fail)
     monkeypatch.setattr(green_manager, "_PARTITIONS", {})  # none made by earlier tests
-    llm = gpu_llm(checkpoint, "float32", enable_pipeline=True)
+    llm = gpu_llm(checkpoint, "float32", enable_pipeline=True, fused_decode="off")
     assert logged(caplog, "GreenContextManager", logging.WARNING) == [
         "Failed to initialize Green Context: cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED (simulated)"]
     assert logged(caplog, "ModelRunner", logging.WARNING) == ["Falling back to sequential execution "

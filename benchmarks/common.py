@@ -15,6 +15,8 @@ MODES = {
     "eager": {"enforce_eager": True},
     "graph": {},
     "graph-sync": {"async_scheduling": False},
+    "graph-unfused": {"fused_decode": "off"},
+    "fused": {"fused_decode": "on"},
     "pipeline": {"enable_pipeline": True},
     "pipeline-forced": {"enable_pipeline": True, "pipeline_force": True},
     "two-gpu": {"enable_two_gpu_pd": True},
@@ -49,7 +51,8 @@ def model_path(args) -> str:
 
 def engine_options(args, **options) -> dict:
     """The options every mode's engine gets from the command line, and `options`."""
-    return {"max_model_len": max_model_len(args), "pd_max_itl_ms": args.pd_max_itl_ms, **options}
+    return {"max_model_len": max_model_len(args), "pd_max_itl_ms": args.pd_max_itl_ms,
+            "pd_max_ttft_ms": args.pd_max_ttft_ms, **options}
 
 
 def mode_options(mode: str, options: dict) -> dict:
@@ -62,7 +65,8 @@ def mode_options(mode: str, options: dict) -> dict:
             print("[bench] two-gpu: fewer than 2 GPUs here, running same-device mode (both runners on one device)")
         options.update(prefill_device_id=0, decode_device_id=decode_device)
     if not options.get("enable_pd_multiplexing"):
-        options.pop("pd_max_itl_ms", None)  # --pd-max-itl-ms is for the multiplexing modes only
+        for option in ("pd_max_itl_ms", "pd_max_ttft_ms"):  # the flags are for the multiplexing modes only
+            options.pop(option, None)
     return options
 
 

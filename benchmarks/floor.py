@@ -1,5 +1,6 @@
 """The least time a run could take on a device: the bytes and FLOPs of the schedule the engine
-actually ran, step by step, against the device's measured copy rate and matrix rate."""
+actually ran, step by step, against the device's measured copy rate and matrix rate; and the bytes of
+one decode step at the copy rate."""
 import torch
 
 from nanovllm.engine.scheduler import Batch
@@ -15,8 +16,7 @@ class ScheduleFloor:
         runner = llm.runners[-1]
         hf = llm.config.hf_config
         self.copy_rate, self.flop_rate = copy_bytes_per_s, flops_per_s
-        params = list(runner.model.parameters())  # a tied lm_head counts once
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        self.weight_bytes = parameter_bytes(runner.model)  # a tied lm_head counts once
         embedding = hf.vocab_size * hf.hidden_size
         # Every weight but the embedding lookup is a matrix-vector product per token; the lm_head
         # (tied or not) runs for one token per sequence and step.
@@ -51,6 +51,23 @@ class ScheduleFloor:
         flops = (self.layer_flops_per_token * new_tokens + self.attention_flops_per_pair * pairs
                  + self.head_flops_per_seq * len(seqs))
         return max(bytes_moved / self.copy_rate, flops / self.flop_rate)
+
+
+def parameter_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def step_floor_ms(runner, batch: int, context: int, bandwidth: float, weight_reads: int = 1,
+                  lm_head: bool = False) -> float:
+    """Fewest bytes a decode step of `batch` sequences of `context` tokens moves (the layers' weights
+    weight_reads times, with lm_head its weights once, every sequence's K and V once) over the copy
+    bandwidth."""
+    model = runner.model
+    weight_bytes = weight_reads * parameter_bytes(model.model.layers)
+    if lm_head:
+        weight_bytes += parameter_bytes(model.lm_head)
+    kv_bytes = batch * context * runner.kv_cache.block_bytes // runner.block_size
+    return (weight_bytes + kv_bytes) / bandwidth * 1e3
 
 
 def copy_bytes_per_s() -> float:

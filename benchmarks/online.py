@@ -1,41 +1,124 @@
 """Online serving (--online): seeded Poisson arrivals at each --rates through each --compare mode's engine,
-in process, through the streaming API."""
+in process, through the streaming API; with --goodput, per mode the highest rate that meets each SLO pair
+(benchmarks/goodput.py)."""
+import argparse
+
 from transformers import AutoConfig
 
 from benchmarks.common import (device_name, engine_options, label, mode_options, model_path, print_pd_statistics,
                                with_engine)
+from benchmarks.goodput import (MIN_REQUESTS, Goodput, RateGrid, goodput_text, missed_text, ratio_text, search,
+                                slo_pairs)
 from benchmarks.replay import replay
 from benchmarks.report import print_table
 from benchmarks.workloads import describe_workload, poisson_arrivals
+
+COLUMNS = ["mode", "rate", "requests", "req_per_s", "tok_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_ms",
+           "itl_p99_ms", "itl_max_ms", "decode_only_steps", "decode_only_step_p50_ms", "decode_only_batch_p50",
+           "itl_p99/decode_step", "itl_p99/same_batch_step"]
 
 
 def run(args) -> list[dict]:
     model = model_path(args)
     vocab_size = AutoConfig.from_pretrained(model).vocab_size
+    try:
+        slos = slo_pairs(args.slo_ttft_ms, args.slo_itl_ms) if args.slo_ttft_ms and args.slo_itl_ms else []
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.goodput and not slos:
+        raise SystemExit("--goodput needs --slo-ttft-ms and --slo-itl-ms")
+    if args.goodput and args.goodput_requests < 1:
+        raise SystemExit(f"--goodput-requests must be at least 1 ({MIN_REQUESTS} advised), got {args.goodput_requests}")
     rates = [float(r) for r in args.rates.split(",")]
+    grid = RateGrid.of(rates, args.goodput_resolution)
+    results: list[tuple[str, list[Goodput]]] = []  # per mode, the goodput of each SLO pair
+
+    def at_rate(llm, name: str, rate: float) -> dict:
+        if args.goodput:
+            arrivals = measured_arrivals(args, rate, vocab_size)
+            row = replay(llm, arrivals, f"{name} at {rate:.3g} req/s", args.goodput_warmup, drain=False)
+        else:
+            row = replay(llm, poisson_arrivals(rate_args(args, rate), rate, vocab_size), f"{name} at {rate:g} req/s")
+        row = {"mode": name, "rate": rate, **row}
+        if row["itl_p99_ms"] and row["decode_only_step_p50_ms"]:
+            row["itl_p99/decode_step"] = row["itl_p99_ms"] / row["decode_only_step_p50_ms"]
+        for i, slo in enumerate(slos):
+            row[f"slo{i + 1}_missed"] = missed_text(slo.missed(row))
+        print(f"[bench] {name} at {rate:.3g} req/s: {row['req_per_s']:.2f} req/s, {row['tok_per_s']:.0f} tok/s, "
+              f"TTFT p99 {row['ttft_p99_s'] or 0:.3f} s, ITL p99 {row['itl_p99_ms'] or 0:.1f} ms", flush=True)
+        return row
 
     def measure(llm, mode: str) -> list[dict]:
         name = label(mode, llm)
-        rows = []
-        for rate in rates:
-            row = {"mode": name, "rate": rate,
-                   **replay(llm, poisson_arrivals(args, rate, vocab_size), f"{name} at {rate:g} req/s")}
-            if row["itl_p99_ms"] and row["decode_only_step_p50_ms"]:
-                row["itl_p99/decode_step"] = row["itl_p99_ms"] / row["decode_only_step_p50_ms"]
-            print(f"[bench] {name} at {rate:g} req/s: {row['req_per_s']:.2f} req/s, {row['tok_per_s']:.0f} tok/s, "
-                  f"ITL p99 {row['itl_p99_ms'] or 0:.1f} ms", flush=True)
-            rows.append(row)
+        if args.goodput:
+            measured: dict[float, dict] = {}  # every SLO pair's search reads the rates measured before
+
+            def meets(slo, rate: float) -> bool:
+                if rate not in measured:
+                    measured[rate] = at_rate(llm, name, rate)
+                return not slo.missed(measured[rate])
+
+            results.append((name, [search(lambda rate: meets(slo, rate), grid) for slo in slos]))
+            for slo, goodput in zip(slos, results[-1][1]):
+                print(f"[bench] {name}: goodput {goodput_text(goodput)} req/s under {slo.label}", flush=True)
+            rows = sorted(measured.values(), key=lambda row: row["rate"])
+        else:
+            rows = [at_rate(llm, name, rate) for rate in rates]
         print_pd_statistics(llm)
         return rows
 
     rows = [row for mode in args.compare.split(",")
             for row in with_engine(model, mode_options(mode, engine_options(args)), lambda llm: measure(llm, mode))]
-    print(f"\nonline: Poisson arrivals for {args.duration:g} s per rate, {describe_workload(args)}; model {model}; "
-          f"device {device_name()}")
+    if args.goodput:
+        arrivals = (f"for {args.goodput_warmup:g} s to reach the load, then {args.goodput_requests} measured requests, "
+                    f"at rates {grid.start:g} x 2^(k/{grid.steps}) within [{grid.lowest:g}, {grid.highest:g}]")
+    else:
+        arrivals = f"for {args.duration:g} s per rate"
+    print(f"\nonline: Poisson arrivals {arrivals}, {describe_workload(args)}; model {model}; device {device_name()}")
     print("decode_only_*: the steps taken with no prefill queued or running (their count, median time and batch);"
           " itl_p99/decode_step: the ITL p99 over that median; itl_p99/same_batch_step: the p99 of each gap over"
           " the decode-only step time at its step's batch (a line fitted through the decode-only steps)")
-    print_table(rows, ["mode", "rate", "requests", "req_per_s", "tok_per_s", "ttft_p50_s", "ttft_p99_s",
-                       "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "decode_only_steps", "decode_only_step_p50_ms",
-                       "decode_only_batch_p50", "itl_p99/decode_step", "itl_p99/same_batch_step"])
+    for i, slo in enumerate(slos):
+        print(f"slo{i + 1}: {slo.label} (p99); slo{i + 1}_missed: the bounds a rate missed, p99 over the bound")
+    columns = COLUMNS[:3] + ["measured_requests"] * args.goodput + COLUMNS[3:]  # after "requests"
+    print_table(rows, columns + [f"slo{i + 1}_missed" for i in range(len(slos))])
+    return rows + goodput_rows(slos, results, rows) if args.goodput else rows
+
+
+def rate_args(args, rate: float, **values) -> argparse.Namespace:
+    """args for the arrivals at `rate`, with `values`: each rate draws prompts of its own (seeded by --seed
+    and the rate), so that none hits the prefix cache with the prompts of a rate measured before it; every
+    mode gets the same ones at the same rate."""
+    return argparse.Namespace(**{**vars(args), "seed": f"{args.seed}/{rate!r}", **values})
+
+
+def measured_arrivals(args, rate: float, vocab_size: int) -> list:
+    """Poisson arrivals at `rate`: those of the first --goodput-warmup seconds, then --goodput-requests
+    more; the duration follows from the count (the arrivals are seeded, so a longer one extends a shorter)."""
+    duration = args.goodput_warmup + args.goodput_requests / rate
+    while True:
+        arrivals = poisson_arrivals(rate_args(args, rate, duration=duration), rate, vocab_size)
+        warm = sum(at < args.goodput_warmup for at, _, _ in arrivals)
+        if len(arrivals) >= warm + args.goodput_requests:
+            return arrivals[:warm + args.goodput_requests]
+        duration *= 1.5
+
+
+def goodput_rows(slos, results: list[tuple[str, list[Goodput]]], measured: list[dict]) -> list[dict]:
+    """Prints, per SLO pair and mode, the goodput, its ratio to the first mode's, and the rate above it
+    with the bounds it missed; returns them as rows."""
+    at = {(row["mode"], row["rate"]): row for row in measured}
+    rows = []
+    for i, slo in enumerate(slos):
+        first = results[0][1][i]
+        for name, goodputs in results:
+            g = goodputs[i]
+            met, above = at.get((name, g.rate), {}), at.get((name, g.rate_above))
+            rows.append({"slo": slo.label, "mode": name, "goodput": goodput_text(g), "goodput_req_per_s": g.rate,
+                         "vs_first": ratio_text(g, first), "ttft_p99_s": met.get("ttft_p99_s"),
+                         "itl_p99_ms": met.get("itl_p99_ms"), "rate_above": g.rate_above,
+                         "missed_above": missed_text(slo.missed(above)) if above else "none up to the highest rate"})
+    print("\ngoodput (req/s): the highest rate measured that met the SLO; vs_first: over the first mode's; "
+          "ttft_p99_s and itl_p99_ms at that rate; missed_above: the bounds the next rate missed")
+    print_table(rows, ["slo", "mode", "goodput", "vs_first", "ttft_p99_s", "itl_p99_ms", "rate_above", "missed_above"])
     return rows

@@ -9,21 +9,28 @@ from benchmarks.report import percentile
 from nanovllm import LLM
 
 
-def replay(llm: LLM, arrivals, desc: str) -> dict:
+def replay(llm: LLM, arrivals, desc: str, warmup_s: float = 0.0, drain: bool = True) -> dict:
     """Feeds the arrivals through the streaming API in real time; every time is taken when step()
     returns the tokens. TTFT counts from the scheduled arrival, so it includes any queueing.
+    Requests arriving in the first warmup_s seconds bring the engine to its load: their first tokens,
+    and the gaps that end before warmup_s, are not counted. Without drain the run ends once every request
+    has its first token, and the requests still decoding are aborted: their later tokens would come at a
+    falling load and flatter the ITL.
     Steps taken while every request had its first token (no prefill queued or running) give the
     decode step time without prefills that the ITL is judged against, with their batch sizes; each
     gap is also divided by that time at the batch of the step that ended it (itl_p99/same_batch_step).
     tok_per_s_mid counts the middle half of the output tokens only, away from the first fill and
     the final drain."""
-    pending, arrival, last_seen = deque(arrivals), {}, {}
+    pending, arrival, last_seen, done = deque(arrivals), {}, {}, set()
     ttft, itl, itl_batch, num_tokens, completed = [], [], [], 0, 0
     progress = []  # (seconds, output tokens so far) after each step with outputs
     decode_only_ms, decode_only_batch = [], []
     bar = tqdm(total=sum(params.max_tokens for _, _, params in arrivals), desc=desc, unit="tok", mininterval=1.0)
     start = time.perf_counter()
     while pending or llm.has_unfinished_requests():
+        if not drain and not pending and len(last_seen) == len(arrival):
+            llm.abort_requests([request_id for request_id in arrival if request_id not in done])
+            break
         now = time.perf_counter() - start
         while pending and pending[0][0] <= now:
             at, prompt, params = pending.popleft()
@@ -31,7 +38,7 @@ def replay(llm: LLM, arrivals, desc: str) -> dict:
         if not llm.has_unfinished_requests():
             time.sleep(pending[0][0] - now)
             continue
-        without_prefills = len(ttft) == len(arrival)
+        without_prefills = len(last_seen) == len(arrival)
         step_start = time.perf_counter()
         outputs = llm.step()
         if without_prefills and outputs:
@@ -41,14 +48,18 @@ def replay(llm: LLM, arrivals, desc: str) -> dict:
         for request_id, new_token_ids, finished in outputs:
             num_tokens += len(new_token_ids)
             if request_id in last_seen:
-                itl += [(now - last_seen[request_id]) / len(new_token_ids)] * len(new_token_ids)
-                itl_batch += [len(outputs)] * len(new_token_ids)
+                gaps = [(now - last_seen[request_id]) / len(new_token_ids)] * len(new_token_ids)
             else:
-                ttft.append(now - arrival[request_id])
-                itl += [0.0] * (len(new_token_ids) - 1)
-                itl_batch += [len(outputs)] * (len(new_token_ids) - 1)
+                if arrival[request_id] >= warmup_s:
+                    ttft.append(now - arrival[request_id])
+                gaps = [0.0] * (len(new_token_ids) - 1)
+            if now >= warmup_s:
+                itl += gaps
+                itl_batch += [len(outputs)] * len(gaps)
             last_seen[request_id] = now
-            completed += finished
+            if finished:
+                completed += 1
+                done.add(request_id)
         if outputs:
             progress.append((now, num_tokens))
             bar.update(num_tokens - bar.n)
@@ -57,7 +68,8 @@ def replay(llm: LLM, arrivals, desc: str) -> dict:
     ms = [1e3 * v for v in itl]
     step_ms = decode_step_by_batch(decode_only_batch, decode_only_ms)
     same_batch = [gap / step_ms(batch) for gap, batch in zip(ms, itl_batch)] if step_ms else []
-    return {"requests": len(arrivals), "seconds": seconds, "req_per_s": completed / seconds,
+    return {"requests": len(arrivals), "measured_requests": len(ttft), "seconds": seconds,
+            "req_per_s": completed / seconds,
             "tok_per_s": num_tokens / seconds,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "itl_p50_ms": percentile(ms, 0.5), "itl_p99_ms": percentile(ms, 0.99), "itl_max_ms": max(ms, default=None),

@@ -45,6 +45,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def plot_online(plt, rows: list[dict], path: str) -> None:
     """ITL p99 and output tok/s against the arrival rate, one line per mode."""
+    rows = [r for r in rows if "rate" in r]  # not the goodput rows of --goodput
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = [r for r in rows if r["mode"] == mode]

@@ -1,43 +1,69 @@
-"""The decode step swept over batches and contexts (--decode-sweep, CUDA only): the sequential forward, each
-pipeline stage alone and the pipeline on each --sm-splits partition, each captured as a CUDA graph, against
-the step's memory floor."""
+"""The decode step swept over batches and contexts (--decode-sweep, CUDA only): the sequential forward, the
+fused decode forward (where this version has one), each pipeline stage alone and the pipeline on each
+--sm-splits partition, each captured as a CUDA graph, against the step's memory floor; and the launches
+per layer of each forward."""
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from benchmarks.common import device_name, preset_model, with_engine
-from benchmarks.floor import copy_bytes_per_s
+from benchmarks.floor import copy_bytes_per_s, step_floor_ms
 from benchmarks.report import print_table
-from nanovllm.engine.decode_paths import Sequential, fastest
+from nanovllm.engine.decode_paths import SEQUENTIAL, Sequential, fastest
 from nanovllm.engine.graphs import DecodeGraphs
 from nanovllm.modes.pipeline.extension import PipelineCandidate, StageProbe
 from nanovllm.modes.pipeline.schedule import PipelineScheduler
 from nanovllm.partitions.green import GreenContextManager
 from nanovllm.utils.timing import median_replay_ms
 
-
-def step_floor_ms(runner, batch: int, context: int, bandwidth: float, weight_reads: int = 1) -> float:
-    """Fewest bytes a decode step moves (the layers' weights weight_reads times, every sequence's K
-    and V once) over the copy bandwidth."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.model.layers.parameters())
-    kv_bytes = batch * context * runner.kv_cache.block_bytes // runner.block_size
-    return (weight_reads * weight_bytes + kv_bytes) / bandwidth * 1e3
+FUSED = "fused"
+STAGE_PROBES = (StageProbe("attention"), StageProbe("ffn"))
 
 
-def capture_variants(runner, graphs: DecodeGraphs, splits: list[tuple[int, int]], whole_gpu_grids: bool) -> dict:
-    """name -> {batch: captured graph}: the forwards the engine's decode paths choose from or probe, and
-    with whole_gpu_grids the pipeline with attention grids sized for every SM while it runs on its partition."""
+def fused_candidates() -> list:
+    """The fused decode forward's candidate, where this version of nanovllm has it."""
+    try:
+        from nanovllm.modes.fused_decode.extension import FusedDecodeCandidate
+    except ImportError as e:
+        print(f"[bench] decode sweep without the fused forward: {e}")
+        return []
+    return [FusedDecodeCandidate()]
+
+
+def variant_forwards(runner, splits: list[tuple[int, int]], whole_gpu_grids: bool) -> dict:
+    """name -> forward(input_ids, positions, ctx): the forwards the engine's decode paths choose from or probe,
+    and with whole_gpu_grids the pipeline with attention grids sized for every SM while it runs on its
+    partition."""
     model = runner.model
-
-    def capture(forward):
-        return graphs.capture(lambda ids, pos: forward(ids, pos, graphs.context(ids.size(0))))
-
-    variants = {c.name: capture(c.bind(model)) for c in (Sequential, StageProbe("attention"), StageProbe("ffn"))}
+    forwards = {c.name: c.bind(model) for c in (Sequential, *fused_candidates(), *STAGE_PROBES)}
     for attention, ffn in splits:
         green = GreenContextManager(runner.device, attention, ffn)
-        variants[f"pipe{attention}:{ffn}"] = capture(PipelineCandidate(green).bind(model))
+        forwards[f"pipe{attention}:{ffn}"] = PipelineCandidate(green).bind(model)
         if whole_gpu_grids:
             streams = (green.get_attention_stream(), green.get_ffn_stream())
-            variants[f"pipe{attention}:{ffn}_whole_gpu_grid"] = capture(PipelineScheduler(model, *streams).forward)
-    return variants
+            forwards[f"pipe{attention}:{ffn}_whole_gpu_grid"] = PipelineScheduler(model, *streams).forward
+    return forwards
+
+
+def device_launches(run) -> int:
+    """The kernels, copies and memsets run() puts on the GPU, counted by the profiler; run() runs once
+    before, so that lazy initialisation and autotuning are not counted."""
+    run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return sum(event.device_type == DeviceType.CUDA for event in prof.events())
+
+
+def launches_per_layer(runner, graphs: DecodeGraphs, forwards: dict, context: int) -> dict[str, float]:
+    """name -> the device launches of one eager step of batch 1 at `context`, over the layers; not for the
+    stage probes, which run half of each layer."""
+    graphs.load_synthetic(1, context, runner.kv_cache.num_blocks)
+    inputs = graphs.input_ids[:1], graphs.positions[:1], graphs.context(1)
+    probes = {p.name for p in STAGE_PROBES}
+    return {name: device_launches(lambda: forward(*inputs)) / runner.model.num_layers
+            for name, forward in forwards.items() if name not in probes}
 
 
 def sweep_preset(preset: str, kv_cache_dtype: str, args, batches: list[int], contexts: list[int],
@@ -48,7 +74,13 @@ def sweep_preset(preset: str, kv_cache_dtype: str, args, batches: list[int], con
         # Each micro-batch of the pipeline reads every layer's weights itself.
         micro_batches = PipelineScheduler(runner.model).micro_batches
         graphs = DecodeGraphs(batches, runner.max_blocks_per_seq, runner.device)
-        variants = capture_variants(runner, graphs, splits, args.whole_gpu_grids)
+        forwards = variant_forwards(runner, splits, args.whole_gpu_grids)
+
+        def capture(forward):
+            return graphs.capture(lambda ids, pos: forward(ids, pos, graphs.context(ids.size(0))))
+
+        variants = {name: capture(forward) for name, forward in forwards.items()}
+        launches = launches_per_layer(runner, graphs, forwards, contexts[0])
         rows = []
         for batch, context in tqdm([(b, c) for b in batches for c in contexts], desc=f"decode sweep {preset}"):
             graphs.load_synthetic(batch, context, runner.kv_cache.num_blocks)
@@ -56,14 +88,17 @@ def sweep_preset(preset: str, kv_cache_dtype: str, args, batches: list[int], con
             floor = step_floor_ms(runner, batch, context, bandwidth)
             pipe_floor = step_floor_ms(runner, batch, context, bandwidth, weight_reads=len(micro_batches(batch)))
             row = {"preset": preset, "kv_cache": kv_cache_dtype, "batch": batch, "context": context,
-                   "floor_ms": floor, "sequential_ms": ms["sequential"], "seq/floor": ms["sequential"] / floor,
-                   "pipe_floor_ms": pipe_floor,
-                   "attn_only_ms": ms["attention_only"], "ffn_only_ms": ms["ffn_only"],
-                   "overlap_bound": ms["sequential"] / max(ms["attention_only"], ms["ffn_only"])}
+                   "floor_ms": floor, "sequential_ms": ms[SEQUENTIAL], "seq/floor": ms[SEQUENTIAL] / floor}
+            if FUSED in ms:
+                row.update({"fused_ms": ms[FUSED], "fused/floor": ms[FUSED] / floor})
+            row.update({"pipe_floor_ms": pipe_floor, "attn_only_ms": ms["attention_only"],
+                        "ffn_only_ms": ms["ffn_only"],
+                        "overlap_bound": ms[SEQUENTIAL] / max(ms["attention_only"], ms["ffn_only"])})
             for name in variants:
                 if name.startswith("pipe"):
                     row[f"{name}_ms"] = ms[name]
-                    row[f"seq/{name}"] = ms["sequential"] / ms[name]
+                    row[f"seq/{name}"] = ms[SEQUENTIAL] / ms[name]
+            row.update({f"{name}_launches/layer": n for name, n in launches.items()})
             rows.append(row)
         return rows
 
@@ -73,15 +108,23 @@ def sweep_preset(preset: str, kv_cache_dtype: str, args, batches: list[int], con
     return with_engine(preset_model(preset), options, sweep, warm_up=False)
 
 
-def add_auto_column(rows: list[dict], splits: list[tuple[int, int]]) -> None:
-    """What enable_pipeline=True would run at each point, by the engine's rule (engine/decode_paths.py:
-    fastest) applied to every context swept at that batch."""
+def same_batch(rows: list[dict], row: dict) -> list[dict]:
+    """The rows of every context swept at this row's model, cache and batch."""
+    key = ("preset", "kv_cache", "batch")
+    return [r for r in rows if all(r[k] == row[k] for k in key)]
+
+
+def add_auto_columns(rows: list[dict], splits: list[tuple[int, int]]) -> None:
+    """By the engine's rule (engine/decode_paths.py: fastest) applied to every context swept at each batch:
+    the path the default engine would replay among the sequential and the fused forward, and what
+    enable_pipeline=True would run on each split."""
+    for row in rows:
+        row["auto_path"] = fastest(same_batch(rows, row), [n for n in (SEQUENTIAL, FUSED) if f"{n}_ms" in row])
     for attention, ffn in splits:
         key = f"pipe{attention}:{ffn}_ms"
         for row in rows:
-            same_batch = [{"sequential_ms": r["sequential_ms"], "pipeline_ms": r[key]} for r in rows
-                          if (r["preset"], r["kv_cache"], r["batch"]) == (row["preset"], row["kv_cache"], row["batch"])]
-            pipelined = fastest(same_batch, ["sequential", "pipeline"]) == "pipeline"
+            timings = [{"sequential_ms": r["sequential_ms"], "pipeline_ms": r[key]} for r in same_batch(rows, row)]
+            pipelined = fastest(timings, [SEQUENTIAL, "pipeline"]) == "pipeline"
             row[f"auto{attention}:{ffn}/seq"] = (row["sequential_ms"] / row[key]) if pipelined else 1.0
 
 
@@ -95,8 +138,12 @@ def run(args) -> list[dict]:
     for preset in args.presets.split(","):
         for kv in args.kv_cache_dtype.split(","):
             rows += sweep_preset(preset, kv, args, batches, contexts, splits, bandwidth)
-    add_auto_column(rows, splits)
+    add_auto_columns(rows, splits)
     print(f"\ndecode step (CUDA graph replay, layers only, lm_head excluded), median of {args.repeats}; "
           f"device {device_name()}")
+    print("auto_path: the forward the engine's rule (decode_paths.fastest) picks at that batch from the sequential and "
+          "the fused one, over the contexts swept; auto<split>/seq: likewise for the pipeline, its speed-up")
+    print(f"*_launches/layer: kernels, copies and memsets of one eager forward of batch 1 at context {contexts[0]} "
+          "(torch.profiler), over the layers; the embedding and final norm included, lm_head excluded")
     print_table(rows, list(rows[0].keys()))
     return rows

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from nanovllm import kernels
 from nanovllm.attention.kv_quant import KV_CACHE_DTYPES, kv_cache_dtype
 from nanovllm.attention.selector import BACKEND_NAMES
 from nanovllm.models.checkpoint import Checkpoint, read_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FUSED_DECODE = ("auto", "on", "off")
 
 
 @dataclass
@@ -56,9 +58,11 @@ class ParallelOptions:
 class RunnerOptions:
     enforce_eager: bool = False
     attention_backend: str = "auto"
+    fused_decode: str = "auto"  # the fused decode forward (modes/fused_decode): where faster, always, never
 
     def check(self) -> None:
         _require(self.attention_backend in BACKEND_NAMES, "attention_backend", f"one of {BACKEND_NAMES}")
+        _require(self.fused_decode in FUSED_DECODE, "fused_decode", f"one of {FUSED_DECODE}")
 
 
 @dataclass
@@ -95,12 +99,14 @@ class MultiplexingOptions:
     """Prefill/decode multiplexing on one GPU (modes/multiplexing)."""
     enable_pd_multiplexing: bool = False
     pd_max_itl_ms: float | None = None
+    pd_max_ttft_ms: float | None = None
 
     def check(self) -> None:
-        itl = self.pd_max_itl_ms
-        _require(itl is None or (self.enable_pd_multiplexing and 0 < itl < math.inf), "pd_max_itl_ms",
-                 "None (1.5x the full-GPU decode step) or, with enable_pd_multiplexing=True, "
-                 "a number of milliseconds > 0")
+        for option, default in (("pd_max_itl_ms", "1.5x the full-GPU decode step"),
+                                ("pd_max_ttft_ms", "the full-GPU prefill of a full token budget")):
+            bound = getattr(self, option)
+            _require(bound is None or (self.enable_pd_multiplexing and 0 < bound < math.inf), option,
+                     f"None ({default}) or, with enable_pd_multiplexing=True, a number of milliseconds > 0")
 
 
 # Config attribute -> its group of options.
@@ -156,7 +162,25 @@ class Config:
         config = cls(os.fspath(model), checkpoint, device, dtype, kv_cache_dtype(groups["cache"].kv_cache_dtype, dtype),
                      **groups)
         config._check_against_checkpoint()
+        unusable = config.fused_decode_unusable(device)
+        _require(config.runner.fused_decode != "on" or unusable is None, "fused_decode",
+                 f"'auto' or 'off' here ({unusable})")
         return config
+
+    def fused_decode_unusable(self, device: torch.device) -> str | None:
+        """Why the fused decode forward (modes/fused_decode) cannot run on device; None where it can."""
+        hf, tp = self.hf_config, self.parallel.tensor_parallel_size
+        if device.type != "cuda":
+            return f"its Triton kernels run on a CUDA device, not on {device}"
+        if kernels.fused is None:
+            return "its Triton kernels need triton, which is not installed"
+        if tp > 1:
+            return f"it runs one GPU's whole model, not tensor_parallel_size={tp} shards"
+        bias = getattr(hf, "attention_bias", False)
+        if hf.model_type != "qwen3" or bias:
+            return (f"it runs Qwen3 layers without attention biases, not model_type={hf.model_type!r}, "
+                    f"attention_bias={bias}")
+        return None
 
     def _check_against_checkpoint(self) -> None:
         hf, scheduler = self.hf_config, self.scheduler
@@ -214,6 +238,9 @@ def _check_modes(groups: dict) -> None:
     tp, pd, mux = groups["parallel"].tensor_parallel_size, groups["pd"], groups["mux"]
     _require(groups["cache"].kv_cache_dtype == "auto" or groups["runner"].attention_backend != "flash-attn",
              "kv_cache_dtype", "'auto' with attention_backend='flash-attn' (a float8 cache needs 'triton' or 'torch')")
+    forces_pipeline = groups["pipeline"].enable_pipeline and groups["pipeline"].pipeline_force
+    _require(not (forces_pipeline and groups["runner"].fused_decode == "on"), "fused_decode",
+             "'auto' or 'off' with enable_pipeline=True, pipeline_force=True (one decode path can be forced)")
     _require(not (groups["pipeline"].enable_pipeline and tp > 1), "enable_pipeline",
              "False when tensor_parallel_size > 1 (the pipeline is single-GPU)")
     _require(not (pd.enable_two_gpu_pd and tp > 1), "enable_two_gpu_pd",

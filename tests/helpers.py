@@ -64,10 +64,12 @@ PROMPT_LENGTHS = [3, 17, 16, 120, 64, 45, 7, 99]
 
 
 def qwen3_config(tie_word_embeddings: bool, num_hidden_layers: int, rope_theta: float = 10000.0,
-                 rope_scaling: dict | None = None, eos_token_id: int | None = None) -> Qwen3Config:
+                 rope_scaling: dict | None = None, eos_token_id: int | None = None, num_key_value_heads: int = 2,
+                 head_dim: int = 16) -> Qwen3Config:
     config = Qwen3Config(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POSITIONS,
+        num_attention_heads=4, num_key_value_heads=num_key_value_heads, head_dim=head_dim,
+        max_position_embeddings=MAX_POSITIONS,
         initializer_range=0.2, tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-6,
         bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None)
     rope = dict(rope_scaling or {}, rope_theta=rope_theta)

@@ -1,10 +1,11 @@
-"""Every Triton kernel of the engine: paged attention (attention.py), the fused per-layer ops (fused.py)
-and sampling (sampling.py). triton is a Linux-only dependency: where it cannot be imported,
-`on_gpu` is always False and the layers run their torch paths."""
+"""Every Triton kernel of the engine: paged attention (attention.py), the fused per-layer ops (fused.py),
+the decode GEMMs with their fused prologues and epilogues (decode_linear.py) and sampling (sampling.py).
+triton is a Linux-only dependency: where it cannot be imported, `on_gpu` is always False and the layers
+run their torch paths."""
 try:
-    from nanovllm.kernels import fused, sampling
+    from nanovllm.kernels import decode_linear, fused, sampling
 except ImportError:
-    fused = sampling = None
+    decode_linear = fused = sampling = None
 
 
 def on_gpu(x) -> bool:

@@ -29,8 +29,12 @@ class Qwen3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.attend(positions, self.qkv_proj(hidden)))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention of this step's packed projections qkv [N, (Hq + 2 Hkv) D]: [N, Hq D], before o_proj."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if not kernels.on_gpu(q):
@@ -41,7 +45,7 @@ class Qwen3Attention(nn.Module):
             q, k = kernels.fused.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                     self.rotary_emb.cos_sin_cache, positions, store)
             out = self.attn(q, k, v, stored=store is not None)
-        return self.o_proj(out.flatten(1, -1))
+        return out.flatten(1, -1)
 
 
 class Qwen3MLP(nn.Module):

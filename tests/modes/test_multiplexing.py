@@ -15,10 +15,11 @@ from nanovllm.engine.graphs import DecodeGraphs
 from nanovllm.kernels.attention import choose_num_splits
 from nanovllm.modes.disaggregation.loop import DecodeStep, PDLoop
 from nanovllm.modes.multiplexing.placement import FILL_SHARE, SplitPlacement
+from nanovllm.modes.multiplexing.policy import DEFAULT_TTFT_FACTOR, MIN_CHUNK_TOKENS
 from nanovllm.modes.multiplexing.splits import (OBSERVED_WEIGHT, STEP_MARGIN, STEPS_OBSERVED, STEPS_PER_BUCKET, Split,
                                                 SplitProfiler, candidate_sizes, choose_split, choose_splits,
                                                 in_line_prefill_tokens, itl_bound_ms, split_ranges)
-from nanovllm.modes.multiplexing.stats import FILLING, FULL_GPU, IN_LINE
+from nanovllm.modes.multiplexing.stats import FILLING, FIRST_TOKEN, FULL_GPU, IN_LINE
 from nanovllm.partitions.sm_limit import num_sms_of, on_sms
 from nanovllm.partitions.streams import Lane
 from tests.helpers import BLOCK_SIZE, check_consistent, gpu, logged
@@ -128,6 +129,11 @@ def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected):
     (dict(pd_max_itl_ms=-3.0), ValueError, "pd_max_itl_ms"),
     (dict(pd_max_itl_ms="10"), TypeError, "pd_max_itl_ms"),
     (dict(pd_max_itl_ms=True), TypeError, "pd_max_itl_ms"),
+    (dict(pd_max_ttft_ms=0), ValueError, "pd_max_ttft_ms"),
+    (dict(pd_max_ttft_ms=-500.0), ValueError, "pd_max_ttft_ms"),
+    (dict(pd_max_ttft_ms=float("inf")), ValueError, "pd_max_ttft_ms"),
+    (dict(pd_max_ttft_ms="500"), TypeError, "pd_max_ttft_ms"),
+    (dict(pd_max_ttft_ms=True), TypeError, "pd_max_ttft_ms"),
     (dict(prefill_num_kvcache_blocks=20), ValueError, "prefill_num_kvcache_blocks"),
     (dict(enable_pd_multiplexing=1), TypeError, "enable_pd_multiplexing"),
     (dict(enable_pd_multiplexing="yes"), TypeError, "enable_pd_multiplexing"),
@@ -138,9 +144,16 @@ def test_bad_options(model_dir, options, error, match):
         LLM(model_dir, device="cpu", **options)
 
 
-def test_itl_bound_needs_the_mode(model_dir):
-    with pytest.raises(ValueError, match="pd_max_itl_ms"):
-        LLM(model_dir, device="cpu", pd_max_itl_ms=10.0)
+@pytest.mark.parametrize("option", ["pd_max_itl_ms", "pd_max_ttft_ms"])
+def test_bounds_need_the_mode(model_dir, option):
+    with pytest.raises(ValueError, match=rf"invalid {option}: must be None \(.*\) or, with "
+                                         r"enable_pd_multiplexing=True, a number of milliseconds > 0"):
+        LLM(model_dir, device="cpu", **{option: 10.0})
+
+
+def test_bounds_reach_the_placement(model_dir):
+    placement = mux_llm(model_dir, pd_max_itl_ms=12.0, pd_max_ttft_ms=300.0).loop.placement
+    assert (placement.max_itl_ms, placement.max_ttft_ms) == (12.0, 300.0)
 
 
 def test_same_device_ids_are_accepted(model_dir, expected):
@@ -178,29 +191,22 @@ def profiled_split(decode_sms, alone_ms_per_batch, prefill_slowdown, beside_over
 
 
 def test_choose_splits_follows_the_batch():
-    """Per bucket, of the splits whose decode step stays within STEP_MARGIN of the bound, the largest
-    prefill partition among those that give up about the least decode time per unit of prefill work;
-    if none stays within, the shortest decode step."""
+    """Per bucket, decode gets the fewest SMs whose step stays within STEP_MARGIN of the ITL bound and
+    prefill the rest; if no split keeps it within, the split with the shortest decode step."""
     full = {8: 6.0, 64: 8.0, 256: 15.0}
-    wide = profiled_split(48, {8: 6.0, 64: 10.0, 256: 30.0}, 1.4)  # small batches lose nothing on 48 SMs
+    wide = profiled_split(48, {8: 6.0, 64: 10.0, 256: 30.0}, 1.4)  # small batches lose little on 48 SMs
     middle = profiled_split(64, {8: 6.2, 64: 8.4, 256: 20.0}, 1.8)
     narrow = profiled_split(80, {8: 6.1, 64: 8.5, 256: 19.0}, 2.0)
-    splits = [wide, middle, narrow]
-    assert wide.prefill_cost(8, 6.0) == 0.0
-    assert middle.prefill_cost(64, 8.0) == pytest.approx((1 - 8.0 / 8.4) * 1.8)
-    # 256, default bound 22.5 ms (20.25 with the margin): narrow costs 0.421, middle 0.45, within
-    # COST_TOLERANCE: the larger prefill side.
-    assert narrow.prefill_cost(256, 15.0) < middle.prefill_cost(256, 15.0) < narrow.prefill_cost(256, 15.0) + 0.05
+    splits = [narrow, middle, wide]
+    # The default bound is 1.5 x the full-GPU step: 8.1, 10.8 and 20.25 ms with the margin.
     assert STEP_MARGIN * itl_bound_ms(None, 15.0) == pytest.approx(20.25)
-    assert choose_splits(splits, full, None) == {8: wide, 64: middle, 256: middle}
-    assert choose_splits(splits, full, 22.0) == {8: wide, 64: middle, 256: narrow}  # 20 ms is over 0.9 x 22 ms
+    assert choose_splits(splits, full, None) == {8: wide, 64: wide, 256: middle}
+    assert choose_splits(splits, full, 22.0) == {8: wide, 64: wide, 256: narrow}  # 20 ms is over 0.9 x 22 ms
     assert choose_splits(splits, full, 5.0) == {8: wide, 64: middle, 256: narrow}  # none within: shortest step
-    cheaper = profiled_split(80, {8: 6.1, 64: 8.5, 256: 19.0}, 1.6)  # cost 0.34 at 256: clearly the least
-    assert choose_splits([middle, cheaper], full, None)[256] is cheaper
     # The decode step beside a prefill scales the step alone by the slow-down measured at the profile's batch.
     slowed = profiled_split(48, {8: 6.0, 64: 10.0, 256: 30.0}, 1.4, beside_over_alone=1.2)
-    assert slowed.decode_step_ms(64) == pytest.approx(12.0) and slowed.prefill_cost(8, 6.0) > 0.2
-    assert choose_splits([slowed, middle], full, None)[8] is middle
+    assert slowed.decode_step_ms(64) == pytest.approx(12.0)
+    assert choose_splits([slowed, middle], full, None) == {8: slowed, 64: middle, 256: middle}  # 12 ms > 10.8 ms
 
 
 def test_observed_decode_steps_replace_the_profiles_estimate():
@@ -331,6 +337,17 @@ def test_split_profile_times_both_roles_and_stores_no_kv(model_dir):
     assert all(a.k_cache is not None and a.k_cache.data_ptr() == b.k_cache.data_ptr() for a, b in layers)
     chosen = choose_splits(splits, full_steps_ms, None)
     assert set(chosen) == {1, 2, 4, 8} and set(chosen.values()) <= set(splits)
+    # The placement's choice from a profile: the first-token bound and the chunks on a split follow it.
+    placement = llm.loop.placement
+    placement.splits = splits
+    placement.choose(prefill, decode)
+    assert set(placement.split_by_bucket) == {1, 2, 4, 8}
+    full_prefill_ms = placement.prefill_fixed_ms + placement.prefill_ms_per_token * 64
+    assert placement.ttft_bound_ms == pytest.approx(DEFAULT_TTFT_FACTOR * full_prefill_ms)
+    assert llm.get_pd_statistics()["bounds"] == {
+        "itl": "1.5 x its full-GPU step",
+        "ttft": f"{placement.ttft_bound_ms:.0f} ms (1 x the full-GPU prefill of 64 tokens)"}
+    assert placement.chunk_tokens(splits[0]) >= MIN_CHUNK_TOKENS
 
 
 def decode_beside_every_prefill(llm, monkeypatch):
@@ -361,7 +378,7 @@ def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model
     placement.split_by_bucket = {2: small, llm.config.scheduler.max_num_seqs: large}
     assert placement.split_for(1) is small and placement.split_for(2) is small and placement.split_for(3) is large
     placement.in_line_tokens = lambda batch: in_line_tokens
-    placement.fills_batch = lambda loop, running: False
+    placement.fills_batch = lambda joining, running: False
     chosen = []
     split_for = placement.split_for
     monkeypatch.setattr(placement, "split_for", lambda batch: chosen.append(split_for(batch)) or chosen[-1])
@@ -400,6 +417,38 @@ def test_prefills_that_fill_the_batch_run_between_decode_steps(model_dir, expect
     assert labels.index(FILLING) < labels.index(split.label)
 
 
+@pytest.mark.parametrize("bound_ms", [1e9, 1e-3], ids=["no-risk", "always-at-risk"])
+def test_first_token_risk_and_chunks_keep_the_tokens(model_dir, expected, monkeypatch, bound_ms):
+    """The first-token side of the choice on CPU, with a stand-in split: beside decoding sequences a prefill
+    runs on the split in chunks of at most chunk_tokens or, with every queued prompt at risk, on the whole GPU
+    while the ITL allowance lasts (here once) and on the split after; the statistics count the prefills at
+    risk by where they ran. The tokens stay the same."""
+    llm = mux_llm(model_dir, max_num_batched_tokens=64)
+    placement = llm.loop.placement
+    split = Split(Lane(None, 8), Lane(None, 16), profile={"prefill_slowdown": 2.0})  # a stand-in
+    placement.splits, placement.split_by_bucket = [split], {llm.config.scheduler.max_num_seqs: split}
+    placement.in_line_tokens = lambda batch: 0
+    placement.fills_batch = lambda joining, running: False
+    placement.prefill_ms_per_token, placement.ttft_bound_ms = 1.0, bound_ms
+    placement.chunk_tokens = lambda s: 8
+    launched = []
+    prefill = placement.prefill
+    monkeypatch.setattr(placement, "prefill", lambda loop, seqs: launched.append(
+        (placement.choice.label, sum(seq.num_scheduled_tokens for seq in seqs))) or prefill(loop, seqs))
+    assert tokens(llm, mixed_prompts()) == expected
+    stats = llm.get_pd_statistics()
+    on_split = [n for label, n in launched if label == split.label]
+    whole_gpu = [n for label, n in launched if label == FIRST_TOKEN]
+    assert on_split and max(on_split) <= 8 and launched[0][0] == FULL_GPU
+    if bound_ms > 1:
+        assert not whole_gpu and stats["ttft_at_risk_prefills"] == 0 and stats["ttft_at_risk_ran_on"] == {}
+    else:
+        assert len(whole_gpu) == placement.allowance.spent == 1 and whole_gpu[0] > 8
+        assert stats["ttft_at_risk_ran_on"] == {FIRST_TOKEN: 1, split.label: len(on_split)}
+        # Every prefill beside decoding sequences was at risk; those with nothing decoding are not weighed.
+        assert stats["ttft_at_risk_prefills"] == sum(label != FULL_GPU for label, _ in launched)
+
+
 def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
     """The decode steps run on the whole GPU without a prefill beside time their batch's bucket, and
     the in-line size follows that time: a bucket not timed yet runs no prefill in line."""
@@ -417,7 +466,6 @@ def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
     placement.prefill_fixed_ms = 0.0
     placement.max_itl_ms = 12.0  # what pd_max_itl_ms sets
     assert placement.in_line_tokens(4) == 819
-    assert mux_llm(model_dir, pd_max_itl_ms=12.0).loop.placement.max_itl_ms == 12.0
 
 
 @pytest.fixture(scope="module")
@@ -457,7 +505,8 @@ def test_gpu_tokens_match_on_every_split(gpu_mux, cuda_expected, monkeypatch, op
     for chosen in splits:
         preempted = count_preemptions(monkeypatch)
         monkeypatch.setattr(placement, "in_line_tokens", lambda batch: 0)  # every prefill beside decode on the split
-        monkeypatch.setattr(placement, "fills_batch", lambda loop, running: False)
+        monkeypatch.setattr(placement, "fills_batch", lambda joining, running: False)
+        monkeypatch.setattr(placement, "ttft_at_risk", lambda queue, split: False)
         decode_beside_every_prefill(llm, monkeypatch)
         monkeypatch.setattr(placement, "split_by_bucket", dict.fromkeys(placement.split_by_bucket, chosen))
         before = llm.get_pd_statistics()
@@ -480,7 +529,7 @@ def test_gpu_short_prefills_run_between_decode_steps(gpu_mux, cuda_expected, mon
     llm = gpu_mux(**options)
     placement = llm.loop.placement
     monkeypatch.setattr(placement, "in_line_tokens", lambda batch: 10 ** 9)
-    monkeypatch.setattr(placement, "fills_batch", lambda loop, running: False)
+    monkeypatch.setattr(placement, "fills_batch", lambda joining, running: False)
     preempted = count_preemptions(monkeypatch)
     decode_beside_every_prefill(llm, monkeypatch)
     before = llm.get_pd_statistics()
@@ -500,7 +549,8 @@ def test_gpu_decode_runs_on_the_split_beside_a_prefill(gpu_mux, cuda_expected, m
     llm = gpu_mux()
     placement = llm.loop.placement
     monkeypatch.setattr(placement, "in_line_tokens", lambda batch: 0)
-    monkeypatch.setattr(placement, "fills_batch", lambda loop, running: False)
+    monkeypatch.setattr(placement, "fills_batch", lambda joining, running: False)
+    monkeypatch.setattr(placement, "ttft_at_risk", lambda queue, split: False)
     chosen = []
     split_for = placement.split_for
     monkeypatch.setattr(placement, "split_for", lambda batch: chosen.append(split_for(batch)) or chosen[-1])

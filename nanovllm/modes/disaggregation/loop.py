@@ -26,6 +26,10 @@ class DecodeStep:
 class Placement(Protocol):
     """Where a two-runner loop's prefills and decode steps run, and what each waits for."""
 
+    def prefill_budget(self, loop: "PDLoop") -> int | None:
+        """The most tokens of the next prefill batch (None: max_num_batched_tokens); prefill() follows
+        when the batch is not empty."""
+
     def prefill(self, loop: "PDLoop", seqs: list[Sequence]) -> tuple[Lane | None, tuple[StreamTimer | None, ...]]: ...
 
     def decode(self, loop: "PDLoop", beside_prefill: bool) -> tuple[Lane | None, tuple[StreamTimer | None, ...]]: ...
@@ -39,6 +43,9 @@ class Placement(Protocol):
 class RunnerStreams:
     """Each runner's work on its own stream (on one GPU the decode runner's has the higher priority), in
     the order it was launched there."""
+
+    def prefill_budget(self, loop):
+        return None
 
     def prefill(self, loop, seqs):
         return None, ()
@@ -124,7 +131,7 @@ class PDLoop:
     def _launch_prefill(self) -> None:
         if self.prefill_in_flight is not None:
             return
-        seqs = self.scheduler.schedule_prefill()
+        seqs = self.scheduler.schedule_prefill(self.placement.prefill_budget(self))
         self.stats.blocked_on_decode_room(self.scheduler.blocked_on_decode and not seqs)
         if seqs:
             lane, after = self.placement.prefill(self, seqs)

@@ -1,3 +1,7 @@
+import time
+from collections.abc import Iterator
+from itertools import chain
+
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler, advance
 from nanovllm.engine.sequence import Sequence, SequenceStatus
@@ -32,6 +36,9 @@ class PDScheduler:
         # Prompt KV complete and on its way; block_table: decode cache, the value: its prefill blocks.
         self.transferring: dict[int, tuple[Sequence, list[int]]] = {}
         self.blocked_on_decode = False  # the last schedule_prefill found no decode room for the next prompt
+        # When each request still without its first token was added (perf_counter seconds): the
+        # first-token wait a placement may weigh.
+        self.arrived: dict[int, float] = {}
 
     @property
     def max_num_seqs(self) -> int:
@@ -52,6 +59,11 @@ class PDScheduler:
 
     def add(self, seq: Sequence) -> None:
         self.decode.add(seq)
+        self.arrived[seq.seq_id] = time.perf_counter()
+
+    def queued(self) -> Iterator[Sequence]:
+        """The sequences whose prompts are still to prefill, in the order schedule_prefill takes them."""
+        return chain(self.prefilling, self.waiting)
 
     def is_finished(self) -> bool:
         return self.decode.is_finished() and not self.prefilling and not self.transferring
@@ -65,10 +77,13 @@ class PDScheduler:
         room = max(0, self.max_num_seqs - self.num_admitted())
         return len(self.prefilling) + len(self.transferring) + min(len(self.waiting), room)
 
-    def schedule_prefill(self) -> list[Sequence]:
+    def schedule_prefill(self, max_tokens: int | None = None) -> list[Sequence]:
         """The next prefill batch: prompts cut by the previous batch's token budget first, then new
-        admissions in arrival order while the budget, max_num_seqs and the caches allow."""
+        admissions in arrival order while the budget (max_num_batched_tokens, or max_tokens where
+        less), max_num_seqs and the caches allow."""
         scheduled, budget = [], self.decode.max_num_batched_tokens
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
         self.blocked_on_decode = False
         for seq in self.prefilling:
             if budget == 0:
@@ -115,6 +130,7 @@ class PDScheduler:
                 continue
             produced.append(seq)
             self.prefilling.remove(seq)
+            self.arrived.pop(seq.seq_id, None)
             prefill_blocks = None
             if not self.shared:
                 prefill_blocks, seq.block_table = seq.block_table, self.reserved.pop(seq.seq_id)
@@ -153,6 +169,8 @@ class PDScheduler:
         """Removes these sequences from every state and frees their blocks on both sides; the caller
         makes sure no launched work still uses them."""
         self.decode.abort(seq_ids)
+        for seq_id in seq_ids:
+            self.arrived.pop(seq_id, None)
         for seq in [s for s in self.prefilling if s.seq_id in seq_ids]:
             self.prefilling.remove(seq)
             self.prefill_manager.deallocate(seq)

@@ -106,4 +106,9 @@ def report(stats: dict) -> str:
                          f"({100 * share:.1f}% of decode time)")
         for split, count in stats["prefills_per_split"].items():
             lines.append(f"  Prefill batches on {split}: {count}")
+        if stats["bounds"]:
+            ran_on = "; ".join(f"{where}: {n}" for where, n in stats["ttft_at_risk_ran_on"].items())
+            lines.append(f"  Bounds: ITL {stats['bounds']['itl']}, first token {stats['bounds']['ttft']}; decode steps "
+                         f"over the ITL bound on a split: {stats['itl_over_bound_steps']}; prefills with a first token "
+                         f"at risk: {stats['ttft_at_risk_prefills']}{f' ({ran_on})' if ran_on else ''}")
     return "\n".join(lines)

@@ -16,9 +16,6 @@ DECODE_SHARES = (2 / 5, 8 / 15, 2 / 3)
 PROFILE_CONTEXT = 1024
 DEFAULT_ITL_FACTOR = 1.5  # pd_max_itl_ms unset: this times the full-GPU decode step
 STEPS_PER_BUCKET = 5  # timed decode steps per bucket and partition in the profile
-# Splits whose prefill_cost is within this of the least count as equally cheap (the profile's noise);
-# of those, the one with the largest prefill partition admits new sequences soonest.
-COST_TOLERANCE = 0.05
 # Decode steps of a bucket that must have run on a split beside prefills before their time replaces the
 # profile's estimate, and the weight of each later step in that running estimate.
 STEPS_OBSERVED = 4
@@ -57,14 +54,6 @@ class Split:
         steps, mean_ms = self.observed.get(bucket, (0, 0.0))
         weight = max(OBSERVED_WEIGHT, 1 / (steps + 1))
         self.observed[bucket] = (steps + 1, mean_ms + weight * (step_ms - mean_ms))
-
-    def prefill_cost(self, bucket: int, full_step_ms: float) -> float:
-        """The decode time this split gives up per millisecond of prefill work (a prefill's time on the
-        whole GPU) beside the bucket's batch: the prefill runs prefill_slowdown times as long, and
-        meanwhile decode advances at full_step_ms / decode_step_ms of its whole-GPU rate. A prefill
-        between decode steps on the whole GPU costs 1; the split pays where this is less."""
-        decode_rate = full_step_ms / self.decode_step_ms(bucket)
-        return max(0.0, 1.0 - decode_rate) * self.profile["prefill_slowdown"]
 
 
 def candidate_sizes(unit: int, available: int) -> list[tuple[int, int]]:
@@ -117,14 +106,13 @@ def within_bound(split: Split, bucket: int, full_ms: float, max_itl_ms: float | 
 
 
 def choose_split(splits: list[Split], bucket: int, full_ms: float, max_itl_ms: float | None) -> Split:
-    """The split to run a prefill on beside the bucket's batch (full_ms: its full-GPU decode step): of
-    the splits within_bound, the one with the largest prefill partition among those within
-    COST_TOLERANCE of the least prefill_cost; if none is, the one with the shortest decode step."""
-    costs = {s: s.prefill_cost(bucket, full_ms) for s in splits if within_bound(s, bucket, full_ms, max_itl_ms)}
-    if not costs:
+    """The split to run a prefill on beside the bucket's batch (full_ms: its full-GPU decode step): decode
+    gets the fewest SMs that keep its step within_bound, prefill the rest, so that prompts reach their
+    first token soonest; if no split keeps the step within, the one with the shortest decode step."""
+    within = [s for s in splits if within_bound(s, bucket, full_ms, max_itl_ms)]
+    if not within:
         return min(splits, key=lambda s: s.decode_step_ms(bucket))
-    cheap = [s for s, cost in costs.items() if cost <= min(costs.values()) + COST_TOLERANCE]
-    return max(cheap, key=lambda s: s.prefill.num_sms)
+    return min(within, key=lambda s: s.decode.num_sms)
 
 
 def choose_splits(splits: list[Split], full_step_ms: dict[int, float], max_itl_ms: float | None) -> dict[int, Split]:

@@ -1,13 +1,17 @@
 FULL_GPU = "full GPU"
 IN_LINE = "full GPU, between decode steps"
 FILLING = "full GPU, between decode steps, filling the batch"
+FIRST_TOKEN = "full GPU, between decode steps, first-token bound"
 
 
 class SplitStatistics:
     """Where the multiplexing loop's work ran: each decode step and each prefill on the whole GPU (a
-    prefill alone, or between decode steps, short or filling the batch) or on a split, the split chosen for
-    each range of decode batches (and how often a choice changed while serving), the start-up profile of
-    every split and the decode steps observed on it per bucket. Reported beside the PDStatistics."""
+    prefill alone, or between decode steps: short, filling the batch or for the first-token bound) or on a
+    split, the split chosen for each range of decode batches (and how often a choice changed while
+    serving), the start-up profile of every split and the decode steps observed on it per bucket; and how
+    often each bound was at risk: decode steps on a split over the ITL bound (what moves a bucket), and
+    prefills beside decoding sequences launched while a queued prompt's first token was at risk of coming
+    past the first-token bound, by where they ran. Reported beside the PDStatistics."""
 
     def __init__(self, partitions: str):
         self.partitions = partitions  # how prefill and decode share the GPU
@@ -18,6 +22,9 @@ class SplitStatistics:
         self.decode_steps_in: dict[str, int] = {}
         self.decode_seconds_in: dict[str, float] = {}
         self.prefills_in: dict[str, int] = {}
+        self.bounds: dict[str, str] = {}  # the ITL and first-token bounds the choices follow
+        self.itl_over_bound_steps = 0
+        self.ttft_at_risk: dict[str, int] = {}  # where each prefill run with a first token at risk ran
 
     def record_split_decode(self, split: str, seconds: float) -> None:
         self.decode_steps_in[split] = self.decode_steps_in.get(split, 0) + 1
@@ -29,6 +36,9 @@ class SplitStatistics:
 
     def record_split_prefill(self, split: str) -> None:
         self.prefills_in[split] = self.prefills_in.get(split, 0) + 1
+
+    def record_ttft_at_risk(self, ran_on: str) -> None:
+        self.ttft_at_risk[ran_on] = self.ttft_at_risk.get(ran_on, 0) + 1
 
     def as_dict(self) -> dict:
         total = sum(self.decode_seconds_in.values())
@@ -42,4 +52,6 @@ class SplitStatistics:
             "decode_time_per_split_s": dict(self.decode_seconds_in),
             "decode_time_share_per_split": {k: v / total for k, v in self.decode_seconds_in.items()} if total else {},
             "prefills_per_split": dict(self.prefills_in),
+            "bounds": dict(self.bounds), "itl_over_bound_steps": self.itl_over_bound_steps,
+            "ttft_at_risk_prefills": sum(self.ttft_at_risk.values()), "ttft_at_risk_ran_on": dict(self.ttft_at_risk),
         }

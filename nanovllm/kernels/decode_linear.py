@@ -1,0 +1,140 @@
+"""Skinny GEMMs for decode steps, with the per-layer ops around them fused in.
+
+At decode batch sizes a linear layer reads its whole weight matrix [N, K] to compute a few rows, so its
+time is that of the weight bytes if enough SMs stream them at once. Each program here owns BLOCK_N
+output columns over the whole K (no split-K: one program sums each output, so the result does not
+depend on timing) for up to BLOCK_M rows, and BLOCK_N is chosen so that there are about two programs
+per SM. Fused in:
+
+- norm_linear: RMSNorm as the prologue. Each program computes the rows' rstd from the rows themselves
+  (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it.
+- norm_linear(silu=True): of a packed gate/up weight [2N, K], a program computes matching gate and up
+  columns and writes silu(gate) * up: half the output, no intermediate.
+- linear(residual=...): the residual add as the epilogue.
+
+Every step rounds to the activation dtype where the torch reference (RMSNorm, F.linear, SiluAndMul,
+the residual add of the next RMSNorm) does, so results differ from it only by the order of the sums.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.partitions.sm_limit import num_sms_of
+
+# Rows up to here multiply on the CUDA cores (tl.dot needs 16 rows and 16 columns per tile, which
+# would leave most SMs idle on a narrow weight); more rows use the tensor cores.
+MAX_FMA_ROWS = 8
+MAX_DOT_ROWS = 64
+PROGRAMS_PER_SM = 2
+# Elements of a program's [BLOCK_M, BLOCK_N, BLOCK_K] product on the CUDA cores: registers of 4 warps.
+FMA_TILE = 8192
+
+
+# M varies with the batch bucket and BLOCK_M already fits it: variants for M == 1 or M % 16 == 0 would only
+# add compilations.
+@triton.jit(do_not_specialize=["M"])
+def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
+                          M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
+                          NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, DOT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[rows, cols] = x[rows] @ w[cols].T for one (BLOCK_N columns, BLOCK_M rows) tile, with NORM the
+    rows RMS-normalized first, with SILU silu(x @ w[cols].T) * (x @ w[N + cols].T), with RESIDUAL plus
+    res[rows, cols]; each rounded where the reference rounds."""
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < M, cols < N
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    if NORM:
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, axis=1)
+        rstd = tl.rsqrt(squares / K + eps)[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = (ks < K)[None, :]
+        x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
+        if NORM:
+            norm_w = tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+            x = ((x.to(tl.float32) * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype)
+        w_mask = col_mask[:, None] & k_mask
+        acc = _multiply_add(acc, x, tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0), DOT)
+        if SILU:
+            up = _multiply_add(up, x, tl.load(w_rows + N * stride_wn + ks[None, :], mask=w_mask, other=0.0), DOT)
+    out = acc.to(dtype)
+    if SILU:
+        gate = out.to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+        out = (act * up.to(dtype).to(tl.float32)).to(dtype)
+    mask = row_mask[:, None] & col_mask[None, :]
+    if RESIDUAL:
+        res = tl.load(res_ptr + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+        out = (out.to(tl.float32) + res.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], out, mask=mask)
+
+
+@triton.jit
+def _multiply_add(acc, x, w, DOT: tl.constexpr):
+    """acc + x @ w.T for x [BLOCK_M, BLOCK_K] and w [BLOCK_N, BLOCK_K], summed in float32."""
+    if DOT:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+def _blocks(m: int, n: int, k: int, silu: bool, device: torch.device) -> dict:
+    """The tile of one program and its launch options for an [m, k] x [n, k].T product (silu: two of them)."""
+    wanted = PROGRAMS_PER_SM * num_sms_of(device)
+    if m <= MAX_FMA_ROWS:
+        block_m = triton.next_power_of_2(m)
+        # The widest tile that still gives every SM its programs, at least 4 columns for wide loads.
+        block_n = max(4, min(64, _prev_power_of_2(n // wanted)))
+        block_k = FMA_TILE // (block_m * block_n * (2 if silu else 1))
+        block_k = max(32, min(block_k, triton.next_power_of_2(k)))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=False, num_warps=4)
+    block_m = min(MAX_DOT_ROWS, triton.next_power_of_2(m))
+    row_tiles = triton.cdiv(m, block_m)
+    block_n = max(16, min(64, _prev_power_of_2(n * row_tiles // wanted)))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=4, num_stages=3)
+
+
+def _prev_power_of_2(x: int) -> int:
+    return 1 << (x.bit_length() - 1) if x > 0 else 1
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, norm_weight: torch.Tensor | None, eps: float,
+            residual: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    m, k = x.shape
+    assert x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == k and x.dtype == weight.dtype
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(1) == 1 and residual.dtype == x.dtype
+    if norm_weight is not None:
+        assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
+    blocks = _blocks(m, n, k, silu, x.device)
+    grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(m, blocks["BLOCK_M"]))
+    _decode_linear_kernel[grid](
+        x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, out,
+        m, n, k, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0), eps,
+        NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None, **blocks)
+    return out
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                silu: bool = False) -> torch.Tensor:
+    """F.linear(RMSNorm(x), weight) for x [M, K] and weight [N, K]; with silu, weight is a packed
+    gate/up weight [2N, K] and the result is SiluAndMul of that product, [M, N]."""
+    n = weight.size(0) // 2 if silu else weight.size(0)
+    return _launch(x, weight, n, norm_weight, eps, None, silu)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight) for x [M, K] and weight [N, K], plus residual [M, N] if given, rounded as
+    the reference rounds each."""
+    return _launch(x, weight, weight.size(0), None, 0.0, residual, False)

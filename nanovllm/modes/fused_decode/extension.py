@@ -1,0 +1,73 @@
+import hashlib
+from pathlib import Path
+
+import torch
+
+from nanovllm import kernels
+from nanovllm.config import Config
+from nanovllm.modes.fused_decode.forward import FusedForward
+from nanovllm.utils.log import get_logger
+
+logger = get_logger("ModelRunner")
+FUSED = "fused"
+
+
+class FusedDecodeCandidate:
+    """The fused decode forward as a candidate of the decode paths (engine/decode_paths.py)."""
+    name = FUSED
+
+    @staticmethod
+    def bind(model) -> FusedForward:
+        return FusedForward(model)
+
+    @staticmethod
+    def setup_key() -> dict:
+        """Timings saved by another version of the GEMM kernels are not this one's."""
+        return {"kernels": hashlib.sha256(Path(kernels.decode_linear.__file__).read_bytes()).hexdigest()[:16]}
+
+
+class FusedDecodeExtension:
+    """fused_decode as a decode-path extension: its candidate, forced with "on", and which batch buckets
+    replay it."""
+    name = "fused_decode"
+
+    def __init__(self, forced: bool):
+        self.candidates = [FusedDecodeCandidate()]
+        self.probes = []
+        self.forced = FUSED if forced else None
+        self.cache_timings = True
+        self.path_per_bucket: dict[int, str] = {}
+
+    def observe(self, run, batch: int) -> torch.Tensor:
+        return run()
+
+    def chosen(self, choice: dict[int, str], timings: dict[int, list[dict]]) -> None:
+        self.path_per_bucket = dict(choice)
+
+    def statistics(self) -> dict:
+        return {"forced": self.forced is not None,
+                "fused_buckets": sorted(b for b, path in self.path_per_bucket.items() if path == FUSED),
+                "buckets": len(self.path_per_bucket)}
+
+    def report(self) -> str:
+        stats = self.statistics()
+        return "\n".join(["[Fused Decode]", f"  Forced: {stats['forced']}",
+                          f"  Fused batch buckets: {stats['fused_buckets'] or 'none'} of {stats['buckets']}"])
+
+
+def fused_decode_extension(config: Config, device: torch.device) -> FusedDecodeExtension | None:
+    """The fused decode forward for the decoding runner on `device`, as the fused_decode option asks: "on"
+    (checked usable by Config) forces it; "auto" adds it to the candidates where it can run and where
+    graphs are timed, and says in one line why not elsewhere."""
+    option = config.runner.fused_decode
+    if option == "off":
+        return None
+    unusable = config.fused_decode_unusable(device)
+    if option == "auto" and unusable:
+        logger.info("fused_decode='auto': %s; decode runs the sequential forward", unusable)
+        return None
+    if option == "auto" and config.runner.enforce_eager:
+        logger.info("fused_decode='auto': enforce_eager=True captures no graphs to time it by; decode runs the "
+                    "sequential forward")
+        return None
+    return FusedDecodeExtension(forced=option == "on")

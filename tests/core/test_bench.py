@@ -1,0 +1,63 @@
+"""bench.py's one-stream latency end to end on a tiny checkpoint, its argument checks, and the decode sweep's
+path column and launch counter."""
+import json
+import sys
+
+import pytest
+import torch
+
+import bench
+from benchmarks.sweeps import add_auto_columns, device_launches
+from tests.helpers import gpu
+
+
+def run_bench(monkeypatch, *argv: str):
+    monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+    bench.main()
+
+
+def test_latency_rows(monkeypatch, tmp_path, model_dir):
+    out = tmp_path / "rows.json"
+    run_bench(monkeypatch, "--latency", "--model", model_dir, "--compare", "graph,eager", "--repeats", "1",
+              "--prompt-tokens", "20", "--output-tokens", "6", "--json", str(out))
+    rows = json.loads(out.read_text())
+    cuda = torch.cuda.is_available()
+    assert [row["mode"] for row in rows] == ["graph" if cuda else "graph (eager on cpu)", "eager"]
+    for row in rows:
+        assert row["output_tokens"] == 6 and row["ttft_ms"] > 0 and row["tpot_ms"] > 0
+        # One request: its time is the first token's plus five more at the time per output token.
+        assert row["tok_per_s"] == pytest.approx(6e3 / (row["ttft_ms"] + 5 * row["tpot_ms"]))
+        # The floor needs a CUDA device's copy rate.
+        assert ("floor_ms" in row and row["tpot/floor"] == pytest.approx(row["tpot_ms"] / row["floor_ms"])) == cuda
+    # Only a graph has a decode path to report.
+    assert rows[0]["decode_path"] in (("sequential", "fused") if cuda else ("",)) and rows[1]["decode_path"] == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats: expected an integer >= 1"),
+    (["--prompt-tokens", "x"], "--prompt-tokens: expected an integer >= 1"),
+    (["--output-tokens", "1"], "--output-tokens must be at least 2"),
+    (["--compare", "graph,fast"], "unknown --compare ['fast']"),
+])
+def test_bad_arguments_exit_with_the_reason(monkeypatch, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        run_bench(monkeypatch, "--latency", *argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_auto_path_is_the_engines_rule_over_the_contexts_swept():
+    def row(batch, context, sequential, fused):
+        return {"preset": "p", "kv_cache": "auto", "batch": batch, "context": context, "sequential_ms": sequential,
+                "fused_ms": fused}
+
+    # Batch 1: fused is faster at both contexts; batch 8: slower at one of them.
+    rows = [row(1, 256, 2.0, 1.0), row(1, 4096, 3.0, 2.5), row(8, 256, 2.0, 1.0), row(8, 4096, 3.0, 3.5)]
+    add_auto_columns(rows, [])
+    assert [r["auto_path"] for r in rows] == ["fused", "fused", "sequential", "sequential"]
+
+
+@gpu
+def test_device_launches_counts_each_kernel():
+    x = torch.zeros(16, device="cuda")
+    assert device_launches(lambda: x.add_(1)) == 1
+    assert device_launches(lambda: (x.add_(1), x.mul_(2), x.sub_(3))) == 3

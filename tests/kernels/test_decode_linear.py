@@ -1,0 +1,105 @@
+"""The decode GEMMs (nanovllm/kernels/decode_linear.py) against the layers' torch code: RMSNorm, F.linear,
+SiluAndMul and the residual add, run on CPU tensors of the same dtype.
+
+On CUDA the checks run directly; on CPU they run with small sizes under the Triton interpreter. The
+cases cover one row, row counts that are not powers of two on both sides of the CUDA-core/tensor-core
+switch (8 rows), and column and reduction sizes that are not multiples of any tile.
+"""
+import torch
+import torch.nn.functional as F
+
+from nanovllm.layers.activation import SiluAndMul
+from nanovllm.layers.layernorm import RMSNorm
+from tests.kernels.triton_interpreter import kernel_tests
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def assert_close(out, ref, dtype):
+    """Only the order of the float32 sums differs from the reference. fp32: to that rounding. 16-bit: the
+    outputs are rounded from nearly equal sums, so nearly every element is bit-identical and none is off
+    by more than a unit in the last place of the largest value."""
+    out, ref = out.cpu().float(), ref.float()
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    if not out.numel():
+        return
+    scale = ref.abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
+    else:
+        assert (out - ref).abs().max() <= 2 ** -7 * scale, (out - ref).abs().max()
+        assert (out == ref).float().mean() >= 0.95, f"only {(out == ref).float().mean():.3f} bit-identical"
+
+
+def inputs(dtype, m, n, k, seed, rows_of=1):
+    """x [m, k] as rows of a wider tensor (its row stride is not k), and a weight [rows_of * n, k] scaled
+    like a trained one, so that outputs are of order one."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k + 8, generator=gen) * 2).to(dtype)[:, 8:]
+    weight = (torch.randn(rows_of * n, k, generator=gen) / k ** 0.5).to(dtype)
+    return gen, x, weight
+
+
+def norm_layer(k, dtype, gen):
+    norm = RMSNorm(k, eps=1e-6).to(dtype)
+    norm.weight.data = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+    return norm
+
+
+def check_linear(device, dtype, m, n, k):
+    from nanovllm.kernels.decode_linear import linear
+    _, x, weight = inputs(dtype, m, n, k, seed=m * 1000 + n + k)
+    assert_close(linear(x.to(device), weight.to(device)), F.linear(x, weight), dtype)
+
+
+def check_linear_residual(device, dtype, m, n, k):
+    """The epilogue adds the residual to the rounded product, as the next RMSNorm adds it."""
+    from nanovllm.kernels.decode_linear import linear
+    gen, x, weight = inputs(dtype, m, n, k, seed=m * 1000 + n + k + 1)
+    residual = (torch.randn(m, n, generator=gen) * 4).to(dtype)
+    out = linear(x.to(device), weight.to(device), residual.to(device))
+    assert_close(out, F.linear(x, weight) + residual, dtype)
+
+
+def check_norm_linear(device, dtype, m, n, k):
+    from nanovllm.kernels.decode_linear import norm_linear
+    gen, x, weight = inputs(dtype, m, n, k, seed=m * 1000 + n + k + 2)
+    norm = norm_layer(k, dtype, gen)
+    out = norm_linear(x.to(device), norm.weight.to(device), norm.eps, weight.to(device))
+    assert_close(out, F.linear(norm(x), weight), dtype)
+
+
+def check_norm_linear_silu(device, dtype, m, n, k):
+    """A packed gate/up weight [2n, k]: silu(gate) * up of the normalized rows, [m, n]."""
+    from nanovllm.kernels.decode_linear import norm_linear
+    gen, x, weight = inputs(dtype, m, n, k, seed=m * 1000 + n + k + 3, rows_of=2)
+    norm = norm_layer(k, dtype, gen)
+    out = norm_linear(x.to(device), norm.weight.to(device), norm.eps, weight.to(device), silu=True)
+    assert_close(out, SiluAndMul()(F.linear(norm(x), weight)), dtype)
+
+
+def cases(small):
+    """(dtype, m, n, k): under the interpreter a few small shapes; on the GPU also shapes of Qwen3-0.6B
+    layers (qkv or gate/up halves, down) and an odd one at decode batch sizes and past the largest row
+    tile, and Qwen3-8B's qkv in fp16."""
+    shapes = [("bf16", 1, 100, 72), ("fp32", 3, 37, 200), ("bf16", 8, 50, 33), ("fp32", 13, 70, 90),
+              ("bf16", 21, 33, 64), ("fp32", 0, 16, 32)]
+    if small:
+        return shapes
+    layers = [(4096, 1024), (1024, 3072), (1000, 3000)]
+    return shapes + [(d, m, n, k) for d in ("bf16", "fp32") for m in (1, 5, 33, 100) for n, k in layers] + \
+        [("fp16", m, 6144, 4096) for m in (1, 64)]
+
+
+def run_with(check):
+    return lambda device, case: check(device, DTYPES[case[0]], *case[1:])
+
+
+KINDS = {"linear": (cases, run_with(check_linear)),
+         "linear_residual": (cases, run_with(check_linear_residual)),
+         "norm_linear": (cases, run_with(check_norm_linear)),
+         "norm_linear_silu": (cases, run_with(check_norm_linear_silu))}
+
+
+test_cuda, test_interpreter = kernel_tests(KINDS, __file__)
