@@ -198,8 +198,12 @@ class LLMEngine:
 def _token_ids(prompt) -> list[int]:
     """The prompt's ids as Python ints. Integers of numpy and torch count, as in vLLM (a numpy array or a
     torch tensor of ids too); anything else is a TypeError naming the element and its type."""
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        prompt = prompt.tolist()
+    if all(type(t) is int for t in prompt):  # the common case, without a per-token check in Python
+        return list(prompt)
     ids = []
-    for i, t in enumerate(prompt.tolist() if isinstance(prompt, (np.ndarray, torch.Tensor)) else prompt):
+    for i, t in enumerate(prompt):
         if isinstance(t, torch.Tensor) and t.ndim == 0 and not (t.is_floating_point() or t.is_complex()
                                                                  or t.dtype == torch.bool):
             t = t.item()
