@@ -53,8 +53,14 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
             squares += tl.sum(x * x, axis=1)
         rstd = tl.rsqrt(squares / K + eps)[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        # Products summed lane by lane over the K tiles and across lanes once at the end: a reduction
+        # across lanes in every tile would make each tile wait for it.
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = (ks < K)[None, :]
@@ -66,6 +72,9 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
         acc = _multiply_add(acc, x, tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0), DOT)
         if SILU:
             up = _multiply_add(up, x, tl.load(w_rows + N * stride_wn + ks[None, :], mask=w_mask, other=0.0), DOT)
+    if not DOT:
+        acc = tl.sum(acc, axis=2)
+        up = tl.sum(up, axis=2)
     out = acc.to(dtype)
     if SILU:
         gate = out.to(tl.float32)
@@ -80,10 +89,13 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
 
 @triton.jit
 def _multiply_add(acc, x, w, DOT: tl.constexpr):
-    """acc + x @ w.T for x [BLOCK_M, BLOCK_K] and w [BLOCK_N, BLOCK_K], summed in float32."""
+    """acc + x @ w.T for x [BLOCK_M, BLOCK_K] and w [BLOCK_N, BLOCK_K] in float32: with DOT acc is the
+    [BLOCK_M, BLOCK_N] sum, otherwise [BLOCK_M, BLOCK_N, BLOCK_K] products still to be summed over K."""
     if DOT:
-        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    else:  # a compiled kernel traces code after a return inside a constexpr branch too
+        acc = acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
 
 
 def _blocks(m: int, n: int, k: int, silu: bool, device: torch.device) -> dict:
