@@ -8,4 +8,4 @@ import tests.modes.pd_helpers
 def test_helpers_are_imported_under_one_name_only():
     assert sys.modules["tests.helpers"] is tests.helpers
     assert sys.modules["tests.modes.pd_helpers"] is tests.modes.pd_helpers
-    assert not {"helpers", "pd_helpers", "conftest", "triton_interpreter"} & set(sys.modules)
+    assert not {"helpers", "pd_helpers", "conftest", "kernel_checks"} & set(sys.modules)

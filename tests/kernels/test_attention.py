@@ -7,7 +7,7 @@ import torch
 
 from nanovllm.attention.kv_quant import FP8_MAX, dequantize, quantize
 
-from tests.kernels.triton_interpreter import kernel_tests
+from tests.kernels.kernel_checks import kernel_tests
 
 NUM_LAYERS = 2
 LAYER = 1

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.layernorm import RMSNorm
-from tests.kernels.triton_interpreter import kernel_tests
+from tests.kernels.kernel_checks import kernel_tests
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -10,7 +10,7 @@ from transformers import Qwen3Config
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
-from tests.kernels.triton_interpreter import kernel_tests
+from tests.kernels.kernel_checks import kernel_tests
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_POSITIONS = 4096

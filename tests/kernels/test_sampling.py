@@ -4,7 +4,7 @@ On CUDA the checks run directly; on CPU they run with small sizes under the Trit
 """
 import torch
 
-from tests.kernels.triton_interpreter import kernel_tests
+from tests.kernels.kernel_checks import kernel_tests
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

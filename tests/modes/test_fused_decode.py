@@ -18,7 +18,7 @@ from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import Context, reset_context
 from tests.helpers import (BLOCK_SIZE, MODEL_VARIANTS, gpu, logged, qwen3_config, random_prompts,
                            shared_checkpoint)
-from tests.kernels.triton_interpreter import kernel_tests
+from tests.kernels.kernel_checks import kernel_tests
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The HF-parity model (GQA, untied, head_dim 16), and GQA and MQA models with head_dim 64 and 128 (wider
