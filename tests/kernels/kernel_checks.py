@@ -50,8 +50,6 @@ def kernel_tests(kinds: dict, test_file: str):
     @pytest.mark.skipif(cuda, reason="CUDA present: test_cuda runs the compiled kernels")
     @pytest.mark.parametrize("kind", list(kinds))
     def test_interpreter(kind):
-        if importlib.util.find_spec("triton") is None:
-            pytest.skip("triton is not installed")
         outcome = check_result(test_file, kind, EVERY_CASE, interpret=True)
         if outcome["status"] == "unavailable":
             pytest.skip(f"Triton interpreter unavailable: {outcome['output'][-500:]}")
@@ -125,11 +123,13 @@ class CheckRun:
 _RUNS: list[CheckRun] = []  # the session's subprocesses
 
 
-def start(checks: list[Check], interpret: bool) -> None:
-    """Starts a subprocess for these checks, if triton is installed."""
-    if checks and importlib.util.find_spec("triton") is not None:
-        _RUNS.append(CheckRun(checks, interpret))
-        atexit.register(_RUNS[-1].stop)
+def start(checks: list[Check], interpret: bool) -> CheckRun | None:
+    """Starts a subprocess for these checks, if there are any and triton is installed."""
+    if not checks or importlib.util.find_spec("triton") is None:
+        return None
+    _RUNS.append(CheckRun(checks, interpret))
+    atexit.register(_RUNS[-1].stop)
+    return _RUNS[-1]
 
 
 def stop() -> None:
@@ -140,11 +140,10 @@ def stop() -> None:
 def check_result(test_file: str, kind: str, index: int, interpret: bool) -> dict:
     """The outcome of one check: {"status": "ok" | "failed" | "unavailable" | "missing", "output": ...}. A check
     that no subprocess was started for (a test selected some other way) gets one of its own."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
     key = check(test_file, kind, index)
-    run = next((run for run in _RUNS if key in run.checks), None)
-    if run is None:
-        start([key], interpret)
-        run = _RUNS[-1]
+    run = next((run for run in _RUNS if key in run.checks), None) or start([key], interpret)
     return run.result(key)
 
 
