@@ -200,7 +200,7 @@ def _token_ids(prompt) -> list[int]:
     torch tensor of ids too); anything else is a TypeError naming the element and its type."""
     if isinstance(prompt, (np.ndarray, torch.Tensor)):
         prompt = prompt.tolist()
-    if all(type(t) is int for t in prompt):  # the common case, without a per-token check in Python
+    if all(type(t) is int for t in prompt):  # the common case: no isinstance checks or conversions per token
         return list(prompt)
     ids = []
     for i, t in enumerate(prompt):
