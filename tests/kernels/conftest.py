@@ -11,12 +11,8 @@ def pytest_collection_finish(session):
         if item.originalname in checks and not item.get_closest_marker("skip") \
                 and not any(m.args and m.args[0] for m in item.iter_markers("skipif")):
             params = item.callspec.params
-            kind = params["kind"]
-            if item.originalname == "test_cuda":
-                index = item.module.KINDS[kind][0](False).index(params["case"])
-            else:
-                index = kernel_checks.EVERY_CASE
-            checks[item.originalname].append(kernel_checks.check(item.path, kind, index))
+            index = params.get("index", kernel_checks.EVERY_CASE)
+            checks[item.originalname].append(kernel_checks.check(item.path, params["kind"], index))
     kernel_checks.start(checks["test_cuda"], interpret=False)
     kernel_checks.start(checks["test_interpreter"], interpret=True)
 

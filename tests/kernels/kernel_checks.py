@@ -40,10 +40,10 @@ def kernel_tests(kinds: dict, test_file: str):
 
     @pytest.mark.gpu
     @pytest.mark.skipif(not cuda, reason="needs CUDA; the CPU run is test_interpreter")
-    @pytest.mark.parametrize("kind,case", [(kind, case) for kind, (cases, _) in kinds.items() for case in cases(False)],
-                             ids=str)
-    def test_cuda(kind, case):
-        outcome = check_result(test_file, kind, kinds[kind][0](False).index(case), interpret=False)
+    @pytest.mark.parametrize("kind,index", [pytest.param(kind, i, id=f"{kind}-{case}")
+                                            for kind, (cases, _) in kinds.items() for i, case in enumerate(cases(False))])
+    def test_cuda(kind, index):
+        outcome = check_result(test_file, kind, index, interpret=False)
         assert outcome["status"] == "ok", outcome["output"]
 
     @pytest.mark.slow
