@@ -10,6 +10,7 @@ python bench.py --prefill-latency --compare graph,eager   # one prompt at a time
 python bench.py --latency --compare graph-unfused,fused   # one request at a time: TTFT, time per output token
 python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu,pd-mux [--workload prefill-heavy]
 python bench.py --online --goodput --slo-ttft-ms 500,2000 --slo-itl-ms 25,100 --rates 8,4,48 --compare graph,pd-mux
+python bench.py --online --goodput --slo-ttft-ms 500,2000 --slo-itl-ms 25,100 --compare graph,pd-mux --pd-bounds-from-slo
 python bench.py --workload steady --compare graph,pd-mux [--pd-max-itl-ms 30]   # 2048 requests queued at once, max_num_seqs=256
 python bench.py --kv-cache-dtype auto,fp8_e4m3    # the default workload with each KV cache dtype
 python bench.py --kv-quality --presets hf-parity,qwen3-0.6b,qwen3-8b
@@ -102,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--goodput", action="store_true",
                    help="--online: per mode and SLO pair, the highest Poisson rate that meets it; the search starts "
                         "at the first of --rates and stays within the smallest and the largest")
+    p.add_argument("--pd-bounds-from-slo", action="store_true",
+                   help="--goodput: each pd-mux mode runs once per SLO pair, with its bounds as pd_max_ttft_ms and "
+                        "pd_max_itl_ms")
     p.add_argument("--goodput-requests", type=int, default=MIN_REQUESTS,
                    help=f"--goodput: measured requests per rate (default {MIN_REQUESTS}, the fewest for a p99)")
     p.add_argument("--goodput-warmup", type=float, default=10.0,
@@ -168,6 +172,8 @@ def main():
         p.error(f"{', '.join(map(flag, GPU_ONLY[:-1]))} and {flag(GPU_ONLY[-1])} need a CUDA device")
     if args.goodput and not args.online:
         p.error("--goodput needs --online")
+    if args.pd_bounds_from_slo and not args.goodput:
+        p.error("--pd-bounds-from-slo needs --goodput")
     chosen = next((dest for dest in BENCHMARKS if getattr(args, dest)), None)
     if args.plot and chosen not in (None, "online", "decode_sweep"):
         p.error("--plot draws the results of the throughput comparison, --online and --decode-sweep only")

@@ -7,8 +7,8 @@ from transformers import AutoConfig
 
 from benchmarks.common import (device_name, engine_options, label, mode_options, model_path, print_pd_statistics,
                                with_engine)
-from benchmarks.goodput import (MIN_REQUESTS, Goodput, RateGrid, goodput_text, missed_text, ratio_text, search,
-                                slo_pairs)
+from benchmarks.goodput import (MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, ratio_text,
+                                search, slo_pairs)
 from benchmarks.replay import replay
 from benchmarks.report import print_table
 from benchmarks.workloads import describe_workload, poisson_arrivals
@@ -27,11 +27,14 @@ def run(args) -> list[dict]:
         raise SystemExit(str(e)) from None
     if args.goodput and not slos:
         raise SystemExit("--goodput needs --slo-ttft-ms and --slo-itl-ms")
+    if args.pd_bounds_from_slo and (args.pd_max_itl_ms or args.pd_max_ttft_ms):
+        raise SystemExit("--pd-bounds-from-slo sets pd_max_itl_ms and pd_max_ttft_ms from each SLO pair: "
+                         "leave out --pd-max-itl-ms and --pd-max-ttft-ms")
     if args.goodput and args.goodput_requests < 1:
         raise SystemExit(f"--goodput-requests must be at least 1 ({MIN_REQUESTS} advised), got {args.goodput_requests}")
     rates = [float(r) for r in args.rates.split(",")]
     grid = RateGrid.of(rates, args.goodput_resolution)
-    results: list[tuple[str, list[Goodput]]] = []  # per mode, the goodput of each SLO pair
+    results: list[tuple[str, dict[int, Goodput]]] = []  # per engine, the goodput of each SLO pair it searched
 
     def at_rate(llm, name: str, rate: float) -> dict:
         if args.goodput:
@@ -48,8 +51,8 @@ def run(args) -> list[dict]:
               f"TTFT p99 {row['ttft_p99_s'] or 0:.3f} s, ITL p99 {row['itl_p99_ms'] or 0:.1f} ms", flush=True)
         return row
 
-    def measure(llm, mode: str) -> list[dict]:
-        name = label(mode, llm)
+    def measure(llm, mode: str, searched: list[int], suffix: str) -> list[dict]:
+        name = label(mode, llm) + suffix
         if args.goodput:
             measured: dict[float, dict] = {}  # every SLO pair's search reads the rates measured before
 
@@ -58,17 +61,17 @@ def run(args) -> list[dict]:
                     measured[rate] = at_rate(llm, name, rate)
                 return not slo.missed(measured[rate])
 
-            results.append((name, [search(lambda rate: meets(slo, rate), grid) for slo in slos]))
-            for slo, goodput in zip(slos, results[-1][1]):
-                print(f"[bench] {name}: goodput {goodput_text(goodput)} req/s under {slo.label}", flush=True)
+            results.append((name, {i: search(lambda rate: meets(slos[i], rate), grid) for i in searched}))
+            for i, goodput in results[-1][1].items():
+                print(f"[bench] {name}: goodput {goodput_text(goodput)} req/s under {slos[i].label}", flush=True)
             rows = sorted(measured.values(), key=lambda row: row["rate"])
         else:
             rows = [at_rate(llm, name, rate) for rate in rates]
         print_pd_statistics(llm)
         return rows
 
-    rows = [row for mode in args.compare.split(",")
-            for row in with_engine(model, mode_options(mode, engine_options(args)), lambda llm: measure(llm, mode))]
+    rows = [row for mode, options, searched, suffix in engines(args, slos)
+            for row in with_engine(model, options, lambda llm: measure(llm, mode, searched, suffix))]
     if args.goodput:
         arrivals = (f"for {args.goodput_warmup:g} s to reach the load, then {args.goodput_requests} measured requests, "
                     f"at rates {grid.start:g} x 2^(k/{grid.steps}) within [{grid.lowest:g}, {grid.highest:g}]")
@@ -83,6 +86,22 @@ def run(args) -> list[dict]:
     columns = COLUMNS[:3] + ["measured_requests"] * args.goodput + COLUMNS[3:]  # after "requests"
     print_table(rows, columns + [f"slo{i + 1}_missed" for i in range(len(slos))])
     return rows + goodput_rows(slos, results, rows) if args.goodput else rows
+
+
+def engines(args, slos: list[SLO]) -> list[tuple[str, dict, list[int], str]]:
+    """The engines to measure: (mode, its LLM options, the SLO pairs its goodput is searched for, a suffix
+    to its name). With --pd-bounds-from-slo a multiplexing mode has one engine per SLO pair, told that
+    pair's bounds as pd_max_ttft_ms and pd_max_itl_ms."""
+    every = list(range(len(slos)))
+    chosen = []
+    for mode in args.compare.split(","):
+        options = mode_options(mode, engine_options(args))
+        if args.pd_bounds_from_slo and options.get("enable_pd_multiplexing"):
+            chosen += [(mode, {**options, "pd_max_ttft_ms": slo.ttft_ms, "pd_max_itl_ms": slo.itl_ms}, [i],
+                        f" (slo{i + 1} bounds)") for i, slo in enumerate(slos)]
+        else:
+            chosen.append((mode, options, every, ""))
+    return chosen
 
 
 def rate_args(args, rate: float, **values) -> argparse.Namespace:
@@ -104,15 +123,15 @@ def measured_arrivals(args, rate: float, vocab_size: int) -> list:
         duration *= 1.5
 
 
-def goodput_rows(slos, results: list[tuple[str, list[Goodput]]], measured: list[dict]) -> list[dict]:
-    """Prints, per SLO pair and mode, the goodput, its ratio to the first mode's, and the rate above it
-    with the bounds it missed; returns them as rows."""
+def goodput_rows(slos, results: list[tuple[str, dict[int, Goodput]]], measured: list[dict]) -> list[dict]:
+    """Prints, per SLO pair and engine that searched it, the goodput, its ratio to the first such engine's,
+    and the rate above it with the bounds it missed; returns them as rows."""
     at = {(row["mode"], row["rate"]): row for row in measured}
     rows = []
     for i, slo in enumerate(slos):
-        first = results[0][1][i]
-        for name, goodputs in results:
-            g = goodputs[i]
+        searched = [(name, goodputs[i]) for name, goodputs in results if i in goodputs]
+        first = searched[0][1]
+        for name, g in searched:
             met, above = at.get((name, g.rate), {}), at.get((name, g.rate_above))
             rows.append({"slo": slo.label, "mode": name, "goodput": goodput_text(g), "goodput_req_per_s": g.rate,
                          "vs_first": ratio_text(g, first), "ttft_p99_s": met.get("ttft_p99_s"),

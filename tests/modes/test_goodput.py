@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.goodput import (MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, positive_floats,
                                 ratio_text, search, slo_pairs)
-from benchmarks.online import measured_arrivals
+from benchmarks.online import engines, goodput_rows, measured_arrivals
 from benchmarks.replay import replay
 from benchmarks.report import percentile
 from nanovllm import SamplingParams
@@ -184,3 +184,26 @@ def test_the_replay_counts_after_the_warm_up_and_may_stop_at_the_last_first_toke
     else:  # stopped once the last had its first token: the two long ones still decoding are aborted
         assert sorted(engine.aborted) == [0, 1] and row["seconds"] < 0.07
     assert row["itl_p99_ms"] > 0
+
+
+def test_multiplexing_told_each_slo_gets_an_engine_per_pair():
+    """--pd-bounds-from-slo: graph mode searches every SLO pair on one engine; pd-mux runs once per pair with
+    that pair's bounds, and each SLO's ratios are to the first engine that searched it."""
+    slos = slo_pairs([500.0, 2000.0], [25.0, 100.0])
+    args = workload_args(compare="graph,pd-mux", pd_bounds_from_slo=True, pd_max_itl_ms=None, pd_max_ttft_ms=None)
+    chosen = engines(args, slos)
+    assert [(mode, searched, suffix) for mode, _, searched, suffix in chosen] == [
+        ("graph", [0, 1], ""), ("pd-mux", [0], " (slo1 bounds)"), ("pd-mux", [1], " (slo2 bounds)")]
+    assert "pd_max_itl_ms" not in chosen[0][1]
+    assert [(o["pd_max_ttft_ms"], o["pd_max_itl_ms"], o["enable_pd_multiplexing"]) for _, o, _, _ in chosen[1:]] == \
+        [(500.0, 25.0, True), (2000.0, 100.0, True)]
+    untold = engines(workload_args(compare="graph,pd-mux", pd_bounds_from_slo=False, pd_max_itl_ms=None,
+                                   pd_max_ttft_ms=None), slos)
+    assert [(mode, searched, o.get("pd_max_itl_ms")) for mode, o, searched, _ in untold] == \
+        [("graph", [0, 1], None), ("pd-mux", [0, 1], None)]
+
+    results = [("graph", {0: Goodput(5.66, 6.73), 1: Goodput(22.6, 26.9)}),
+               ("pd-mux (slo1 bounds)", {0: Goodput(13.5, 16.0)}), ("pd-mux (slo2 bounds)", {1: Goodput(22.6, 26.9)})]
+    rows = goodput_rows(slos, results, [])
+    assert [(row["mode"], row["vs_first"]) for row in rows] == [
+        ("graph", "1.00x"), ("pd-mux (slo1 bounds)", "2.39x"), ("graph", "1.00x"), ("pd-mux (slo2 bounds)", "1.00x")]

@@ -19,7 +19,7 @@ from nanovllm.modes.multiplexing.policy import DEFAULT_TTFT_FACTOR, MIN_CHUNK_TO
 from nanovllm.modes.multiplexing.splits import (OBSERVED_WEIGHT, STEP_MARGIN, STEPS_OBSERVED, STEPS_PER_BUCKET, Split,
                                                 SplitProfiler, candidate_sizes, choose_split, choose_splits,
                                                 in_line_prefill_tokens, itl_bound_ms, split_ranges)
-from nanovllm.modes.multiplexing.stats import FILLING, FIRST_TOKEN, FULL_GPU, IN_LINE
+from nanovllm.modes.multiplexing.stats import FILLING, FILLING_IN_BOUND, FIRST_TOKEN, FULL_GPU, IN_LINE
 from nanovllm.partitions.sm_limit import num_sms_of, on_sms
 from nanovllm.partitions.streams import Lane
 from tests.helpers import BLOCK_SIZE, check_consistent, gpu, logged
@@ -415,6 +415,31 @@ def test_prefills_that_fill_the_batch_run_between_decode_steps(model_dir, expect
     assert all(joining < FILL_SHARE * running for running, joining in on_split)
     labels = [label for label, _, _ in launched]
     assert labels.index(FILLING) < labels.index(split.label)
+
+
+def test_with_an_itl_bound_fills_are_cut_to_it_once_the_allowance_is_spent(model_dir, expected, monkeypatch):
+    """Requests queued at once with pd_max_itl_ms set: the first fill beside decoding sequences runs whole
+    (the ITL allowance's first), the later ones between decode steps cut to the in-line size (here 16 of a
+    64-token budget, with MIN_CHUNK_TOKENS lowered to let so short a cut run). The tokens stay the same."""
+    llm = mux_llm(model_dir, max_num_batched_tokens=64, pd_max_itl_ms=50.0)
+    placement = llm.loop.placement
+    split = Split(Lane(None, 8), Lane(None, 16))
+    placement.splits = [split]  # a stand-in: lanes without streams
+    placement.split_by_bucket = {llm.config.scheduler.max_num_seqs: split}
+    placement.in_line_tokens = lambda batch: 16
+    monkeypatch.setattr("nanovllm.modes.multiplexing.placement.MIN_CHUNK_TOKENS", 8)
+    decode_beside_every_prefill(llm, monkeypatch)
+    launched = []
+    prefill = placement.prefill
+    monkeypatch.setattr(placement, "prefill", lambda loop, seqs: launched.append(
+        (placement.choice.label, sum(seq.num_scheduled_tokens for seq in seqs))) or prefill(loop, seqs))
+    assert tokens(llm, mixed_prompts()) == expected
+    whole = [n for label, n in launched if label == FILLING]
+    cut = [n for label, n in launched if label == FILLING_IN_BOUND]
+    assert len(whole) == 1 and whole[0] > 16 and cut and max(cut) <= 16
+    assert launched[0][0] == FULL_GPU and [label for label, _ in launched].index(FILLING) < \
+        [label for label, _ in launched].index(FILLING_IN_BOUND)
+    assert llm.get_pd_statistics()["itl_allowance_spent_by"] == {FILLING: 1}
 
 
 @pytest.mark.parametrize("bound_ms", [1e9, 1e-3], ids=["no-risk", "always-at-risk"])

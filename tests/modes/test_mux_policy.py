@@ -2,6 +2,8 @@
 runs beside decoding sequences, when a queued prompt's first token is at risk, how long a prefill on a
 split may be, and how often a prompt at risk may take the whole GPU (modes/multiplexing/policy.py and
 SplitPlacement.choose_prefill)."""
+from types import SimpleNamespace
+
 import pytest
 
 from nanovllm.modes.multiplexing.placement import SplitPlacement
@@ -9,7 +11,7 @@ from nanovllm.modes.multiplexing.policy import (CHUNK_SHARE, DEFAULT_TTFT_FACTOR
                                                 ItlAllowance, QueuedPrompt, chunk_tokens, first_token_at_risk,
                                                 ttft_bound_ms)
 from nanovllm.modes.multiplexing.splits import Split
-from nanovllm.modes.multiplexing.stats import FILLING, FIRST_TOKEN, FULL_GPU, IN_LINE
+from nanovllm.modes.multiplexing.stats import FILLING, FILLING_IN_BOUND, FIRST_TOKEN, FULL_GPU, IN_LINE
 from nanovllm.partitions.streams import Lane
 
 FULL_PREFILL_MS = 410.0  # the profile's whole-GPU prefill of a full token budget
@@ -23,12 +25,12 @@ def split(decode_sms: int) -> Split:
     return s
 
 
-def placement(max_ttft_ms=None) -> SplitPlacement:
+def placement(max_ttft_ms=None, max_itl_ms=None) -> SplitPlacement:
     """A placement as its start-up profile leaves it: small batches (bucket 64) take the split with 48 decode
     SMs, large ones 80; a decode step of 8 ms at 64 sequences and 20 ms at 512, so that a prefill of up to 80
     tokens runs in line beside 64 (a 12 ms bound: 8 ms of step, 2 ms to read the weights, 80 x 0.025 ms)."""
     wide, narrow = split(48), split(80)
-    p = SplitPlacement([wide, narrow], "stand-ins", None, max_ttft_ms)
+    p = SplitPlacement([wide, narrow], "stand-ins", max_itl_ms, max_ttft_ms)
     p.decode_buckets = [64, 512]
     p.split_by_bucket = {64: wide, 512: narrow}
     p.decode_step_ms = {64: 8.0, 512: 20.0}
@@ -126,6 +128,55 @@ def test_the_earlier_rules_come_first():
     assert p.choose_prefill(running=40, joining=10, batch_tokens=500, queue=old).label == FILLING
     choice = p.choose_prefill(running=40, joining=2, batch_tokens=80, queue=old)  # short: within the ITL bound
     assert (choice.label, choice.in_line, choice.ttft_at_risk) == (IN_LINE, True, False)
+
+
+def test_without_an_itl_bound_a_fill_runs_whole():
+    p = placement()
+    choice = p.choose_prefill(running=40, joining=10, batch_tokens=16384, queue=young(10))
+    assert (choice.label, choice.in_line, choice.max_tokens, choice.over_itl) == (FILLING, True, None, False)
+
+
+def test_with_an_itl_bound_a_fill_runs_whole_within_the_allowance_then_cut_to_the_bound():
+    """pd_max_itl_ms 20: beside 40 sequences (bucket 64, an 8 ms step) a prefill of up to 400 tokens stays
+    within it ((20 - 8 - 2) / 0.025). A longer fill runs whole while the ITL allowance (shared with the
+    first-token bound) has room, then cut to 400 tokens; a fill within the bound spends nothing."""
+    p = placement(max_itl_ms=20.0)
+    assert p.in_line_tokens(40) == 400
+    choice = p.choose_prefill(running=40, joining=10, batch_tokens=300, queue=young(10))
+    assert (choice.label, choice.in_line, choice.max_tokens, choice.over_itl) == (FILLING, True, None, False)
+    choice = p.choose_prefill(running=40, joining=10, batch_tokens=16384, queue=young(10))
+    assert (choice.label, choice.in_line, choice.max_tokens, choice.over_itl) == (FILLING, True, None, True)
+    p.allowance.spent = 1
+    choice = p.choose_prefill(running=40, joining=10, batch_tokens=16384, queue=young(10))
+    assert (choice.label, choice.in_line, choice.max_tokens, choice.over_itl) == (FILLING_IN_BOUND, True, 400, False)
+    # With the allowance spent by fills, a prompt at risk stays on the split.
+    choice = p.choose_prefill(running=40, joining=2, batch_tokens=500, queue=[QueuedPrompt(500, 400.0)])
+    assert choice.split is p.split_by_bucket[64] and choice.ttft_at_risk and not choice.in_line
+
+
+def test_a_fill_whose_in_bound_cut_is_too_short_goes_to_the_split():
+    """pd_max_itl_ms 12 leaves 80 tokens beside 40 sequences, fewer than MIN_CHUNK_TOKENS: once the
+    allowance is spent, the fill runs on the split like any other prefill."""
+    p = placement(max_itl_ms=12.0)
+    assert p.in_line_tokens(40) == 80 < MIN_CHUNK_TOKENS
+    p.allowance.spent = 1
+    choice = p.choose_prefill(running=40, joining=10, batch_tokens=16384, queue=young(10))
+    assert choice.split is p.split_by_bucket[64] and not choice.in_line and not choice.over_itl
+
+
+def test_prefills_that_spend_the_itl_allowance_are_counted_by_label():
+    p = placement(max_itl_ms=20.0)
+    loop = SimpleNamespace(last_decode=None)
+    p.choice = p.choose_prefill(running=40, joining=10, batch_tokens=16384, queue=young(10))
+    p.prefill(loop, [])
+    p.allowance.steps = 1000
+    p.choice = p.choose_prefill(running=40, joining=2, batch_tokens=500, queue=[QueuedPrompt(500, 400.0)])
+    p.prefill(loop, [])
+    p.choice = p.choose_prefill(running=40, joining=2, batch_tokens=100, queue=young())
+    p.prefill(loop, [])
+    assert p.allowance.spent == 2
+    assert p.statistics()["itl_allowance_spent_by"] == {FILLING: 1, FIRST_TOKEN: 1}
+    assert p.statistics()["prefills_per_split"] == {FILLING: 1, FIRST_TOKEN: 1, IN_LINE: 1}
 
 
 @pytest.mark.parametrize("what", ["no profile", "one stream"])

@@ -108,7 +108,9 @@ def report(stats: dict) -> str:
             lines.append(f"  Prefill batches on {split}: {count}")
         if stats["bounds"]:
             ran_on = "; ".join(f"{where}: {n}" for where, n in stats["ttft_at_risk_ran_on"].items())
+            spent = "; ".join(f"{label}: {n}" for label, n in stats["itl_allowance_spent_by"].items()) or "none"
             lines.append(f"  Bounds: ITL {stats['bounds']['itl']}, first token {stats['bounds']['ttft']}; decode steps "
                          f"over the ITL bound on a split: {stats['itl_over_bound_steps']}; prefills with a first token "
-                         f"at risk: {stats['ttft_at_risk_prefills']}{f' ({ran_on})' if ran_on else ''}")
+                         f"at risk: {stats['ttft_at_risk_prefills']}{f' ({ran_on})' if ran_on else ''}; prefills "
+                         f"that spent the ITL allowance: {spent}")
     return "\n".join(lines)

@@ -7,17 +7,18 @@ import torch
 
 from nanovllm.modes.disaggregation.loop import DecodeStep, PDLoop
 from nanovllm.modes.disaggregation.scheduler import PDScheduler
-from nanovllm.modes.multiplexing.policy import (DEFAULT_TTFT_FACTOR, ItlAllowance, QueuedPrompt, chunk_tokens,
-                                                first_token_at_risk, ttft_bound_ms)
+from nanovllm.modes.multiplexing.policy import (DEFAULT_TTFT_FACTOR, MIN_CHUNK_TOKENS, ItlAllowance, QueuedPrompt,
+                                                chunk_tokens, first_token_at_risk, ttft_bound_ms)
 from nanovllm.modes.multiplexing.splits import (DEFAULT_ITL_FACTOR, STEP_MARGIN, Split, SplitProfiler, choose_split,
                                                 choose_splits, in_line_prefill_tokens, itl_bound_ms, split_ranges,
                                                 within_bound)
-from nanovllm.modes.multiplexing.stats import FILLING, FIRST_TOKEN, FULL_GPU, IN_LINE, SplitStatistics
+from nanovllm.modes.multiplexing.stats import (FILLING, FILLING_IN_BOUND, FIRST_TOKEN, FULL_GPU, IN_LINE,
+                                               SplitStatistics)
 from nanovllm.utils.log import get_logger
 
 logger = get_logger("PD-mux")
-# A prefill fills the batch (runs between decode steps, whatever its length) while the sequences to
-# join the decoding ones are at least this share of them: the batch is still to grow by a quarter.
+# A prefill fills the batch (runs between decode steps) while the sequences to join the decoding ones are
+# at least this share of them: the batch is still to grow by a quarter.
 FILL_SHARE = 0.25
 
 
@@ -25,12 +26,14 @@ FILL_SHARE = 0.25
 class PrefillChoice:
     """Where the next prefill batch runs: its label in the statistics, the split (None: the whole GPU),
     whether the decode step after it waits for it (between decode steps), the most tokens it may have
-    (None: max_num_batched_tokens), and whether a queued prompt's first token was at risk."""
+    (None: max_num_batched_tokens), whether a queued prompt's first token was at risk, and whether it
+    spends the ITL allowance (it may push the decode step after it past the ITL bound)."""
     label: str
     split: Split | None = None
     in_line: bool = False
     max_tokens: int | None = None
     ttft_at_risk: bool = False
+    over_itl: bool = False
 
 
 class SplitPlacement:
@@ -44,13 +47,16 @@ class SplitPlacement:
     a decode step and it to fit that bound runs between two decode steps instead; so does every prefill
     while the sequences to join the decoding ones are a quarter of them or more (a burst, or the start of
     an offline run): the batch fills first, as in the sequential engine, since prefills on a split delay
-    the sequences that are still to start.
+    the sequences that are still to start. Such a fill is as long as the token budget without
+    pd_max_itl_ms; with it, a fill that would push the decode step after it past the bound runs whole only
+    within the ITL allowance, and otherwise is cut to fit the bound (or goes to the split where that leaves
+    too few tokens): under a sustained overload, whole fills would hold up every decode step.
 
     The first-token bound (pd_max_ttft_ms) weighs the queued prompts: where one of them would get its
     first token past it with the prefills on the split, the prefill runs on the whole GPU between decode
-    steps, as often as the ITL allowance lets such a prefill push a decode step past the ITL bound; and
-    a prefill on a split is cut to a share of the bound, so that the choice is taken again soon.
-    Without splits (no green contexts) both runners share one stream and the scheduling is the same.
+    steps, as often as the ITL allowance (shared with the fills) lets a prefill push a decode step past the
+    ITL bound; and a prefill on a split is cut to a share of the bound, so that the choice is taken again
+    soon. Without splits (no green contexts) both runners share one stream and the scheduling is the same.
     """
 
     def __init__(self, splits: list[Split], partitions: str, max_itl_ms: float | None, max_ttft_ms: float | None):
@@ -171,20 +177,27 @@ class SplitPlacement:
 
         With nothing decoding (or without splits) the prefill has the whole GPU. Beside decode steps it runs
         between two of them on the whole GPU where it fills the batch (on a split, the prefills of a burst
-        take several times as long, and the sequences still to start finish that much later), where it is
-        short enough for a step and it to stay within the ITL bound (then the split would cost throughput
-        and bound nothing), or where a queued prompt's first token is at risk and the ITL allowance has
-        room; else on the split of the running batch, cut to its chunk of tokens."""
+        take several times as long, and the sequences still to start finish that much later; the class
+        says how pd_max_itl_ms cuts such a fill), where it is short enough for a step and it to stay within
+        the ITL bound (then the split would cost throughput and bound nothing), or where a queued prompt's
+        first token is at risk and the ITL allowance has room; else on the split of the running batch, cut
+        to its chunk of tokens."""
         if not running or not self.split_by_bucket:
             return PrefillChoice(self._label(None))
+        in_line_tokens = self.in_line_tokens(running)
         if self.fills_batch(joining, running):
-            return PrefillChoice(FILLING, in_line=True)
-        if batch_tokens <= self.in_line_tokens(running):
+            if batch_tokens <= in_line_tokens or self.max_itl_ms is None:
+                return PrefillChoice(FILLING, in_line=True)
+            if self.allowance.available():
+                return PrefillChoice(FILLING, in_line=True, over_itl=True)
+            if in_line_tokens >= MIN_CHUNK_TOKENS:
+                return PrefillChoice(FILLING_IN_BOUND, in_line=True, max_tokens=in_line_tokens)
+        elif batch_tokens <= in_line_tokens:
             return PrefillChoice(IN_LINE, in_line=True)
         split = self.split_for(running)
         at_risk = self.ttft_at_risk(queue, split)
         if at_risk and self.allowance.available():
-            return PrefillChoice(FIRST_TOKEN, in_line=True, ttft_at_risk=True)
+            return PrefillChoice(FIRST_TOKEN, in_line=True, ttft_at_risk=True, over_itl=True)
         return PrefillChoice(split.label, split, max_tokens=self.chunk_tokens(split), ttft_at_risk=at_risk)
 
     def prefill_budget(self, loop: PDLoop) -> int | None:
@@ -209,8 +222,9 @@ class SplitPlacement:
         self.stats.record_split_prefill(choice.label)
         if choice.ttft_at_risk:
             self.stats.record_ttft_at_risk(choice.label)
-        if choice.label == FIRST_TOKEN:
+        if choice.over_itl:
             self.allowance.spent += 1
+            self.stats.record_over_itl(choice.label)
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
         # still writes them.
         return (self.prefill_split and self.prefill_split.prefill), (loop.last_decode,)

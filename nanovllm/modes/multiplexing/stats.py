@@ -1,6 +1,7 @@
 FULL_GPU = "full GPU"
 IN_LINE = "full GPU, between decode steps"
 FILLING = "full GPU, between decode steps, filling the batch"
+FILLING_IN_BOUND = "full GPU, between decode steps, filling the batch, cut to the ITL bound"
 FIRST_TOKEN = "full GPU, between decode steps, first-token bound"
 
 
@@ -11,7 +12,8 @@ class SplitStatistics:
     serving), the start-up profile of every split and the decode steps observed on it per bucket; and how
     often each bound was at risk: decode steps on a split over the ITL bound (what moves a bucket), and
     prefills beside decoding sequences launched while a queued prompt's first token was at risk of coming
-    past the first-token bound, by where they ran. Reported beside the PDStatistics."""
+    past the first-token bound, by where they ran; and the prefills between decode steps that spent the ITL
+    allowance (and may have pushed a step past the ITL bound), by label. Reported beside the PDStatistics."""
 
     def __init__(self, partitions: str):
         self.partitions = partitions  # how prefill and decode share the GPU
@@ -25,6 +27,7 @@ class SplitStatistics:
         self.bounds: dict[str, str] = {}  # the ITL and first-token bounds the choices follow
         self.itl_over_bound_steps = 0
         self.ttft_at_risk: dict[str, int] = {}  # where each prefill run with a first token at risk ran
+        self.over_itl: dict[str, int] = {}  # the prefills that spent the ITL allowance, by label
 
     def record_split_decode(self, split: str, seconds: float) -> None:
         self.decode_steps_in[split] = self.decode_steps_in.get(split, 0) + 1
@@ -40,6 +43,9 @@ class SplitStatistics:
     def record_ttft_at_risk(self, ran_on: str) -> None:
         self.ttft_at_risk[ran_on] = self.ttft_at_risk.get(ran_on, 0) + 1
 
+    def record_over_itl(self, label: str) -> None:
+        self.over_itl[label] = self.over_itl.get(label, 0) + 1
+
     def as_dict(self) -> dict:
         total = sum(self.decode_seconds_in.values())
         return {
@@ -54,4 +60,5 @@ class SplitStatistics:
             "prefills_per_split": dict(self.prefills_in),
             "bounds": dict(self.bounds), "itl_over_bound_steps": self.itl_over_bound_steps,
             "ttft_at_risk_prefills": sum(self.ttft_at_risk.values()), "ttft_at_risk_ran_on": dict(self.ttft_at_risk),
+            "itl_allowance_spent_by": dict(self.over_itl),
         }
