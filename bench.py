@@ -108,8 +108,9 @@ def parser() -> argparse.ArgumentParser:
                         "pd_max_itl_ms")
     p.add_argument("--goodput-requests", type=int, default=MIN_REQUESTS,
                    help=f"--goodput: measured requests per rate (default {MIN_REQUESTS}, the fewest for a p99)")
-    p.add_argument("--goodput-warmup", type=float, default=10.0,
-                   help="--goodput: seconds of arrivals per rate before the measured requests")
+    p.add_argument("--goodput-warmup", type=positive_float, default=10.0,
+                   help="--goodput: seconds of arrivals per rate before the measured requests; a rate whose "
+                        "requests live longer misses (lifetime)")
     p.add_argument("--goodput-resolution", type=positive_float, default=0.2,
                    help="--goodput: the most by which neighbouring rates of the search differ (0.2: 20%%)")
     p.add_argument("--hf-peer", type=int, default=0, help="also run transformers' generate on this many seqs")

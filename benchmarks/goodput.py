@@ -10,6 +10,10 @@ from dataclasses import dataclass
 # on, the TTFT p99 lets one request in 100 exceed the bound, what a p99 means; with 51-99 it lets one of
 # fewer than 100 (more than 1%) and below 51 none (the p99 is then the slowest request).
 MIN_REQUESTS = 100
+# A rate is served in a steady state only if, after the warm-up, the output tokens come at least this share
+# as fast as the arrivals ask for them (their rate x the mean output length): below, a backlog grows, and a
+# longer run would see the latencies grow with it. The share leaves room for the window's Poisson noise.
+KEEP_UP = 0.85
 
 
 def positive_floats(text: str) -> list[float]:
@@ -34,9 +38,14 @@ class SLO:
         return f"TTFT {self.ttft_ms:g} ms, ITL {self.itl_ms:g} ms"
 
     def missed(self, row: dict) -> dict[str, float]:
-        """The bounds a measurement missed ("ttft", "itl"), each with its p99 over the bound, the
-        furthest over first; {} when it met both."""
-        over = {"ttft": 1e3 * row["ttft_p99_s"] / self.ttft_ms, "itl": (row["itl_p99_ms"] or 0.0) / self.itl_ms}
+        """The bounds a measurement missed, each with how far over it, the furthest first; {} when it met
+        them all: "ttft" and "itl" (the p99 over the bound), and the two signs that the window did not see
+        the load's steady state, which every SLO shares: "lifetime" (a request's expected lifetime over
+        the warm-up: the batch was still growing towards its size at this load) and "backlog" (KEEP_UP x
+        the output tokens asked for per second over those delivered after the warm-up)."""
+        over = {"ttft": 1e3 * row["ttft_p99_s"] / self.ttft_ms, "itl": (row["itl_p99_ms"] or 0.0) / self.itl_ms,
+                "lifetime": row.get("lifetime_over_warmup") or 0.0,
+                "backlog": KEEP_UP * (row.get("offered_over_delivered") or 0.0)}
         return dict(sorted(((k, v) for k, v in over.items() if v > 1), key=lambda kv: -kv[1]))
 
 

@@ -7,7 +7,7 @@ from transformers import AutoConfig
 
 from benchmarks.common import (device_name, engine_options, label, mode_options, model_path, print_pd_statistics,
                                with_engine)
-from benchmarks.goodput import (MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, ratio_text,
+from benchmarks.goodput import (KEEP_UP, MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, ratio_text,
                                 search, slo_pairs)
 from benchmarks.replay import replay
 from benchmarks.report import print_table
@@ -40,6 +40,7 @@ def run(args) -> list[dict]:
         if args.goodput:
             arrivals = measured_arrivals(args, rate, vocab_size)
             row = replay(llm, arrivals, f"{name} at {rate:.3g} req/s", args.goodput_warmup, drain=False)
+            row.update(steady_state(row, arrivals, rate, args.goodput_warmup))
         else:
             row = replay(llm, poisson_arrivals(rate_args(args, rate), rate, vocab_size), f"{name} at {rate:g} req/s")
         row = {"mode": name, "rate": rate, **row}
@@ -84,8 +85,24 @@ def run(args) -> list[dict]:
     for i, slo in enumerate(slos):
         print(f"slo{i + 1}: {slo.label} (p99); slo{i + 1}_missed: the bounds a rate missed, p99 over the bound")
     columns = COLUMNS[:3] + ["measured_requests"] * args.goodput + COLUMNS[3:]  # after "requests"
+    if args.goodput:
+        columns += ["lifetime_s", "offered_over_delivered"]
+        print(f"lifetime_s: a request's expected lifetime (TTFT p50 + mean output x ITL p50), at most the "
+              f"{args.goodput_warmup:g} s warm-up; offered_over_delivered: output tokens/s asked for over those "
+              f"delivered after the warm-up, at most 1/{KEEP_UP:g}: else the rate misses (lifetime, backlog)")
     print_table(rows, columns + [f"slo{i + 1}_missed" for i in range(len(slos))])
     return rows + goodput_rows(slos, results, rows) if args.goodput else rows
+
+
+def steady_state(row: dict, arrivals, rate: float, warmup_s: float) -> dict:
+    """How near a goodput measurement came to the load's steady state: a request's expected lifetime (its
+    first token, then the mean output length at the ITL median) and it over the warm-up, and the output
+    tokens asked for per second (rate x the mean output length) over those delivered after the warm-up."""
+    mean_output = sum(params.max_tokens for _, _, params in arrivals) / len(arrivals)
+    lifetime_s = (row["ttft_p50_s"] or 0.0) + mean_output * (row["itl_p50_ms"] or 0.0) / 1e3
+    delivered = row["tok_per_s_measured"]
+    return {"lifetime_s": lifetime_s, "lifetime_over_warmup": lifetime_s / warmup_s,
+            "offered_over_delivered": rate * mean_output / delivered if delivered else None}
 
 
 def engines(args, slos: list[SLO]) -> list[tuple[str, dict, list[int], str]]:

@@ -19,10 +19,11 @@ def replay(llm: LLM, arrivals, desc: str, warmup_s: float = 0.0, drain: bool = T
     Steps taken while every request had its first token (no prefill queued or running) give the
     decode step time without prefills that the ITL is judged against, with their batch sizes; each
     gap is also divided by that time at the batch of the step that ended it (itl_p99/same_batch_step).
+    tok_per_s_measured counts the output tokens that came after warmup_s.
     tok_per_s_mid counts the middle half of the output tokens only, away from the first fill and
     the final drain."""
     pending, arrival, last_seen, done = deque(arrivals), {}, {}, set()
-    ttft, itl, itl_batch, num_tokens, completed = [], [], [], 0, 0
+    ttft, itl, itl_batch, num_tokens, measured_tokens, completed = [], [], [], 0, 0, 0
     progress = []  # (seconds, output tokens so far) after each step with outputs
     decode_only_ms, decode_only_batch = [], []
     bar = tqdm(total=sum(params.max_tokens for _, _, params in arrivals), desc=desc, unit="tok", mininterval=1.0)
@@ -54,6 +55,7 @@ def replay(llm: LLM, arrivals, desc: str, warmup_s: float = 0.0, drain: bool = T
                     ttft.append(now - arrival[request_id])
                 gaps = [0.0] * (len(new_token_ids) - 1)
             if now >= warmup_s:
+                measured_tokens += len(new_token_ids)
                 itl += gaps
                 itl_batch += [len(outputs)] * len(gaps)
             last_seen[request_id] = now
@@ -71,6 +73,7 @@ def replay(llm: LLM, arrivals, desc: str, warmup_s: float = 0.0, drain: bool = T
     return {"requests": len(arrivals), "measured_requests": len(ttft), "seconds": seconds,
             "req_per_s": completed / seconds,
             "tok_per_s": num_tokens / seconds,
+            "tok_per_s_measured": measured_tokens / (seconds - warmup_s) if seconds > warmup_s else None,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "itl_p50_ms": percentile(ms, 0.5), "itl_p99_ms": percentile(ms, 0.99), "itl_max_ms": max(ms, default=None),
             "decode_only_steps": len(decode_only_ms), "decode_only_step_p50_ms": percentile(decode_only_ms, 0.5),

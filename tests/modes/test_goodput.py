@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from benchmarks.goodput import (MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, positive_floats,
+from benchmarks.goodput import (KEEP_UP, MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, positive_floats,
                                 ratio_text, search, slo_pairs)
-from benchmarks.online import engines, goodput_rows, measured_arrivals
+from benchmarks.online import engines, goodput_rows, measured_arrivals, steady_state
 from benchmarks.replay import replay
 from benchmarks.report import percentile
 from nanovllm import SamplingParams
@@ -207,3 +207,20 @@ def test_multiplexing_told_each_slo_gets_an_engine_per_pair():
     rows = goodput_rows(slos, results, [])
     assert [(row["mode"], row["vs_first"]) for row in rows] == [
         ("graph", "1.00x"), ("pd-mux (slo1 bounds)", "2.39x"), ("graph", "1.00x"), ("pd-mux (slo2 bounds)", "1.00x")]
+
+
+def test_a_rate_not_served_in_a_steady_state_misses_every_slo():
+    """Requests that live longer than the warm-up, or output tokens that come slower than KEEP_UP of the rate
+    the arrivals ask for, mean that the window saw the batch still growing: the rate misses, whatever its p99s."""
+    slo = SLO(2000.0, 100.0)
+    within = {"ttft_p99_s": 0.1, "itl_p99_ms": 50.0}
+    assert slo.missed({**within, "lifetime_over_warmup": 0.9, "offered_over_delivered": 1.1}) == {}
+    assert slo.missed({**within, "lifetime_over_warmup": 1.5, "offered_over_delivered": 1.0}) == {"lifetime": 1.5}
+    assert slo.missed({**within, "lifetime_over_warmup": 0.5, "offered_over_delivered": 1 / KEEP_UP * 1.2}) == \
+        {"backlog": pytest.approx(1.2)}
+    arrivals = [(0.0, [1], SamplingParams(max_tokens=n)) for n in (100, 300)]
+    row = {"ttft_p50_s": 0.5, "itl_p50_ms": 20.0, "tok_per_s_measured": 1000.0}
+    steady = steady_state(row, arrivals, rate=8.0, warmup_s=10.0)
+    assert steady["lifetime_s"] == pytest.approx(0.5 + 200 * 0.02)
+    assert steady["lifetime_over_warmup"] == pytest.approx(0.45)
+    assert steady["offered_over_delivered"] == pytest.approx(8 * 200 / 1000)
