@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from benchmarks.goodput import (KEEP_UP, MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, positive_floats,
-                                ratio_text, search, slo_pairs)
+from benchmarks.goodput import (KEEP_UP, MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text,
+                                positive_floats, ratio_text, search, slo_pairs)
 from benchmarks.online import engines, goodput_rows, measured_arrivals, steady_state
 from benchmarks.replay import replay
 from benchmarks.report import percentile
