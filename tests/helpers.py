@@ -169,15 +169,18 @@ def stream_to_completion(llm, request_ids: list[int]) -> list[list[int]]:
 
 @contextlib.contextmanager
 def propagating_logs():
-    """The library's log records reach the root logger, and so pytest's caplog, while the context is open.
-    The "nanovllm" logger writes to stdout itself and does not propagate (nanovllm/utils/log.py)."""
+    """The library's log records reach the root logger, and so pytest's caplog, while the context is open,
+    from INFO on whatever $NANOVLLM_LOG_LEVEL says: the tests assert on INFO lines. The "nanovllm" logger
+    writes to stdout itself and does not propagate (nanovllm/utils/log.py)."""
     logger = logging.getLogger("nanovllm")
-    before = logger.propagate
+    propagate, level = logger.propagate, logger.level
     logger.propagate = True
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     try:
         yield
     finally:
-        logger.propagate = before
+        logger.propagate = propagate
+        logger.setLevel(level)
 
 
 def logged(caplog, name: str, level: int = logging.INFO) -> list[str]:
