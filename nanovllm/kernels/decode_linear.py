@@ -3,8 +3,8 @@
 At decode batch sizes a linear layer reads its whole weight matrix [N, K] to compute a few rows, so its
 time is that of the weight bytes if enough SMs stream them at once. Each program here owns BLOCK_N
 output columns over the whole K (no split-K: one program sums each output, so the result does not
-depend on timing) for up to BLOCK_M rows, and BLOCK_N (on narrow weights also BLOCK_M) is chosen so that
-there are about two programs per SM. Fused in:
+depend on timing) for up to BLOCK_M rows, and BLOCK_N is chosen so that there are about two programs
+per SM. Fused in:
 
 - norm_linear: RMSNorm as the prologue. Each program computes the rows' rstd from the rows themselves
   (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it.
@@ -109,10 +109,6 @@ def _blocks(m: int, n: int, k: int, silu: bool, device: torch.device) -> dict:
         block_k = max(32, min(block_k, triton.next_power_of_2(k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=False, num_warps=4)
     block_m = min(MAX_DOT_ROWS, triton.next_power_of_2(m))
-    # A narrow weight leaves SMs idle even at 16 columns a program: then the rows are split further, and the
-    # programs of one column tile read its weights from L2 after the first.
-    while block_m > 16 and triton.cdiv(n, 16) * triton.cdiv(m, block_m) < wanted:
-        block_m //= 2
     row_tiles = triton.cdiv(m, block_m)
     block_n = max(16, min(64, _prev_power_of_2(n * row_tiles // wanted)))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=4, num_stages=3)
