@@ -224,7 +224,7 @@ class SplitPlacement:
             self.stats.record_ttft_at_risk(choice.label)
         if choice.over_itl:
             self.allowance.spent += 1
-            self.stats.record_over_itl(choice.label)
+            self.stats.record_itl_allowance_spent(choice.label)
         # The prefill writes the shared cache, maybe into blocks freed while the decode step in flight
         # still writes them.
         return (self.prefill_split and self.prefill_split.prefill), (loop.last_decode,)

@@ -27,7 +27,7 @@ class SplitStatistics:
         self.bounds: dict[str, str] = {}  # the ITL and first-token bounds the choices follow
         self.itl_over_bound_steps = 0
         self.ttft_at_risk: dict[str, int] = {}  # where each prefill run with a first token at risk ran
-        self.over_itl: dict[str, int] = {}  # the prefills that spent the ITL allowance, by label
+        self.itl_allowance_spent_by: dict[str, int] = {}  # the prefills that spent the ITL allowance, by label
 
     def record_split_decode(self, split: str, seconds: float) -> None:
         self.decode_steps_in[split] = self.decode_steps_in.get(split, 0) + 1
@@ -43,8 +43,8 @@ class SplitStatistics:
     def record_ttft_at_risk(self, ran_on: str) -> None:
         self.ttft_at_risk[ran_on] = self.ttft_at_risk.get(ran_on, 0) + 1
 
-    def record_over_itl(self, label: str) -> None:
-        self.over_itl[label] = self.over_itl.get(label, 0) + 1
+    def record_itl_allowance_spent(self, label: str) -> None:
+        self.itl_allowance_spent_by[label] = self.itl_allowance_spent_by.get(label, 0) + 1
 
     def as_dict(self) -> dict:
         total = sum(self.decode_seconds_in.values())
@@ -60,5 +60,5 @@ class SplitStatistics:
             "prefills_per_split": dict(self.prefills_in),
             "bounds": dict(self.bounds), "itl_over_bound_steps": self.itl_over_bound_steps,
             "ttft_at_risk_prefills": sum(self.ttft_at_risk.values()), "ttft_at_risk_ran_on": dict(self.ttft_at_risk),
-            "itl_allowance_spent_by": dict(self.over_itl),
+            "itl_allowance_spent_by": dict(self.itl_allowance_spent_by),
         }
