@@ -175,6 +175,9 @@ def main():
         p.error("--goodput needs --online")
     if args.pd_bounds_from_slo and not args.goodput:
         p.error("--pd-bounds-from-slo needs --goodput")
+    if args.pd_bounds_from_slo and (args.pd_max_itl_ms or args.pd_max_ttft_ms):
+        p.error("--pd-bounds-from-slo sets pd_max_itl_ms and pd_max_ttft_ms from each SLO pair: "
+                "leave out --pd-max-itl-ms and --pd-max-ttft-ms")
     chosen = next((dest for dest in BENCHMARKS if getattr(args, dest)), None)
     if args.plot and chosen not in (None, "online", "decode_sweep"):
         p.error("--plot draws the results of the throughput comparison, --online and --decode-sweep only")

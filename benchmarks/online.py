@@ -27,9 +27,6 @@ def run(args) -> list[dict]:
         raise SystemExit(str(e)) from None
     if args.goodput and not slos:
         raise SystemExit("--goodput needs --slo-ttft-ms and --slo-itl-ms")
-    if args.pd_bounds_from_slo and (args.pd_max_itl_ms or args.pd_max_ttft_ms):
-        raise SystemExit("--pd-bounds-from-slo sets pd_max_itl_ms and pd_max_ttft_ms from each SLO pair: "
-                         "leave out --pd-max-itl-ms and --pd-max-ttft-ms")
     if args.goodput and args.goodput_requests < 1:
         raise SystemExit(f"--goodput-requests must be at least 1 ({MIN_REQUESTS} advised), got {args.goodput_requests}")
     rates = [float(r) for r in args.rates.split(",")]

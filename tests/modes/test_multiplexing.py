@@ -437,8 +437,8 @@ def test_with_an_itl_bound_fills_are_cut_to_it_once_the_allowance_is_spent(model
     whole = [n for label, n in launched if label == FILLING]
     cut = [n for label, n in launched if label == FILLING_IN_BOUND]
     assert len(whole) == 1 and whole[0] > 16 and cut and max(cut) <= 16
-    assert launched[0][0] == FULL_GPU and [label for label, _ in launched].index(FILLING) < \
-        [label for label, _ in launched].index(FILLING_IN_BOUND)
+    labels = [label for label, _ in launched]
+    assert labels[0] == FULL_GPU and labels.index(FILLING) < labels.index(FILLING_IN_BOUND)
     assert llm.get_pd_statistics()["itl_allowance_spent_by"] == {FILLING: 1}
 
 
