@@ -1,11 +1,12 @@
 """Every Triton kernel of the engine: paged attention (attention.py), the fused per-layer ops (fused.py),
-the decode GEMMs with their fused prologues and epilogues (decode_linear.py) and sampling (sampling.py).
+the decode GEMMs with their fused prologues and epilogues (decode_linear.py) and sampling (sampling.py);
+dependent_launch.py lets the decode kernels overlap the tail of the kernel before.
 triton is a Linux-only dependency: where it cannot be imported, `on_gpu` is always False and the layers
 run their torch paths."""
 try:
-    from nanovllm.kernels import decode_linear, fused, sampling
+    from nanovllm.kernels import decode_linear, dependent_launch, fused, sampling
 except ImportError:
-    decode_linear = fused = sampling = None
+    decode_linear = dependent_launch = fused = sampling = None
 
 
 def on_gpu(x) -> bool:

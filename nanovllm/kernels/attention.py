@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.partitions.sm_limit import num_sms_of
 
 LOG2E = 1.4426950408889634
@@ -151,6 +152,7 @@ def _decode_kernel(
     stride_bt, stride_s, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DEQUANTIZE: tl.constexpr, FP16_DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program: one sequence, one KV head with its GROUP query heads, one slice of the context.
 
@@ -158,6 +160,7 @@ def _decode_kernel(
     running side by side read neighbouring memory. Sequences start longest first (order): a long one
     started last would leave the SMs idle while it finishes.
     """
+    wait_for_previous(PDL)
     kv_head = tl.program_id(0)
     b = tl.load(order_ptr + tl.program_id(1))
     split = tl.program_id(2)
@@ -215,8 +218,10 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, num_heads, stride_ob, stride_oh,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                          PDL: tl.constexpr):
     """Merges the splits of one (sequence, query head) row."""
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -460,6 +465,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_m = part_l = part_acc = out  # unused by the single-split variant
     scales, stride_s, dequantize = _scales_args(kv_scales, k_cache)
     order = longest_first(context_lens) if order is None else order
+    pdl = dependent_launch(q.device)
     _decode_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, order, scales, out, part_m, part_l, part_acc, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -467,13 +473,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, DEQUANTIZE=dequantize, FP16_DOT=_fp16_dot(q, dequantize),
-        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
+        PDL=pdl, launch_pdl=pdl, num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch * num_heads,)](
             out, part_m, part_l, part_acc, num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4 if head_dim >= 128 else 2,
+            PDL=pdl, launch_pdl=pdl, num_warps=4 if head_dim >= 128 else 2,
         )
     return out
 

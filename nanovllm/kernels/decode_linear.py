@@ -12,6 +12,9 @@ per SM. Fused in:
   columns and writes silu(gate) * up: half the output, no intermediate.
 - linear(residual=...): the residual add as the epilogue.
 
+Each program loads its first weight tile before it waits for the kernel before (dependent_launch.py):
+where the GPU launches it early, that load overlaps the previous kernel's tail.
+
 Every step rounds to the activation dtype where the torch reference (RMSNorm, F.linear, SiluAndMul,
 the residual add of the next RMSNorm) does, so results differ from it only by the order of the sums.
 """
@@ -19,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.partitions.sm_limit import num_sms_of
 
 # Rows up to here multiply on the CUDA cores (tl.dot needs 16 rows and 16 columns per tile, which
@@ -36,16 +40,21 @@ FMA_TILE = 8192
 def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
                           M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
                           NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, DOT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[rows, cols] = x[rows] @ w[cols].T for one (BLOCK_N columns, BLOCK_M rows) tile, with NORM the
     rows RMS-normalized first, with SILU silu(x @ w[cols].T) * (x @ w[N + cols].T), with RESIDUAL plus
     res[rows, cols]; each rounded where the reference rounds."""
-    dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    # The first weight tile comes in before the wait: with PDL, while the kernel before finishes.
+    up_rows = w_rows + N * stride_wn
+    gate_w = _weight_tile(w_rows, 0, K, col_mask, BLOCK_K)
+    if SILU:
+        up_w = _weight_tile(up_rows, 0, K, col_mask, BLOCK_K)
+    wait_for_previous(PDL)
     if NORM:
         squares = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -53,6 +62,8 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
             squares += tl.sum(x * x, axis=1)
         rstd = tl.rsqrt(squares / K + eps)[:, None]
+    else:
+        rstd = None
     if DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -61,20 +72,19 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
         # across lanes in every tile would make each tile wait for it.
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = (ks < K)[None, :]
-        x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
-        if NORM:
-            norm_w = tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
-            x = ((x.to(tl.float32) * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype)
-        w_mask = col_mask[:, None] & k_mask
-        acc = _multiply_add(acc, x, tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0), DOT)
+    x = _input_tile(x_rows, norm_w_ptr, rstd, 0, K, row_mask, NORM, BLOCK_K)
+    acc = _multiply_add(acc, x, gate_w, DOT)
+    if SILU:
+        up = _multiply_add(up, x, up_w, DOT)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x = _input_tile(x_rows, norm_w_ptr, rstd, k0, K, row_mask, NORM, BLOCK_K)
+        acc = _multiply_add(acc, x, _weight_tile(w_rows, k0, K, col_mask, BLOCK_K), DOT)
         if SILU:
-            up = _multiply_add(up, x, tl.load(w_rows + N * stride_wn + ks[None, :], mask=w_mask, other=0.0), DOT)
+            up = _multiply_add(up, x, _weight_tile(up_rows, k0, K, col_mask, BLOCK_K), DOT)
     if not DOT:
         acc = tl.sum(acc, axis=2)
         up = tl.sum(up, axis=2)
+    dtype = x_ptr.dtype.element_ty
     out = acc.to(dtype)
     if SILU:
         gate = out.to(tl.float32)
@@ -85,6 +95,24 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
         res = tl.load(res_ptr + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
         out = (out.to(tl.float32) + res.to(tl.float32)).to(dtype)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], out, mask=mask)
+
+
+@triton.jit
+def _weight_tile(w_rows, k0, K, col_mask, BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] tile at k0 of the weight rows w_rows."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _input_tile(x_rows, norm_w_ptr, rstd, k0, K, row_mask, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] input tile at k0, with NORM normalized and scaled as RMSNorm rounds it."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+    if NORM:
+        norm_w = tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+        x = ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * norm_w).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -130,11 +158,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, norm_weight: torch.Te
     if norm_weight is not None:
         assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
     blocks = _blocks(m, n, k, silu, x.device)
+    pdl = dependent_launch(x.device)
     grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(m, blocks["BLOCK_M"]))
     _decode_linear_kernel[grid](
         x, weight, x if norm_weight is None else norm_weight, x if residual is None else residual, out,
         m, n, k, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0), eps,
-        NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None, **blocks)
+        NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None, **blocks,
+        PDL=pdl, launch_pdl=pdl)
     return out
 
 

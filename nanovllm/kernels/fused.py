@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.attention import check_cache
+from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.utils.context import KVStore
 
 # qk_norm_rope: a program of one (token, head) costs more to schedule than its work, which made the
@@ -70,7 +71,7 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_
                          stride_vn, stride_vh, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
                          NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                          BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr, STORE: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
     """One program per (BLOCK_T tokens, head): RMSNorm over the head, then rotate-half RoPE at each
     token's position. With STORE, a key head's program also writes the key and the value of its head
     into the paged cache at each token's slot (-1: none), as store_kv does."""
@@ -89,13 +90,14 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_
     col_mask = offs < HALF
     tok_mask = toks < num_tokens
     mask = tok_mask[:, None] & col_mask[None, :]
+    w1 = tl.load(weight_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(weight_ptr + HALF + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    wait_for_previous(PDL)
     x1 = tl.load(src[:, None] + offs[None, :], mask=mask, other=0.0)
     x2 = tl.load(src[:, None] + HALF + offs[None, :], mask=mask, other=0.0)
     dtype = x1.dtype
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
-    w1 = tl.load(weight_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(weight_ptr + HALF + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     y1 = ((a1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
     y2 = ((a2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     pos = tl.load(pos_ptr + toks, mask=tok_mask, other=0).to(tl.int64)[:, None]
@@ -143,6 +145,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if num_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
+    pdl = dependent_launch(q.device)
     if store is not None:
         v, k_cache, v_cache, slot_mapping = store.v, store.k_cache, store.v_cache, store.slot_mapping
         check_cache(k_cache)
@@ -158,7 +161,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
         *(v_cache.stride()[:3] if store else (0, 0, 0)),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_T=QK_ROPE_TOKENS_PER_PROGRAM, STORE=store is not None,
-        BLOCK_SIZE=k_cache.size(1) if store else 1,
+        BLOCK_SIZE=k_cache.size(1) if store else 1, PDL=pdl, launch_pdl=pdl,
         # Fused multiply-adds would skip the reference's rounding of each product.
         num_warps=1, enable_fp_fusion=False)
     return q_out, k_out

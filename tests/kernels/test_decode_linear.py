@@ -5,6 +5,11 @@ On CUDA the checks run directly; on CPU they run with small sizes under the Trit
 cases cover one row, row counts that are not powers of two on both sides of the CUDA-core/tensor-core
 switch (8 rows), and column and reduction sizes that are not multiples of any tile.
 """
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -103,3 +108,55 @@ KINDS = {"linear": (cases, run_with(check_linear)),
 
 
 test_cuda, test_interpreter = kernel_tests(KINDS, __file__)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_captured_chain_reads_each_result_of_the_kernel_before():
+    """A layer's four decode GEMMs, each reading the one before's output, captured in a CUDA graph and replayed
+    on new inputs: with dependent launch a kernel that read its input before the kernel before had written it
+    would see the previous replay's values."""
+    from nanovllm.kernels.decode_linear import linear, norm_linear
+    from nanovllm.kernels.dependent_launch import dependent_launch
+    device = torch.device("cuda")
+    if not dependent_launch(device):
+        pytest.skip("kernels on this GPU launch the ordinary way (compute capability below 9 or "
+                    "NANOVLLM_DEPENDENT_LAUNCH=0)")
+    dtype, hidden, inner = torch.float32, 1024, 3072
+    gen = torch.Generator().manual_seed(0)
+    attn_w, out_w = (torch.randn(hidden, hidden, generator=gen) / hidden ** 0.5 for _ in range(2))
+    up_w = torch.randn(2 * inner, hidden, generator=gen) / hidden ** 0.5
+    down_w = torch.randn(hidden, inner, generator=gen) / inner ** 0.5
+    norm1, norm2 = norm_layer(hidden, dtype, gen), norm_layer(hidden, dtype, gen)
+
+    def layer(x, ops):
+        attn_w_, out_w_, up_w_, down_w_, n1, n2 = ops
+        residual = linear(norm_linear(x, n1, 1e-6, attn_w_), out_w_, x)
+        return linear(norm_linear(residual, n2, 1e-6, up_w_, silu=True), down_w_, residual)
+
+    def reference(x):
+        residual = F.linear(F.linear(norm1(x), attn_w), out_w) + x
+        return F.linear(SiluAndMul()(F.linear(norm2(residual), up_w)), down_w) + residual
+
+    ops = [t.to(device) for t in (attn_w, out_w, up_w, down_w, norm1.weight.data, norm2.weight.data)]
+    for rows in (1, 16):
+        static_x = torch.randn(rows, hidden, generator=gen).to(device)
+        layer(static_x, ops)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(layer(static_x, ops), ops)
+        for _ in range(3):
+            x = torch.randn(rows, hidden, generator=gen) * 2
+            static_x.copy_(x.to(device))
+            graph.replay()
+            assert_close(static_out, reference(reference(x)), dtype)
+
+
+def test_dependent_launch_only_on_cuda_and_off_when_asked():
+    from nanovllm.kernels.dependent_launch import dependent_launch
+    assert dependent_launch(torch.device("cpu")) is False
+    code = "from nanovllm.kernels.dependent_launch import ENABLED; print(ENABLED)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"NANOVLLM_DEPENDENT_LAUNCH": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected

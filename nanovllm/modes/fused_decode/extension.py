@@ -22,8 +22,10 @@ class FusedDecodeCandidate:
 
     @staticmethod
     def setup_key() -> dict:
-        """Timings saved by another version of the GEMM kernels are not this one's."""
-        return {"kernels": hashlib.sha256(Path(kernels.decode_linear.__file__).read_bytes()).hexdigest()[:16]}
+        """Timings saved by another version of the GEMM kernels, or with dependent launch on where it is off
+        now (or the reverse), are not this one's."""
+        return {"kernels": hashlib.sha256(Path(kernels.decode_linear.__file__).read_bytes()).hexdigest()[:16],
+                "dependent_launch": kernels.dependent_launch.ENABLED}
 
 
 class FusedDecodeExtension:
