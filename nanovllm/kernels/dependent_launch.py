@@ -13,7 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-ENABLED = os.environ.get("NANOVLLM_DEPENDENT_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+_SETTING = os.environ.get("NANOVLLM_DEPENDENT_LAUNCH", "1")
+if _SETTING not in ("0", "1"):
+    raise ValueError(f"NANOVLLM_DEPENDENT_LAUNCH must be 0 or 1, got {_SETTING!r}")
+ENABLED = _SETTING == "1" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @functools.cache

@@ -152,11 +152,16 @@ def test_a_captured_chain_reads_each_result_of_the_kernel_before():
             assert_close(static_out, reference(reference(x)), dtype)
 
 
-def test_dependent_launch_only_on_cuda_and_off_when_asked():
+def test_dependent_launch_only_on_cuda_off_when_asked_and_nonsense_rejected():
     from nanovllm.kernels.dependent_launch import dependent_launch
     assert dependent_launch(torch.device("cpu")) is False
     code = "from nanovllm.kernels.dependent_launch import ENABLED; print(ENABLED)"
-    for value, expected in (("0", "False"), ("1", "True")):
+    for value, expected in (("0", "False"), ("1", "True"), ("yes", None)):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"NANOVLLM_DEPENDENT_LAUNCH": value}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == expected
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if expected is None:
+            assert out.returncode != 0
+            assert "ValueError: NANOVLLM_DEPENDENT_LAUNCH must be 0 or 1, got 'yes'" in out.stderr
+        else:
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.strip() == expected
