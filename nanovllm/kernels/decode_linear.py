@@ -1,10 +1,11 @@
 """Skinny GEMMs for decode steps, with the per-layer ops around them fused in.
 
 At decode batch sizes a linear layer reads its whole weight matrix [N, K] to compute a few rows, so its
-time is that of the weight bytes if enough SMs stream them at once. Each program here owns BLOCK_N
-output columns over the whole K (no split-K: one program sums each output, so the result does not
-depend on timing) for up to BLOCK_M rows, and BLOCK_N is chosen so that there are about two programs
-per SM. Fused in:
+time is that of the weight bytes if enough SMs stream them at once, each with enough bytes in flight.
+Each program here owns BLOCK_N output columns over the whole K (no split-K: one program sums each
+output, so the result does not depend on timing) for up to BLOCK_M rows. One or two rows multiply on
+the CUDA cores, with about two programs per SM; more rows on the tensor cores, with about one column
+tile per SM and long K tiles in several pipeline stages. Fused in:
 
 - norm_linear: RMSNorm as the prologue. Each program computes the rows' rstd from the rows themselves
   (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it.
@@ -25,13 +26,22 @@ import triton.language as tl
 from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.partitions.sm_limit import num_sms_of
 
-# Rows up to here multiply on the CUDA cores (tl.dot needs 16 rows and 16 columns per tile, which
-# would leave most SMs idle on a narrow weight); more rows use the tensor cores.
-MAX_FMA_ROWS = 8
+# Rows up to here multiply on the CUDA cores, each weight element once per row; more rows use the tensor
+# cores, which need tiles of 16 rows and 16 columns: from 3 rows on, the padded rows cost less than the
+# products on the CUDA cores (H200, docs/benchmarks.md).
+MAX_FMA_ROWS = 2
 MAX_DOT_ROWS = 64
 PROGRAMS_PER_SM = 2
 # Elements of a program's [BLOCK_M, BLOCK_N, BLOCK_K] product on the CUDA cores: registers of 4 warps.
 FMA_TILE = 8192
+# Elements of a program's chunk of its rows when it sums their squares for RMSNorm.
+NORM_TILE = 16384
+# Tensor-core tiles: a program's column tiles should reach about this share of the SMs (a narrower tile
+# than 16 columns does not exist), and its pipeline stages keep up to MAX_STAGES tiles of weights in flight
+# within this much of an SM's 227 KiB of shared memory.
+SM_SHARE = 0.7
+MAX_STAGES = 5
+STAGE_BYTES = 200 * 1024
 
 
 # M varies with the batch bucket and BLOCK_M already fits it: variants for M == 1 or M % 16 == 0 would only
@@ -40,7 +50,8 @@ FMA_TILE = 8192
 def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
                           M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
                           NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, DOT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[rows, cols] = x[rows] @ w[cols].T for one (BLOCK_N columns, BLOCK_M rows) tile, with NORM the
     rows RMS-normalized first, with SILU silu(x @ w[cols].T) * (x @ w[N + cols].T), with RESIDUAL plus
     res[rows, cols]; each rounded where the reference rounds."""
@@ -56,9 +67,10 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
         up_w = _weight_tile(up_rows, 0, K, col_mask, BLOCK_K)
     wait_for_previous(PDL)
     if NORM:
+        # Each chunk waits for its load: chunks as wide as registers allow, not K tiles, keep them few.
         squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, NORM_BLOCK):
+            ks = k0 + tl.arange(0, NORM_BLOCK)
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
             squares += tl.sum(x * x, axis=1)
         rstd = tl.rsqrt(squares / K + eps)[:, None]
@@ -126,20 +138,38 @@ def _multiply_add(acc, x, w, DOT: tl.constexpr):
     return acc
 
 
-def _blocks(m: int, n: int, k: int, silu: bool, device: torch.device) -> dict:
+def _blocks(m: int, n: int, k: int, silu: bool, element_size: int, device: torch.device) -> dict:
     """The tile of one program and its launch options for an [m, k] x [n, k].T product (silu: two of them)."""
-    wanted = PROGRAMS_PER_SM * num_sms_of(device)
+    num_sms = num_sms_of(device)
     if m <= MAX_FMA_ROWS:
         block_m = triton.next_power_of_2(m)
         # The widest tile that still gives every SM its programs, at least 4 columns for wide loads.
-        block_n = max(4, min(64, _prev_power_of_2(n // wanted)))
+        block_n = max(4, min(64, _prev_power_of_2(n // (PROGRAMS_PER_SM * num_sms))))
         block_k = FMA_TILE // (block_m * block_n * (2 if silu else 1))
         block_k = max(32, min(block_k, triton.next_power_of_2(k)))
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=False, num_warps=4)
-    block_m = min(MAX_DOT_ROWS, triton.next_power_of_2(m))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=False, num_warps=4,
+                    NORM_BLOCK=_norm_block(block_m, block_k, k))
+    block_m = min(MAX_DOT_ROWS, max(16, triton.next_power_of_2(m)))
     row_tiles = triton.cdiv(m, block_m)
-    block_n = max(16, min(64, _prev_power_of_2(n * row_tiles // wanted)))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=4, num_stages=3)
+    if row_tiles > 1:
+        # Every row tile reads the weights again, mostly from L2: small tiles in short stages, about two
+        # programs per SM, and the sums of squares in K tiles were the fastest there (H200).
+        block_n = max(16, min(64, _prev_power_of_2(n * row_tiles // (PROGRAMS_PER_SM * num_sms))))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=4, num_stages=3, NORM_BLOCK=64)
+    block_n = 64
+    while block_n > 16 and triton.cdiv(n, block_n) < SM_SHARE * num_sms:
+        block_n //= 2
+    # Narrow tiles of few rows stream long weight rows: longer K tiles keep as many bytes in flight.
+    block_k = 256 if block_n <= 32 and block_m == 16 and k >= 2048 else 128
+    stage = (block_m + block_n * (2 if silu else 1)) * block_k * element_size
+    stages = max(2, min(MAX_STAGES, STAGE_BYTES // stage))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=True, num_warps=4, num_stages=stages,
+                NORM_BLOCK=_norm_block(block_m, block_k, k))
+
+
+def _norm_block(block_m: int, block_k: int, k: int) -> int:
+    """Columns of the rows' sum of squares per load: up to NORM_TILE elements, at least a K tile."""
+    return min(triton.next_power_of_2(k), max(block_k, NORM_TILE // block_m))
 
 
 def _prev_power_of_2(x: int) -> int:
@@ -157,7 +187,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, norm_weight: torch.Te
         assert residual.shape == (m, n) and residual.stride(1) == 1 and residual.dtype == x.dtype
     if norm_weight is not None:
         assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
-    blocks = _blocks(m, n, k, silu, x.device)
+    blocks = _blocks(m, n, k, silu, x.element_size(), x.device)
     pdl = dependent_launch(x.device)
     grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(m, blocks["BLOCK_M"]))
     _decode_linear_kernel[grid](

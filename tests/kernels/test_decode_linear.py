@@ -3,7 +3,7 @@ SiluAndMul and the residual add, run on CPU tensors of the same dtype.
 
 On CUDA the checks run directly; on CPU they run with small sizes under the Triton interpreter. The
 cases cover one row, row counts that are not powers of two on both sides of the CUDA-core/tensor-core
-switch (8 rows), and column and reduction sizes that are not multiples of any tile.
+switch (2 rows), and column and reduction sizes that are not multiples of any tile.
 """
 import os
 import subprocess
@@ -87,14 +87,14 @@ def check_norm_linear_silu(device, dtype, m, n, k):
 def cases(small):
     """(dtype, m, n, k): under the interpreter a few small shapes; on the GPU also shapes of Qwen3-0.6B
     layers (qkv or gate/up halves, down) and an odd one at decode batch sizes and past the largest row
-    tile, and Qwen3-8B's qkv in fp16."""
-    shapes = [("bf16", 1, 100, 72), ("fp32", 3, 37, 200), ("bf16", 8, 50, 33), ("fp32", 13, 70, 90),
-              ("bf16", 21, 33, 64), ("fp32", 0, 16, 32)]
+    tile, and Qwen3-8B's qkv in fp16 and bf16."""
+    shapes = [("bf16", 1, 100, 72), ("fp32", 2, 37, 200), ("fp32", 3, 37, 200), ("bf16", 8, 50, 33),
+              ("fp32", 13, 70, 90), ("bf16", 21, 33, 64), ("fp32", 0, 16, 32)]
     if small:
         return shapes
     layers = [(4096, 1024), (1024, 3072), (1000, 3000)]
-    return shapes + [(d, m, n, k) for d in ("bf16", "fp32") for m in (1, 5, 33, 100) for n, k in layers] + \
-        [("fp16", m, 6144, 4096) for m in (1, 64)]
+    return shapes + [(d, m, n, k) for d in ("bf16", "fp32") for m in (1, 2, 5, 33, 100) for n, k in layers] + \
+        [("fp16", m, 6144, 4096) for m in (1, 64)] + [("bf16", 8, 6144, 4096), ("bf16", 4, 4096, 12288)]
 
 
 def run_with(check):
