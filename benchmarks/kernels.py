@@ -1,5 +1,5 @@
-"""Kernels alone (CUDA only): the Triton paged decode attention (--attention-kernel) and the sampler
-(--sampler)."""
+"""Kernels alone (CUDA only): the Triton paged decode attention (--attention-kernel), the fused decode
+step's GEMMs (--decode-gemms) and the sampler (--sampler)."""
 import torch
 
 from benchmarks.floor import copy_bytes_per_s
@@ -7,13 +7,16 @@ from benchmarks.report import print_table
 from nanovllm import SamplingParams
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_inputs import sampling_inputs
+from nanovllm.kernels import decode_linear
 from nanovllm.kernels.attention import longest_first, paged_decode
 from nanovllm.layers.sampler import Sampler
-from nanovllm.tools.make_model import VOCAB_SIZE
+from nanovllm.tools.make_model import PRESETS, VOCAB_SIZE
 from nanovllm.utils.timing import median_replay_ms
 
 # --attention-kernel: layers' caches per graph replay, over which the replay's launch is spread.
 ATTENTION_LAYERS = 8
+# --decode-gemms: distinct weights per graph replay, likewise.
+GEMM_LAYERS = 8
 SAMPLER_MODES = {
     "plain": [SamplingParams(temperature=0.7)],
     "greedy": [SamplingParams(temperature=0.0)],
@@ -69,6 +72,75 @@ def attention(args) -> list[dict]:
           f"{bandwidth / 1e12:.2f} TB/s; device {torch.cuda.get_device_name()}")
     print_table(rows, list(rows[0].keys()))
     return rows
+
+
+def decode_gemms(args) -> list[dict]:
+    """The fused decode step's four GEMMs of a layer alone (kernels/decode_linear.py), bf16, on the layer
+    shapes of each of --presets at each of --batches rows: as the fused step runs them (RMSNorm + qkv,
+    o_proj + residual, RMSNorm + gate/up + SiLU·mul, down + residual) and plain (the same weight, nothing
+    fused), against the time of the weight bytes at the copy rate. One replay runs GEMM_LAYERS of them on
+    distinct weights, after L2 is overwritten; the time per GEMM is the replay's divided by GEMM_LAYERS."""
+    presets = args.presets.split(",")
+    unknown = sorted(set(presets) - set(PRESETS))
+    if unknown:
+        raise SystemExit(f"--decode-gemms: unknown --presets {unknown}; choose from {sorted(PRESETS)}")
+    bandwidth = copy_bytes_per_s()
+    l2_flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    dtype, device, eps = torch.bfloat16, torch.device("cuda"), 1e-6
+    rows = []
+    for preset in presets:
+        shape = PRESETS[preset]
+        hidden, inner, head_dim = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+        q_size = shape["num_attention_heads"] * head_dim
+        qkv_size = q_size + 2 * shape["num_key_value_heads"] * head_dim
+        # name: (output columns, reduction, the fused step's prologue/epilogue)
+        gemms = {"qkv": (qkv_size, hidden, "norm"), "o_proj": (hidden, q_size, "residual"),
+                 "gate_up": (inner, hidden, "norm+silu"), "down": (hidden, inner, "residual")}
+        for name, (n, k, fused) in gemms.items():
+            silu = fused == "norm+silu"
+            weights = [torch.randn(2 * n if silu else n, k, dtype=dtype, device=device) / k ** 0.5
+                       for _ in range(GEMM_LAYERS)]
+            norm_weight = torch.ones(k, dtype=dtype, device=device)
+            for batch in map(int, args.batches.split(",")):
+                x = torch.randn(batch, k, dtype=dtype, device=device)
+                residual = torch.randn(batch, n, dtype=dtype, device=device)
+
+                def plain(w):
+                    return decode_linear.linear(x, w)
+
+                def as_fused(w):
+                    if fused == "residual":
+                        return decode_linear.linear(x, w, residual)
+                    return decode_linear.norm_linear(x, norm_weight, eps, w, silu=silu)
+
+                graphs = {}
+                for variant, gemm in (("plain", plain), ("fused", as_fused)):
+                    gemm(weights[0])  # compile outside the graph
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for w in weights:
+                            gemm(w)
+                    graphs[variant] = graph
+                ms = median_replay_ms({v: g.replay for v, g in graphs.items()}, repeats=args.repeats,
+                                      before=l2_flush.zero_)
+                floor_us = weights[0].numel() * weights[0].element_size() / bandwidth * 1e6
+                tiles = decode_linear.tile_options(batch, n, k, silu, x.element_size(), device)
+                rows.append({"preset": preset, "gemm": name, "fused": fused, "n": weights[0].size(0), "k": k,
+                             "batch": batch, "fused_tiles": tile_label(tiles), "floor_us": floor_us,
+                             **{f"{v}_us": t * 1e3 / GEMM_LAYERS for v, t in ms.items()},
+                             **{f"{v}/floor": t * 1e3 / GEMM_LAYERS / floor_us for v, t in ms.items()}})
+                del graphs
+            del weights
+    print(f"\nfused decode GEMMs, per GEMM of {GEMM_LAYERS} in a graph; floor: the weight bytes at the copy rate "
+          f"{bandwidth / 1e12:.2f} TB/s; device {torch.cuda.get_device_name()}")
+    print_table(rows, list(rows[0].keys()))
+    return rows
+
+
+def tile_label(tiles: dict) -> str:
+    """decode_linear's tile options as 'fma 1x8x1024' or 'dot 16x64x128 s5' (rows x columns x K, stages)."""
+    size = f"{tiles['BLOCK_M']}x{tiles['BLOCK_N']}x{tiles['BLOCK_K']}"
+    return f"dot {size} s{tiles['num_stages']}" if tiles["DOT"] else f"fma {size}"
 
 
 def sampler(args) -> list[dict]:

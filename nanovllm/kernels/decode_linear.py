@@ -4,8 +4,9 @@ At decode batch sizes a linear layer reads its whole weight matrix [N, K] to com
 time is that of the weight bytes if enough SMs stream them at once, each with enough bytes in flight.
 Each program here owns BLOCK_N output columns over the whole K (no split-K: one program sums each
 output, so the result does not depend on timing) for up to BLOCK_M rows. One or two rows multiply on
-the CUDA cores, with about two programs per SM; more rows on the tensor cores, with about one column
-tile per SM and long K tiles in several pipeline stages. Fused in:
+the CUDA cores, with about two programs per SM; up to 64 rows on the tensor cores in one row tile, with
+about one column tile per SM and long K tiles in several pipeline stages; more rows in several row
+tiles of 64, with short K tiles and about two programs per SM. Fused in:
 
 - norm_linear: RMSNorm as the prologue. Each program computes the rows' rstd from the rows themselves
   (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it.
@@ -138,7 +139,7 @@ def _multiply_add(acc, x, w, DOT: tl.constexpr):
     return acc
 
 
-def _blocks(m: int, n: int, k: int, silu: bool, element_size: int, device: torch.device) -> dict:
+def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: torch.device) -> dict:
     """The tile of one program and its launch options for an [m, k] x [n, k].T product (silu: two of them)."""
     num_sms = num_sms_of(device)
     if m <= MAX_FMA_ROWS:
@@ -187,7 +188,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, norm_weight: torch.Te
         assert residual.shape == (m, n) and residual.stride(1) == 1 and residual.dtype == x.dtype
     if norm_weight is not None:
         assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
-    blocks = _blocks(m, n, k, silu, x.element_size(), x.device)
+    blocks = tile_options(m, n, k, silu, x.element_size(), x.device)
     pdl = dependent_launch(x.device)
     grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(m, blocks["BLOCK_M"]))
     _decode_linear_kernel[grid](

@@ -5,6 +5,7 @@ On CUDA the checks run directly; on CPU they run with small sizes under the Trit
 cases cover one row, row counts that are not powers of two on both sides of the CUDA-core/tensor-core
 switch (2 rows), and column and reduction sizes that are not multiples of any tile.
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -150,6 +151,32 @@ def test_a_captured_chain_reads_each_result_of_the_kernel_before():
             static_x.copy_(x.to(device))
             graph.replay()
             assert_close(static_out, reference(reference(x)), dtype)
+
+
+def test_tiles_fit_shared_memory_and_give_most_sms_a_column_tile():
+    """The tile choice on the layer shapes of both presets, in 16- and 32-bit, for 132 SMs (a CPU device's
+    stand-in): one or two rows on the CUDA cores, more on the tensor cores in tiles that hold them (up to 64),
+    pipeline stages within the shared memory budget, column tiles for at least 0.7 of the SMs where
+    16-column tiles allow it, and RMSNorm chunks of whole K tiles within the register budget."""
+    from nanovllm.kernels import decode_linear as dl
+    shapes = [(4096, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (6144, 4096), (4096, 4096), (12288, 4096),
+              (4096, 12288), (100, 72)]
+    for (n, k), m, silu, element_size in itertools.product(shapes, (1, 2, 3, 8, 16, 17, 64, 65, 512),
+                                                           (False, True), (2, 4)):
+        tiles = dl.tile_options(m, n, k, silu, element_size, torch.device("cpu"))
+        assert tiles["DOT"] == (m > dl.MAX_FMA_ROWS)
+        assert tiles["NORM_BLOCK"] % tiles["BLOCK_K"] == 0
+        if not tiles["DOT"]:
+            assert tiles["BLOCK_M"] >= m
+            continue
+        assert tiles["BLOCK_M"] >= min(m, dl.MAX_DOT_ROWS) and tiles["BLOCK_N"] >= 16
+        if m > dl.MAX_DOT_ROWS:
+            continue
+        stage = (tiles["BLOCK_M"] + tiles["BLOCK_N"] * (2 if silu else 1)) * tiles["BLOCK_K"] * element_size
+        assert 2 <= tiles["num_stages"] <= dl.MAX_STAGES
+        assert stage * tiles["num_stages"] <= dl.STAGE_BYTES, (n, k, m, silu, element_size, tiles)
+        assert -(-n // tiles["BLOCK_N"]) >= dl.SM_SHARE * 132 or tiles["BLOCK_N"] == 16
+        assert tiles["BLOCK_M"] * tiles["NORM_BLOCK"] <= dl.NORM_TILE or tiles["NORM_BLOCK"] == tiles["BLOCK_K"]
 
 
 def test_dependent_launch_only_on_cuda_off_when_asked_and_nonsense_rejected():
