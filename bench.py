@@ -141,8 +141,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-prompts", type=int, default=64)
     p.add_argument("--quality-tokens", type=int, default=128)
     p.add_argument("--presets", default="qwen3-0.6b,qwen3-8b")
-    p.add_argument("--batches", default="1,8,64,256,512")
-    p.add_argument("--contexts", default="256,1024,4096")
+    p.add_argument("--batches", type=positive_ints, default="1,8,64,256,512",
+                   help="comma-separated batch sizes (integers >= 1) for --decode-sweep and --decode-gemms")
+    p.add_argument("--contexts", type=positive_ints, default="256,1024,4096",
+                   help="comma-separated context lengths (integers >= 1) for --decode-sweep")
     p.add_argument("--sm-splits", default="", help="pipeline partitions to sweep, e.g. 56:64,48:72")
     p.add_argument("--whole-gpu-grids", action="store_true",
                    help="also sweep each split with attention grids sized for the whole GPU")

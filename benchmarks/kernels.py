@@ -101,7 +101,7 @@ def decode_gemms(args) -> list[dict]:
             weights = [torch.randn(2 * n if silu else n, k, dtype=dtype, device=device) / k ** 0.5
                        for _ in range(GEMM_LAYERS)]
             norm_weight = torch.ones(k, dtype=dtype, device=device)
-            for batch in map(int, args.batches.split(",")):
+            for batch in args.batches:
                 x = torch.randn(batch, k, dtype=dtype, device=device)
                 residual = torch.randn(batch, n, dtype=dtype, device=device)
 

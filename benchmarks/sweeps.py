@@ -131,13 +131,11 @@ def add_auto_columns(rows: list[dict], splits: list[tuple[int, int]]) -> None:
 def run(args) -> list[dict]:
     bandwidth = copy_bytes_per_s()
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
-    batches = [int(b) for b in args.batches.split(",")]
-    contexts = [int(c) for c in args.contexts.split(",")]
     splits = [tuple(int(n) for n in s.split(":")) for s in args.sm_splits.split(",")] if args.sm_splits else []
     rows = []
     for preset in args.presets.split(","):
         for kv in args.kv_cache_dtype.split(","):
-            rows += sweep_preset(preset, kv, args, batches, contexts, splits, bandwidth)
+            rows += sweep_preset(preset, kv, args, args.batches, args.contexts, splits, bandwidth)
     add_auto_columns(rows, splits)
     print(f"\ndecode step (CUDA graph replay, layers only, lm_head excluded), median of {args.repeats}; "
           f"device {device_name()}")

@@ -169,7 +169,7 @@ def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: 
 
 
 def _norm_block(block_m: int, block_k: int, k: int) -> int:
-    """Columns of the rows' sum of squares per load: up to NORM_TILE elements, at least a K tile."""
+    """Columns of the rows' sum of squares per load: up to NORM_TILE elements, at least a K tile or the row."""
     return min(triton.next_power_of_2(k), max(block_k, NORM_TILE // block_m))
 
 

@@ -38,6 +38,8 @@ def test_latency_rows(monkeypatch, tmp_path, model_dir):
     (["--prompt-tokens", "x"], "--prompt-tokens: expected an integer >= 1"),
     (["--output-tokens", "1"], "--output-tokens must be at least 2"),
     (["--compare", "graph,fast"], "unknown --compare ['fast']"),
+    (["--batches", "1,0"], "--batches: expected comma-separated integers >= 1, got '1,0'"),
+    (["--contexts", "x"], "--contexts: expected comma-separated integers >= 1, got 'x'"),
 ])
 def test_bad_arguments_exit_with_the_reason(monkeypatch, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
