@@ -66,9 +66,10 @@ def launches_per_layer(runner, graphs: DecodeGraphs, forwards: dict, context: in
             for name, forward in forwards.items() if name not in probes}
 
 
-def sweep_preset(preset: str, kv_cache_dtype: str, args, batches: list[int], contexts: list[int],
-                 splits: list[tuple[int, int]], bandwidth: float) -> list[dict]:
-    """Decode-step timings of one model; its engine, graphs and partitions' graphs are freed on return."""
+def sweep_preset(preset: str, kv_cache_dtype: str, args, splits: list[tuple[int, int]], bandwidth: float) -> list[dict]:
+    """Decode-step timings of one model at args.batches and args.contexts; its engine, graphs and partitions'
+    graphs are freed on return."""
+    batches, contexts = args.batches, args.contexts
     def sweep(llm) -> list[dict]:
         runner = llm.model_runner
         # Each micro-batch of the pipeline reads every layer's weights itself.
@@ -135,13 +136,13 @@ def run(args) -> list[dict]:
     rows = []
     for preset in args.presets.split(","):
         for kv in args.kv_cache_dtype.split(","):
-            rows += sweep_preset(preset, kv, args, args.batches, args.contexts, splits, bandwidth)
+            rows += sweep_preset(preset, kv, args, splits, bandwidth)
     add_auto_columns(rows, splits)
     print(f"\ndecode step (CUDA graph replay, layers only, lm_head excluded), median of {args.repeats}; "
           f"device {device_name()}")
     print("auto_path: the forward the engine's rule (decode_paths.fastest) picks at that batch from the sequential and "
           "the fused one, over the contexts swept; auto<split>/seq: likewise for the pipeline, its speed-up")
-    print(f"*_launches/layer: kernels, copies and memsets of one eager forward of batch 1 at context {contexts[0]} "
+    print(f"*_launches/layer: kernels, copies and memsets of one eager forward of batch 1 at context {args.contexts[0]} "
           "(torch.profiler), over the layers; the embedding and final norm included, lm_head excluded")
     print_table(rows, list(rows[0].keys()))
     return rows
