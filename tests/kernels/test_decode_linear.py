@@ -86,11 +86,13 @@ def check_norm_linear_silu(device, dtype, m, n, k):
 
 
 def cases(small):
-    """(dtype, m, n, k): under the interpreter a few small shapes; on the GPU also shapes of Qwen3-0.6B
+    """(dtype, m, n, k): under the interpreter a few small shapes, the last two over several K tiles, the last
+    of them partial; on the GPU also shapes of Qwen3-0.6B
     layers (qkv or gate/up halves, down) and an odd one at decode batch sizes and past the largest row
     tile, and Qwen3-8B's qkv in fp16 and bf16."""
     shapes = [("bf16", 1, 100, 72), ("fp32", 2, 37, 200), ("fp32", 3, 37, 200), ("bf16", 8, 50, 33),
-              ("fp32", 13, 70, 90), ("bf16", 21, 33, 64), ("fp32", 0, 16, 32)]
+              ("fp32", 13, 70, 90), ("bf16", 21, 33, 64), ("fp32", 0, 16, 32), ("bf16", 5, 24, 520),
+              ("fp32", 2, 20, 3000)]
     if small:
         return shapes
     layers = [(4096, 1024), (1024, 3072), (1000, 3000)]
