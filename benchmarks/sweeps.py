@@ -142,7 +142,8 @@ def run(args) -> list[dict]:
           f"device {device_name()}")
     print("auto_path: the forward the engine's rule (decode_paths.fastest) picks at that batch from the sequential and "
           "the fused one, over the contexts swept; auto<split>/seq: likewise for the pipeline, its speed-up")
-    print(f"*_launches/layer: kernels, copies and memsets of one eager forward of batch 1 at context {args.contexts[0]} "
-          "(torch.profiler), over the layers; the embedding and final norm included, lm_head excluded")
+    print(f"*_launches/layer: kernels, copies and memsets of one eager forward of batch 1 at context "
+          f"{args.contexts[0]} (torch.profiler), over the layers; the embedding and final norm included, "
+          "lm_head excluded")
     print_table(rows, list(rows[0].keys()))
     return rows
