@@ -8,8 +8,9 @@ the CUDA cores, with about two programs per SM; up to 64 rows on the tensor core
 about one column tile per SM and long K tiles in several pipeline stages; more rows in several row
 tiles of 64, with short K tiles and about two programs per SM. Fused in:
 
-- norm_linear: RMSNorm as the prologue. Each program computes the rows' rstd from the rows themselves
-  (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it.
+- norm_linear: RMSNorm as the prologue of one or two rows. Each program computes the rows' rstd from the
+  rows themselves (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it. More
+  rows are normalized first by the row kernel of fused.py, launched as a dependent too.
 - norm_linear(silu=True): of a packed gate/up weight [2N, K], a program computes matching gate and up
   columns and writes silu(gate) * up: half the output, no intermediate.
 - linear(residual=...): the residual add as the epilogue.
@@ -24,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import fused
 from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.partitions.sm_limit import num_sms_of
 
@@ -204,6 +206,10 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     """F.linear(RMSNorm(x), weight) for x [M, K] and weight [N, K]; with silu, weight is a packed
     gate/up weight [2N, K] and the result is SiluAndMul of that product, [M, N]."""
     n = weight.size(0) // 2 if silu else weight.size(0)
+    if x.size(0) > MAX_FMA_ROWS:
+        # On the tensor cores, normalizing each input tile between its load and its product stalled every K
+        # tile: it doubled or tripled these GEMMs (docs/benchmarks.md). A row kernel normalizes them first.
+        return _launch(fused.rms_norm(x, norm_weight, eps), weight, n, None, eps, None, silu)
     return _launch(x, weight, n, norm_weight, eps, None, silu)
 
 

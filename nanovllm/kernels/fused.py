@@ -22,10 +22,12 @@ QK_ROPE_TOKENS_PER_PROGRAM = 4
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
                      stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    wait_for_previous(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -34,7 +36,6 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / n_cols + eps)
     normed = (x32 * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -49,18 +50,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     assert x.stride(-1) == 1 and weight.is_contiguous()
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = triton.next_power_of_2(n_cols)
+    pdl = dependent_launch(x.device)
     if x.size(0) == 0:
         return out.view(shape) if residual is None else (out.view(shape), residual.clone())
     if residual is None:
         _rms_norm_kernel[(x.size(0),)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, n_cols, eps,
-                                       HAS_RESIDUAL=False, BLOCK=block, num_warps=_row_warps(block))
+                                       HAS_RESIDUAL=False, BLOCK=block, num_warps=_row_warps(block),
+                                       PDL=pdl, launch_pdl=pdl)
         return out.view(shape)
     residual = residual.reshape(-1, n_cols)
     assert residual.stride(-1) == 1
     residual_out = torch.empty_like(x)
     _rms_norm_kernel[(x.size(0),)](x, residual, weight, out, residual_out, x.stride(0), residual.stride(0),
                                    out.stride(0), residual_out.stride(0), n_cols, eps,
-                                   HAS_RESIDUAL=True, BLOCK=block, num_warps=_row_warps(block))
+                                   HAS_RESIDUAL=True, BLOCK=block, num_warps=_row_warps(block),
+                                   PDL=pdl, launch_pdl=pdl)
     return out.view(shape), residual_out.view(shape)
 
 
