@@ -3,14 +3,14 @@
 At decode batch sizes a linear layer reads its whole weight matrix [N, K] to compute a few rows, so its
 time is that of the weight bytes if enough SMs stream them at once, each with enough bytes in flight.
 Each program here owns BLOCK_N output columns over the whole K (no split-K: one program sums each
-output, so the result does not depend on timing) for up to BLOCK_M rows. One or two rows multiply on
-the CUDA cores, with about two programs per SM; up to 64 rows on the tensor cores in one row tile, with
+output, so the result does not depend on timing) for up to BLOCK_M rows. One row (two of a narrow weight)
+multiplies on the CUDA cores, with about two programs per SM; up to 64 rows on the tensor cores in one row tile, with
 about one column tile per SM and long K tiles in several pipeline stages; more rows in several row
 tiles of 64, with short K tiles and about two programs per SM. Fused in:
 
-- norm_linear: RMSNorm as the prologue of one or two rows. Each program computes the rows' rstd from the
-  rows themselves (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it. More
-  rows are normalized first by the row kernel of fused.py, launched as a dependent too.
+- norm_linear: RMSNorm as the prologue on the CUDA cores. Each program computes the rows' rstd from the
+  rows themselves (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it. For the
+  tensor cores the rows are normalized first by the row kernel of fused.py, launched as a dependent too.
 - norm_linear(silu=True): of a packed gate/up weight [2N, K], a program computes matching gate and up
   columns and writes silu(gate) * up: half the output, no intermediate.
 - linear(residual=...): the residual add as the epilogue.
@@ -29,14 +29,17 @@ from nanovllm.kernels import fused
 from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.partitions.sm_limit import num_sms_of
 
-# Rows up to here multiply on the CUDA cores, each weight element once per row; more rows use the tensor
-# cores, which need tiles of 16 rows and 16 columns: from 3 rows on, the padded rows cost less than the
-# products on the CUDA cores (H200, docs/benchmarks.md).
+# One row multiplies on the CUDA cores, each weight element once; two rows too where the tensor cores'
+# 32-column tiles would leave SMs idle; more rows on the tensor cores, which need tiles of 16 rows and 16
+# columns: from there the padded rows cost less than the products on the CUDA cores (H200,
+# docs/benchmarks.md).
 MAX_FMA_ROWS = 2
 MAX_DOT_ROWS = 64
 PROGRAMS_PER_SM = 2
 # Elements of a program's [BLOCK_M, BLOCK_N, BLOCK_K] product on the CUDA cores: registers of 4 warps.
 FMA_TILE = 8192
+# Weight bytes one program streams on the CUDA cores: more made the last programs' tail long.
+MAX_PROGRAM_BYTES = 64 * 1024
 # Elements of a program's chunk of its rows when it sums their squares for RMSNorm.
 NORM_TILE = 16384
 # Tensor-core tiles: a program's column tiles should reach about this share of the SMs (a narrower tile
@@ -54,7 +57,7 @@ def _decode_linear_kernel(x_ptr, w_ptr, norm_w_ptr, res_ptr, out_ptr,
                           M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps,
                           NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, DOT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                          PDL: tl.constexpr, NORM_BLOCK: tl.constexpr = 0):
     """out[rows, cols] = x[rows] @ w[cols].T for one (BLOCK_N columns, BLOCK_M rows) tile, with NORM the
     rows RMS-normalized first, with SILU silu(x @ w[cols].T) * (x @ w[N + cols].T), with RESIDUAL plus
     res[rows, cols]; each rounded where the reference rounds."""
@@ -144,10 +147,14 @@ def _multiply_add(acc, x, w, DOT: tl.constexpr):
 def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: torch.device) -> dict:
     """The tile of one program and its launch options for an [m, k] x [n, k].T product (silu: two of them)."""
     num_sms = num_sms_of(device)
-    if m <= MAX_FMA_ROWS:
+    if on_cuda_cores(m, n, device):
         block_m = triton.next_power_of_2(m)
-        # The widest tile that still gives every SM its programs, at least 4 columns for wide loads.
-        block_n = max(4, min(64, _prev_power_of_2(n // (PROGRAMS_PER_SM * num_sms))))
+        # The widest tile that still gives every SM its programs and keeps each program's share short, at
+        # least 4 columns for wide loads.
+        weight_row_bytes = k * element_size * (2 if silu else 1)
+        block_n = min(64, _prev_power_of_2(n // (PROGRAMS_PER_SM * num_sms)),
+                      _prev_power_of_2(MAX_PROGRAM_BYTES // weight_row_bytes))
+        block_n = max(4, block_n)
         block_k = FMA_TILE // (block_m * block_n * (2 if silu else 1))
         block_k = max(32, min(block_k, triton.next_power_of_2(k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=False, num_warps=4,
@@ -158,7 +165,7 @@ def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: 
         # Every row tile reads the weights again, mostly from L2: small tiles in short stages, about two
         # programs per SM, and the sums of squares in K tiles were the fastest there (H200).
         block_n = max(16, min(64, _prev_power_of_2(n * row_tiles // (PROGRAMS_PER_SM * num_sms))))
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=4, num_stages=3, NORM_BLOCK=64)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=4, num_stages=3)
     block_n = 64
     while block_n > 16 and triton.cdiv(n, block_n) < SM_SHARE * num_sms:
         block_n //= 2
@@ -166,8 +173,12 @@ def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: 
     block_k = 256 if block_n <= 32 and block_m == 16 and k >= 2048 else 128
     stage = (block_m + block_n * (2 if silu else 1)) * block_k * element_size
     stages = max(2, min(MAX_STAGES, STAGE_BYTES // stage))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=True, num_warps=4, num_stages=stages,
-                NORM_BLOCK=_norm_block(block_m, block_k, k))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=True, num_warps=4, num_stages=stages)
+
+
+def on_cuda_cores(m: int, n: int, device: torch.device) -> bool:
+    """Whether m rows of an [n, K] weight multiply on the CUDA cores rather than the tensor cores."""
+    return m == 1 or (m <= MAX_FMA_ROWS and triton.cdiv(n, 32) < SM_SHARE * num_sms_of(device))
 
 
 def _norm_block(block_m: int, block_k: int, k: int) -> int:
@@ -206,7 +217,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     """F.linear(RMSNorm(x), weight) for x [M, K] and weight [N, K]; with silu, weight is a packed
     gate/up weight [2N, K] and the result is SiluAndMul of that product, [M, N]."""
     n = weight.size(0) // 2 if silu else weight.size(0)
-    if x.size(0) > MAX_FMA_ROWS:
+    if not on_cuda_cores(x.size(0), n, x.device):
         # On the tensor cores, normalizing each input tile between its load and its product stalled every K
         # tile: it doubled or tripled these GEMMs (docs/benchmarks.md). A row kernel normalizes them first.
         return _launch(fused.rms_norm(x, norm_weight, eps), weight, n, None, eps, None, silu)
