@@ -43,8 +43,8 @@ MAX_PROGRAM_BYTES = 64 * 1024
 # Elements of a program's chunk of its rows when it sums their squares for RMSNorm.
 NORM_TILE = 16384
 # Tensor-core tiles: a program's column tiles should reach about this share of the SMs (a narrower tile
-# than 16 columns does not exist), and its pipeline stages keep up to MAX_STAGES tiles of weights in flight
-# within this much of an SM's 227 KiB of shared memory.
+# than 16 columns does not exist), and its pipeline keeps up to MAX_STAGES tiles of inputs and weights in
+# flight within this much of an SM's 227 KiB of shared memory.
 SM_SHARE = 0.7
 MAX_STAGES = 5
 STAGE_BYTES = 200 * 1024
@@ -147,7 +147,7 @@ def _multiply_add(acc, x, w, DOT: tl.constexpr):
 def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: torch.device) -> dict:
     """The tile of one program and its launch options for an [m, k] x [n, k].T product (silu: two of them)."""
     num_sms = num_sms_of(device)
-    if on_cuda_cores(m, n, device):
+    if on_cuda_cores(m, n, k, silu, device):
         block_m = triton.next_power_of_2(m)
         # The widest tile that still gives every SM its programs and keeps each program's share short, at
         # least 4 columns for wide loads.
@@ -163,22 +163,38 @@ def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: 
     row_tiles = triton.cdiv(m, block_m)
     if row_tiles > 1:
         # Every row tile reads the weights again, mostly from L2: small tiles in short stages, about two
-        # programs per SM, and the sums of squares in K tiles were the fastest there (H200).
+        # programs per SM, were the fastest there (H200).
         block_n = max(16, min(64, _prev_power_of_2(n * row_tiles // (PROGRAMS_PER_SM * num_sms))))
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=4, num_stages=3)
-    block_n = 64
-    while block_n > 16 and triton.cdiv(n, block_n) < SM_SHARE * num_sms:
-        block_n //= 2
-    # Narrow tiles of few rows stream long weight rows: longer K tiles keep as many bytes in flight.
-    block_k = 256 if block_n <= 32 and block_m == 16 and k >= 2048 else 128
-    stage = (block_m + block_n * (2 if silu else 1)) * block_k * element_size
-    stages = max(2, min(MAX_STAGES, STAGE_BYTES // stage))
+        block_k, max_stages = 64, 3
+    else:
+        block_n = 64
+        while block_n > 16 and triton.cdiv(n, block_n) < SM_SHARE * num_sms:
+            block_n //= 2
+        # Narrow tiles of few rows stream long weight rows: longer K tiles keep as many bytes in flight.
+        block_k = 256 if block_n <= 32 and block_m == 16 and k >= 2048 else 128
+        max_stages = MAX_STAGES
+    # The pipeline holds one tile more than its stages: at least three tiles of inputs and weights.
+    while block_k > 32 and 3 * _stage_bytes(block_m, block_n, block_k, silu, element_size) > STAGE_BYTES:
+        block_k //= 2
+    stage = _stage_bytes(block_m, block_n, block_k, silu, element_size)
+    stages = max(2, min(max_stages, STAGE_BYTES // stage - 1))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=True, num_warps=4, num_stages=stages)
 
 
-def on_cuda_cores(m: int, n: int, device: torch.device) -> bool:
-    """Whether m rows of an [n, K] weight multiply on the CUDA cores rather than the tensor cores."""
-    return m == 1 or (m <= MAX_FMA_ROWS and triton.cdiv(n, 32) < SM_SHARE * num_sms_of(device))
+def _stage_bytes(block_m: int, block_n: int, block_k: int, silu: bool, element_size: int) -> int:
+    """Shared memory of one pipeline stage: an input tile and one or two weight tiles."""
+    return (block_m + block_n * (2 if silu else 1)) * block_k * element_size
+
+
+def on_cuda_cores(m: int, n: int, k: int, silu: bool, device: torch.device) -> bool:
+    """Whether m rows of an [n, k] weight (silu: two of them) multiply on the CUDA cores rather than the
+    tensor cores."""
+    wide = triton.cdiv(n, 32) >= SM_SHARE * num_sms_of(device)
+    if m == 1:
+        # SiLU's two products fill twice the registers on the CUDA cores: over a long K the tensor cores'
+        # pipeline streams a wide weight faster, padded row and all (H200).
+        return not (silu and wide and k >= 2048)
+    return m <= MAX_FMA_ROWS and not wide
 
 
 def _norm_block(block_m: int, block_k: int, k: int) -> int:
@@ -217,7 +233,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     """F.linear(RMSNorm(x), weight) for x [M, K] and weight [N, K]; with silu, weight is a packed
     gate/up weight [2N, K] and the result is SiluAndMul of that product, [M, N]."""
     n = weight.size(0) // 2 if silu else weight.size(0)
-    if not on_cuda_cores(x.size(0), n, x.device):
+    if not on_cuda_cores(x.size(0), n, x.size(1), silu, x.device):
         # On the tensor cores, normalizing each input tile between its load and its product stalled every K
         # tile: it doubled or tripled these GEMMs (docs/benchmarks.md). A row kernel normalizes them first.
         return _launch(fused.rms_norm(x, norm_weight, eps), weight, n, None, eps, None, silu)
