@@ -1,5 +1,6 @@
 """The fused decode forward of a Qwen3 model: per layer, six launches where the model's own forward has
-nine (up to eight where the tensor cores multiply: there the RMSNorms run ahead of their GEMMs). It reuses the model's weights and attention layers as they are."""
+nine (up to eight where the tensor cores multiply: there the RMSNorms run ahead of their GEMMs). It
+reuses the model's weights and attention layers as they are."""
 import torch
 
 from nanovllm import kernels
