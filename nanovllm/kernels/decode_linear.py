@@ -3,10 +3,11 @@
 At decode batch sizes a linear layer reads its whole weight matrix [N, K] to compute a few rows, so its
 time is that of the weight bytes if enough SMs stream them at once, each with enough bytes in flight.
 Each program here owns BLOCK_N output columns over the whole K (no split-K: one program sums each
-output, so the result does not depend on timing) for up to BLOCK_M rows. One row (two of a narrow weight)
-multiplies on the CUDA cores, with about two programs per SM; up to 64 rows on the tensor cores in one row tile, with
-about one column tile per SM and long K tiles in several pipeline stages; more rows in several row
-tiles of 64, with short K tiles and about two programs per SM. Fused in:
+output, so the result does not depend on timing) for up to BLOCK_M rows. One row (two of a narrow
+weight) multiplies on the CUDA cores, with about two programs per SM; up to 64 rows on the tensor cores
+in one row tile, with about one column tile per SM and long K tiles in several pipeline stages; more
+rows in several row tiles of 64, with short K tiles and about two programs per SM (on_cuda_cores and
+tile_options). Fused in:
 
 - norm_linear: RMSNorm as the prologue on the CUDA cores. Each program computes the rows' rstd from the
   rows themselves (a few KiB, read from L2), then normalizes each chunk of K as it multiplies it. For the
@@ -38,8 +39,6 @@ MAX_DOT_ROWS = 64
 PROGRAMS_PER_SM = 2
 # Elements of a program's [BLOCK_M, BLOCK_N, BLOCK_K] product on the CUDA cores: registers of 4 warps.
 FMA_TILE = 8192
-# Weight bytes one program streams on the CUDA cores: more made the last programs' tail long.
-MAX_PROGRAM_BYTES = 64 * 1024
 # Elements of a program's chunk of its rows when it sums their squares for RMSNorm.
 NORM_TILE = 16384
 # Tensor-core tiles: a program's column tiles should reach about this share of the SMs (a narrower tile
@@ -149,12 +148,8 @@ def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: 
     num_sms = num_sms_of(device)
     if on_cuda_cores(m, n, k, silu, device):
         block_m = triton.next_power_of_2(m)
-        # The widest tile that still gives every SM its programs and keeps each program's share short, at
-        # least 4 columns for wide loads.
-        weight_row_bytes = k * element_size * (2 if silu else 1)
-        block_n = min(64, _prev_power_of_2(n // (PROGRAMS_PER_SM * num_sms)),
-                      _prev_power_of_2(MAX_PROGRAM_BYTES // weight_row_bytes))
-        block_n = max(4, block_n)
+        # The widest tile that still gives every SM its programs, at least 4 columns for wide loads.
+        block_n = max(4, min(64, _prev_power_of_2(n // (PROGRAMS_PER_SM * num_sms))))
         block_k = FMA_TILE // (block_m * block_n * (2 if silu else 1))
         block_k = max(32, min(block_k, triton.next_power_of_2(k)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=False, num_warps=4,

@@ -159,9 +159,9 @@ def test_tiles_fit_shared_memory_and_give_most_sms_a_column_tile():
     """The tile choice on the layer shapes of both presets, in 16- and 32-bit, for 132 SMs (a CPU device's
     stand-in): one row on the CUDA cores, two there only of a narrow weight, more on the tensor cores in tiles
     that hold them (up to 64), and one row there too of a long and wide SiLU weight; on the CUDA cores RMSNorm
-    chunks of whole K tiles within the register budget and at most 64 KiB of weights a program where 4-column
-    tiles allow it; on the tensor cores pipeline stages, with the one extra tile, within the shared memory
-    budget, and column tiles for at least 0.7 of the SMs where 16-column tiles allow it."""
+    chunks of whole K tiles within the register budget; on the tensor cores pipeline stages, with the one
+    extra tile, within the shared memory budget, and column tiles for at least 0.7 of the SMs where 16-column
+    tiles allow it."""
     from nanovllm.kernels import decode_linear as dl
     shapes = [(4096, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (6144, 4096), (4096, 4096), (12288, 4096),
               (4096, 12288), (100, 72)]
@@ -174,8 +174,6 @@ def test_tiles_fit_shared_memory_and_give_most_sms_a_column_tile():
             assert tiles["BLOCK_M"] >= m
             assert tiles["NORM_BLOCK"] % tiles["BLOCK_K"] == 0
             assert tiles["BLOCK_M"] * tiles["NORM_BLOCK"] <= dl.NORM_TILE or tiles["NORM_BLOCK"] == tiles["BLOCK_K"]
-            program_bytes = tiles["BLOCK_N"] * k * element_size * (2 if silu else 1)
-            assert program_bytes <= dl.MAX_PROGRAM_BYTES or tiles["BLOCK_N"] == 4
             continue
         assert tiles["BLOCK_M"] >= min(m, dl.MAX_DOT_ROWS) and tiles["BLOCK_N"] >= 16
         stage = (tiles["BLOCK_M"] + tiles["BLOCK_N"] * (2 if silu else 1)) * tiles["BLOCK_K"] * element_size
