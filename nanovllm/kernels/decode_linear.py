@@ -6,7 +6,7 @@ Each program here owns BLOCK_N output columns over the whole K (no split-K: one 
 output, so the result does not depend on timing) for up to BLOCK_M rows. One row (two of a narrow
 weight) multiplies on the CUDA cores, with about two programs per SM; up to 64 rows on the tensor cores
 in one row tile, with about one column tile per SM and long K tiles in several pipeline stages; more
-rows in several row tiles of 64, with short K tiles and about two programs per SM (on_cuda_cores and
+rows in several row tiles of 64, with short K tiles and about two programs per SM (_on_cuda_cores and
 tile_options). Fused in:
 
 - norm_linear: RMSNorm as the prologue on the CUDA cores. Each program computes the rows' rstd from the
@@ -146,7 +146,7 @@ def _multiply_add(acc, x, w, DOT: tl.constexpr):
 def tile_options(m: int, n: int, k: int, silu: bool, element_size: int, device: torch.device) -> dict:
     """The tile of one program and its launch options for an [m, k] x [n, k].T product (silu: two of them)."""
     num_sms = num_sms_of(device)
-    if on_cuda_cores(m, n, k, silu, device):
+    if _on_cuda_cores(m, n, k, silu, device):
         block_m = triton.next_power_of_2(m)
         # The widest tile that still gives every SM its programs, at least 4 columns for wide loads.
         block_n = max(4, min(64, _prev_power_of_2(n // (PROGRAMS_PER_SM * num_sms))))
@@ -181,7 +181,7 @@ def _stage_bytes(block_m: int, block_n: int, block_k: int, silu: bool, element_s
     return (block_m + block_n * (2 if silu else 1)) * block_k * element_size
 
 
-def on_cuda_cores(m: int, n: int, k: int, silu: bool, device: torch.device) -> bool:
+def _on_cuda_cores(m: int, n: int, k: int, silu: bool, device: torch.device) -> bool:
     """Whether m rows of an [n, k] weight (silu: two of them) multiply on the CUDA cores rather than the
     tensor cores."""
     wide = triton.cdiv(n, 32) >= SM_SHARE * num_sms_of(device)
@@ -213,6 +213,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, norm_weight: torch.Te
     if norm_weight is not None:
         assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
     blocks = tile_options(m, n, k, silu, x.element_size(), x.device)
+    if norm_weight is not None and blocks["DOT"]:
+        # On the tensor cores, normalizing each input tile between its load and its product stalled every K
+        # tile: it doubled or tripled these GEMMs (docs/benchmarks.md). A row kernel normalizes them first.
+        x, norm_weight = fused.rms_norm(x, norm_weight, eps), None
     pdl = dependent_launch(x.device)
     grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(m, blocks["BLOCK_M"]))
     _decode_linear_kernel[grid](
@@ -228,10 +232,6 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     """F.linear(RMSNorm(x), weight) for x [M, K] and weight [N, K]; with silu, weight is a packed
     gate/up weight [2N, K] and the result is SiluAndMul of that product, [M, N]."""
     n = weight.size(0) // 2 if silu else weight.size(0)
-    if not on_cuda_cores(x.size(0), n, x.size(1), silu, x.device):
-        # On the tensor cores, normalizing each input tile between its load and its product stalled every K
-        # tile: it doubled or tripled these GEMMs (docs/benchmarks.md). A row kernel normalizes them first.
-        return _launch(fused.rms_norm(x, norm_weight, eps), weight, n, None, eps, None, silu)
     return _launch(x, weight, n, norm_weight, eps, None, silu)
 
 
