@@ -7,6 +7,7 @@ python bench.py --decode-sweep --sm-splits 56:64,48:72
 python bench.py --attention-kernel
 python bench.py --decode-gemms --presets qwen3-8b --batches 1,8,64   # the fused step's GEMMs alone, fused and plain
 python bench.py --sampler
+python bench.py --persistent-chain                # a chain of GEMVs: one launch per link, or one persistent kernel
 python bench.py --prefill-latency --compare graph,eager   # one prompt at a time: host and GPU time of its prefill
 python bench.py --latency --compare graph-unfused,fused   # one request at a time: TTFT, time per output token
 python bench.py --online --rates 2,8,32 --duration 60 --compare graph,two-gpu,pd-mux [--workload prefill-heavy]
@@ -34,11 +35,11 @@ from nanovllm.attention.kv_quant import KV_CACHE_DTYPES
 # The flag of each benchmark -> (its module in benchmarks/, function), in order of precedence; without
 # any, the throughput comparison. Modules are imported when chosen: the kernels' imports Triton.
 BENCHMARKS = {"attention_kernel": ("kernels", "attention"), "decode_gemms": ("kernels", "decode_gemms"),
-              "sampler": ("kernels", "sampler"),
+              "sampler": ("kernels", "sampler"), "persistent_chain": ("persistent", "run"),
               "online": ("online", "run"), "latency": ("latency", "one_stream"),
               "prefill_latency": ("latency", "prefill"), "kv_quality": ("quality", "run"),
               "decode_sweep": ("sweeps", "run"), "startup": ("startup", "run")}
-GPU_ONLY = ("decode_sweep", "attention_kernel", "decode_gemms", "sampler", "hf_peer")
+GPU_ONLY = ("decode_sweep", "attention_kernel", "decode_gemms", "sampler", "persistent_chain", "hf_peer")
 # Where the GPU's defaults take many minutes on CPU (the tiny preset makes tens to hundreds of tokens/s).
 CPU_DEFAULTS = {"max_len": 128, "rates": "1,4", "duration": 10.0, "prompt_lens": "100,500,2000",
                 "output_tokens": 32, "quality_prompts": 8, "quality_tokens": 32, "presets": "tiny"}
@@ -121,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-gemms", action="store_true",
                    help="time the fused decode step's GEMMs alone, fused and plain, on --presets at --batches rows")
     p.add_argument("--sampler", action="store_true", help="time the sampler alone per batch and option")
+    p.add_argument("--persistent-chain", action="store_true",
+                   help="a chain of one-row GEMVs as dependent launches and as one persistent kernel with grid barriers")
     p.add_argument("--startup", action="store_true",
                    help="where start-up time goes: fresh processes, the first with an empty kernel cache")
     p.add_argument("--prefill-latency", action="store_true",

@@ -47,6 +47,15 @@ def test_bad_arguments_exit_with_the_reason(monkeypatch, capsys, argv, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("benchmark", ["--decode-sweep", "--persistent-chain"])
+def test_gpu_benchmarks_on_cpu_exit_with_the_reason(monkeypatch, capsys, benchmark):
+    with pytest.raises(SystemExit) as exit_:
+        run_bench(monkeypatch, benchmark)
+    assert exit_.value.code == 2
+    assert "--sampler, --persistent-chain and --hf-peer need a CUDA device" in capsys.readouterr().err
+
+
 def test_auto_path_is_the_engines_rule_over_the_contexts_swept():
     def row(batch, context, sequential, fused):
         return {"preset": "p", "kv_cache": "auto", "batch": batch, "context": context, "sequential_ms": sequential,
