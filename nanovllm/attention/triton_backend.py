@@ -21,7 +21,10 @@ class TritonBackend(AttentionBackend):
                                  block_tables=ctx.block_tables, kv_scales=kv_scales)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
-        if ctx.decode_order is None:  # once per step, for every layer
+        # Once per step, for every layer: the layers after the first read it, and the step's other inputs,
+        # ahead of their wait for the kernel before.
+        first_layer = ctx.decode_order is None
+        if first_layer:
             ctx.decode_order = longest_first(ctx.context_lens)
         return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
-                            kv_scales=kv_scales, order=ctx.decode_order)
+                            kv_scales=kv_scales, order=ctx.decode_order, early_inputs=not first_layer)

@@ -152,15 +152,18 @@ def _decode_kernel(
     stride_bt, stride_s, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DEQUANTIZE: tl.constexpr, FP16_DOT: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, EARLY_INPUTS: tl.constexpr,
 ):
     """One program: one sequence, one KV head with its GROUP query heads, one slice of the context.
 
     KV heads vary fastest across programs: a token's heads are adjacent in the cache, so programs
     running side by side read neighbouring memory. Sequences start longest first (order): a long one
-    started last would leave the SMs idle while it finishes.
+    started last would leave the SMs idle while it finishes. With EARLY_INPUTS the step's inputs (order,
+    context lengths, block tables) were written before the kernel before this one, which has waited for
+    them: a dependent launch reads them before its own wait, while that kernel finishes.
     """
-    wait_for_previous(PDL)
+    if not EARLY_INPUTS:
+        wait_for_previous(PDL)
     kv_head = tl.program_id(0)
     b = tl.load(order_ptr + tl.program_id(1))
     split = tl.program_id(2)
@@ -179,6 +182,10 @@ def _decode_kernel(
     offs_n = tl.arange(0, TILE_N)
     heads = kv_head * GROUP + offs_g
     g_mask = offs_g < GROUP
+    block_table = block_tables_ptr + b * stride_bt
+    blocks = _tile_blocks(block_table, lo, offs_n, hi, BLOCK_SIZE, TILE_N)
+    if EARLY_INPUTS:
+        wait_for_previous(PDL)
     # Rows past GROUP pad the query tile to the 16 rows tl.dot needs; they are never stored.
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None], other=0.0)
@@ -188,8 +195,6 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    block_table = block_tables_ptr + b * stride_bt
-    blocks = _tile_blocks(block_table, lo, offs_n, hi, BLOCK_SIZE, TILE_N)
     for start in range(lo, hi, TILE_N):
         tok_mask = start + offs_n < hi
         pos = (start + offs_n) % BLOCK_SIZE
@@ -435,9 +440,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  context_lens: torch.Tensor, scale: float, num_sms: int | None = None,
                  num_splits: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, kv_scales: torch.Tensor | None = None,
-                 order: torch.Tensor | None = None) -> torch.Tensor:
+                 order: torch.Tensor | None = None, early_inputs: bool = False) -> torch.Tensor:
     """q [B, Hq, D] attends to context_lens[b] cached tokens of block_tables[b] -> [B, Hq, D];
     kv_scales dequantize a float8 cache; order is longest_first(context_lens), computed here if not given.
+    early_inputs: order (given), context_lens and block_tables were written before the last kernel
+    launched on the stream (at an earlier layer of the step, say), so the kernel may read them before it
+    waits for that one.
 
     The optional arguments override the heuristics (for benchmarking); all of them depend on
     shapes only, so the launch is CUDA-graph capturable.
@@ -464,6 +472,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     else:
         part_m = part_l = part_acc = out  # unused by the single-split variant
     scales, stride_s, dequantize = _scales_args(kv_scales, k_cache)
+    assert order is not None or not early_inputs, "longest_first, launched here, writes the order just before"
     order = longest_first(context_lens) if order is None else order
     pdl = dependent_launch(q.device)
     _decode_kernel[(num_kv_heads, batch, num_splits)](
@@ -473,7 +482,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, DEQUANTIZE=dequantize, FP16_DOT=_fp16_dot(q, dequantize),
-        PDL=pdl, launch_pdl=pdl, num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
+        PDL=pdl, EARLY_INPUTS=early_inputs, launch_pdl=pdl, num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch * num_heads,)](

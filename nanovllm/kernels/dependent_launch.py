@@ -1,6 +1,7 @@
 """Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel
-before it on the stream finishes. Its programs first load what that kernel cannot have written (weights),
-then wait for it (`wait_for_previous`) before they read anything else or write anything. In a decode step,
+before it on the stream finishes. Its programs first load what that kernel cannot have written (weights,
+the step's inputs where they were written before it), then wait for it (`wait_for_previous`) before they
+read anything else or write anything. In a decode step,
 a chain of small kernels inside one CUDA graph, each launch and the first weight tile of each GEMM then
 overlap the tail of the kernel before.
 

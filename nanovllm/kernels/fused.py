@@ -96,6 +96,10 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_
     mask = tok_mask[:, None] & col_mask[None, :]
     w1 = tl.load(weight_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     w2 = tl.load(weight_ptr + HALF + offs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # The positions are the step's input, which no kernel of the step writes.
+    pos = tl.load(pos_ptr + toks, mask=tok_mask, other=0).to(tl.int64)[:, None]
+    cos = tl.load(cos_ptr + pos * stride_cos + offs[None, :], mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + offs[None, :], mask=mask, other=0.0)
     wait_for_previous(PDL)
     x1 = tl.load(src[:, None] + offs[None, :], mask=mask, other=0.0)
     x2 = tl.load(src[:, None] + HALF + offs[None, :], mask=mask, other=0.0)
@@ -104,10 +108,9 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_
     rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
     y1 = ((a1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
     y2 = ((a2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    pos = tl.load(pos_ptr + toks, mask=tok_mask, other=0).to(tl.int64)[:, None]
     # The table is float32; the reference rounds it to the activation dtype first.
-    cos = tl.load(cos_ptr + pos * stride_cos + offs[None, :], mask=mask, other=0.0).to(dtype).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_cos + offs[None, :], mask=mask, other=0.0).to(dtype).to(tl.float32)
+    cos = cos.to(dtype).to(tl.float32)
+    sin = sin.to(dtype).to(tl.float32)
     # x * cos + rotate_half(x) * sin with the reference's three roundings.
     out1 = ((y1 * cos).to(dtype).to(tl.float32) + (-y2 * sin).to(dtype).to(tl.float32)).to(dtype)
     out2 = ((y2 * cos).to(dtype).to(tl.float32) + (y1 * sin).to(dtype).to(tl.float32)).to(dtype)

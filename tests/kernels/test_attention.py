@@ -129,7 +129,7 @@ def check_store_kv(device, dtype, cache_dtype, block_size, num_kv_heads, head_di
 
 def check_decode(device, dtype, cache_dtype, block_size, group, head_dim, context_lens, num_kv_heads=2,
                  num_splits=None):
-    from nanovllm.kernels.attention import paged_decode
+    from nanovllm.kernels.attention import longest_first, paged_decode
     gen = torch.Generator().manual_seed(block_size + 31 * group + head_dim + len(context_lens))
     num_heads = group * num_kv_heads
     num_blocks = sum((n + block_size - 1) // block_size for n in context_lens) + 3
@@ -147,16 +147,19 @@ def check_decode(device, dtype, cache_dtype, block_size, group, head_dim, contex
 
     kv_cache = kv_cache.to(device)
 
-    def decode(rows):
+    def decode(rows, early_inputs=False):
+        lens = torch.tensor(context_lens, dtype=torch.int32)[rows].to(device)
         return paged_decode(q[rows].to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], tables[rows].to(device),
-                            torch.tensor(context_lens, dtype=torch.int32)[rows].to(device), scale,
-                            num_splits=num_splits, kv_scales=None if scales is None else scales.to(device))
+                            lens, scale, num_splits=num_splits, kv_scales=None if scales is None else scales.to(device),
+                            order=longest_first(lens) if early_inputs else None, early_inputs=early_inputs)
     rows = torch.arange(len(context_lens))
     out = decode(rows)
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, torch.stack(refs), dtype)
     # The programs run longest first, whatever the rows' order: each row's result is the same bits.
     assert torch.equal(decode(rows.flip(0)).cpu(), out.flip(0).cpu())
+    # Reading the step's inputs ahead of the wait for the kernel before (as at a step's later layers) too.
+    assert torch.equal(decode(rows, early_inputs=True).cpu(), out.cpu())
 
 
 def check_longest_first(device, case):
