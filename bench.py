@@ -123,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
                    help="time the fused decode step's GEMMs alone, fused and plain, on --presets at --batches rows")
     p.add_argument("--sampler", action="store_true", help="time the sampler alone per batch and option")
     p.add_argument("--persistent-chain", action="store_true",
-                   help="a chain of one-row GEMVs as dependent launches and as one persistent kernel with grid barriers")
+                   help="a chain of one-row GEMVs: dependent launches, or one persistent kernel with grid barriers")
     p.add_argument("--startup", action="store_true",
                    help="where start-up time goes: fresh processes, the first with an empty kernel cache")
     p.add_argument("--prefill-latency", action="store_true",

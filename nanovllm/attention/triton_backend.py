@@ -21,8 +21,8 @@ class TritonBackend(AttentionBackend):
                                  block_tables=ctx.block_tables, kv_scales=kv_scales)
 
     def decode(self, q, k_cache, v_cache, ctx: Context, scale, kv_scales=None):
-        # Once per step, for every layer: the layers after the first read it, and the step's other inputs,
-        # ahead of their wait for the kernel before.
+        # The order is computed once per step, at the first layer. The later layers' kernels, launched after
+        # it and the step's other inputs were written, read them before they wait for the kernel before.
         first_layer = ctx.decode_order is None
         if first_layer:
             ctx.decode_order = longest_first(ctx.context_lens)

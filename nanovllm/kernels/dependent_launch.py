@@ -1,9 +1,8 @@
 """Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel
 before it on the stream finishes. Its programs first load what that kernel cannot have written (weights,
 the step's inputs where they were written before it), then wait for it (`wait_for_previous`) before they
-read anything else or write anything. In a decode step,
-a chain of small kernels inside one CUDA graph, each launch and the first weight tile of each GEMM then
-overlap the tail of the kernel before.
+read anything else or write anything. In a decode step, a chain of small kernels inside one CUDA graph,
+each launch and the first weight tile of each GEMM then overlap the tail of the kernel before.
 
 A kernel lets the next one launch once its own wait is over, so at most two kernels of the chain are
 resident at once. NANOVLLM_DEPENDENT_LAUNCH=0 (read at import) launches every kernel the ordinary way."""

@@ -149,9 +149,11 @@ def check_decode(device, dtype, cache_dtype, block_size, group, head_dim, contex
 
     def decode(rows, early_inputs=False):
         lens = torch.tensor(context_lens, dtype=torch.int32)[rows].to(device)
+        # With early_inputs, as at a step's later layers: the order written before other kernels ran (copies).
+        order = longest_first(lens) if early_inputs else None
         return paged_decode(q[rows].to(device), kv_cache[:, LAYER, 0], kv_cache[:, LAYER, 1], tables[rows].to(device),
                             lens, scale, num_splits=num_splits, kv_scales=None if scales is None else scales.to(device),
-                            order=longest_first(lens) if early_inputs else None, early_inputs=early_inputs)
+                            order=order, early_inputs=early_inputs)
     rows = torch.arange(len(context_lens))
     out = decode(rows)
     assert out.shape == q.shape and out.dtype == dtype
