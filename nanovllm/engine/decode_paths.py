@@ -5,7 +5,7 @@ a DecodeExtension: the attention/FFN pipeline; a fused decode later) is captured
 more than one candidate, each bucket's graphs are timed at start-up on synthetic batches at a short and
 a long context, and the bucket replays the fastest, but a candidate other than the sequential forward
 only where it beat it at every context timed: auto never picks a slower path. The timings are kept on
-disk per setup (TimingCache), so a second start of the same setup skips them.
+disk per setup and source code (TimingCache), so a second start of the same setup skips them.
 """
 import hashlib
 import json
@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from nanovllm.engine.graphs import CapturedGraph, DecodeGraphs
+from nanovllm.kernels import dependent_launch
 from nanovllm.partitions.sm_limit import on_sms
 from nanovllm.partitions.streams import Lane, use_streams
 from nanovllm.utils.cache import cache_root
@@ -29,6 +30,8 @@ logger = get_logger("ModelRunner")
 
 # forward(input_ids, positions, ctx) -> hidden states after the final norm
 Forward = Callable[[torch.Tensor, torch.Tensor, Context], torch.Tensor]
+# The package whose source the timings are keyed by.
+PACKAGE = Path(__file__).resolve().parents[1]
 # Contexts each bucket is timed at (capped by max_model_len).
 TIMED_CONTEXTS = (256, 2048)
 SEQUENTIAL = "sequential"
@@ -40,7 +43,7 @@ class DecodeCandidate(Protocol):
     def bind(self, model) -> Forward: ...
 
     def setup_key(self) -> dict:
-        """What its timings depend on besides the model, the device and the cache (an SM split, say)."""
+        """What its timings depend on besides the model, the device, the cache and the code (an SM split, say)."""
 
 
 class DecodeExtension(Protocol):
@@ -208,8 +211,18 @@ def setup_key(device: torch.device, hf_config, dtype: torch.dtype, kv_cache_dtyp
     except OSError:
         driver = str(torch._C._cuda_getDriverVersion())
     return {"gpu": torch.cuda.get_device_name(device), "driver": driver, "torch": torch.__version__,
+            "source": source_digest(), "dependent_launch": bool(dependent_launch and dependent_launch.ENABLED),
             "model": hf_config.to_diff_dict(), "dtype": str(dtype), "kv_cache_dtype": kv_cache_dtype,
             "block_size": block_size, "attention_backend": attention_backend}
+
+
+def source_digest(package: Path = PACKAGE) -> str:
+    """A digest of the engine's Python source: timings taken by other code (kernels, models, modes) are not
+    this code's, whichever path they favoured."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:20]
 
 
 class TimingCache:

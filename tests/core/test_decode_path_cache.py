@@ -4,8 +4,9 @@ import json
 import logging
 
 import pytest
+import torch
 
-from nanovllm.engine.decode_paths import TimingCache, fastest
+from nanovllm.engine.decode_paths import TimingCache, fastest, setup_key, source_digest
 from tests.helpers import logged
 
 NAMES = ["sequential", "pipeline"]
@@ -46,6 +47,30 @@ def test_a_candidate_wins_a_bucket_only_where_it_is_faster_at_every_context():
 def test_another_setup_has_no_timings(change):
     TimingCache(KEY).save(TIMINGS)
     assert TimingCache({**KEY, **change}).load() is None
+
+
+def test_the_source_digest_changes_with_any_file_of_the_code(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "attention.py").write_text("TILE = 64\n")
+    (tmp_path / "llm.py").write_text("class LLM: ...\n")
+    first = source_digest(tmp_path)
+    assert source_digest(tmp_path) == first and len(first) == 20
+    (tmp_path / "kernels" / "attention.py").write_text("TILE = 32\n")
+    edited = source_digest(tmp_path)
+    (tmp_path / "kernels" / "attention.py").rename(tmp_path / "kernels" / "decode.py")
+    assert len({first, edited, source_digest(tmp_path)}) == 3
+    code = source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("not code")
+    assert source_digest(tmp_path) == code
+
+
+def test_the_setup_key_holds_the_source_digest(monkeypatch):
+    from transformers import Qwen3Config
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(torch._C, "_cuda_getDriverVersion", lambda: 12080, raising=False)
+    key = setup_key(torch.device("cuda", 0), Qwen3Config(), torch.bfloat16, "auto", 256, "triton")
+    assert key["source"] == source_digest() and key["gpu"] == "NVIDIA H200"
+    assert isinstance(key["dependent_launch"], bool)
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"key": {}, "timings": {}}),

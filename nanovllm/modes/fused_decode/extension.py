@@ -1,9 +1,5 @@
-import hashlib
-from pathlib import Path
-
 import torch
 
-from nanovllm import kernels
 from nanovllm.config import Config
 from nanovllm.modes.fused_decode.forward import FusedForward
 from nanovllm.utils.log import get_logger
@@ -22,10 +18,7 @@ class FusedDecodeCandidate:
 
     @staticmethod
     def setup_key() -> dict:
-        """Timings saved by another version of the GEMM kernels, or with dependent launch on where it is off
-        now (or the reverse), are not this one's."""
-        return {"kernels": hashlib.sha256(Path(kernels.decode_linear.__file__).read_bytes()).hexdigest()[:16],
-                "dependent_launch": kernels.dependent_launch.ENABLED}
+        return {}  # its kernels are in the setup's source digest (engine/decode_paths.py)
 
 
 class FusedDecodeExtension:
