@@ -16,6 +16,7 @@ import triton.language as tl
 
 from benchmarks.floor import copy_bytes_per_s
 from benchmarks.report import print_table
+from nanovllm.engine.graphs import capture
 from nanovllm.kernels.decode_linear import tile_options
 from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.partitions.sm_limit import num_sms_of
@@ -86,15 +87,6 @@ def _chain_kernel(w_ptr, x_ptr, counter_ptr, links, N, K, WORK: tl.constexpr, BL
                              BLOCK_K)
 
 
-def _captured(fn) -> torch.cuda.CUDAGraph:
-    fn()  # compiles outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def run(args) -> list[dict]:
     device = torch.device("cuda")
     bandwidth = copy_bytes_per_s()
@@ -126,8 +118,9 @@ def run(args) -> list[dict]:
             _chain_kernel[(programs,)](weights, persistent, counter, num_links, size, size, WORK=work,
                                        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tile["num_warps"])
 
-        graphs = {"launches": _captured(launches), "persistent": _captured(chain),
-                  "barriers": _captured(lambda: chain(False, BARRIER_LINKS))}
+        stream = torch.cuda.current_stream()
+        graphs = {"launches": capture(launches, None, stream), "persistent": capture(chain, None, stream),
+                  "barriers": capture(lambda: chain(False, BARRIER_LINKS), None, stream)}
         ms = median_replay_ms({name: g.replay for name, g in graphs.items()}, repeats=args.repeats)
         # Each program arrives once at each barrier; the two kernels may sum a tile in another order, which
         # compounds over the links, but a link that read a stale input would end far off.
