@@ -4,6 +4,7 @@ python bench.py                                   # graph mode on the default wo
 python bench.py --compare eager,graph,pipeline,pipeline-forced --hf-peer 32
 python bench.py --compare graph,graph-sync         # async scheduling on and off (also two-gpu-sync, pd-mux-sync)
 python bench.py --decode-sweep --sm-splits 56:64,48:72
+python bench.py --step-profile --presets qwen3-0.6b --batches 1,8   # each kernel's share of a decode step
 python bench.py --attention-kernel
 python bench.py --decode-gemms --presets qwen3-8b --batches 1,8,64   # the fused step's GEMMs alone, fused and plain
 python bench.py --sampler
@@ -38,8 +39,9 @@ BENCHMARKS = {"attention_kernel": ("kernels", "attention"), "decode_gemms": ("ke
               "sampler": ("kernels", "sampler"), "persistent_chain": ("persistent", "run"),
               "online": ("online", "run"), "latency": ("latency", "one_stream"),
               "prefill_latency": ("latency", "prefill"), "kv_quality": ("quality", "run"),
-              "decode_sweep": ("sweeps", "run"), "startup": ("startup", "run")}
-GPU_ONLY = ("decode_sweep", "attention_kernel", "decode_gemms", "sampler", "persistent_chain", "hf_peer")
+              "decode_sweep": ("sweeps", "run"), "step_profile": ("step_profile", "run"), "startup": ("startup", "run")}
+GPU_ONLY = ("decode_sweep", "step_profile", "attention_kernel", "decode_gemms", "sampler", "persistent_chain",
+            "hf_peer")
 # Where the GPU's defaults take many minutes on CPU (the tiny preset makes tens to hundreds of tokens/s).
 CPU_DEFAULTS = {"max_len": 128, "rates": "1,4", "duration": 10.0, "prompt_lens": "100,500,2000",
                 "output_tokens": 32, "quality_prompts": 8, "quality_tokens": 32, "presets": "tiny"}
@@ -118,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
                    help="--goodput: the most by which neighbouring rates of the search differ (0.2: 20%%)")
     p.add_argument("--hf-peer", type=int, default=0, help="also run transformers' generate on this many seqs")
     p.add_argument("--decode-sweep", action="store_true")
+    p.add_argument("--step-profile", action="store_true",
+                   help="trace decode-step graphs: each kernel's launches and time per layer (--presets, --batches, "
+                        "the first of --contexts)")
     p.add_argument("--attention-kernel", action="store_true", help="time the Triton decode attention kernel")
     p.add_argument("--decode-gemms", action="store_true",
                    help="time the fused decode step's GEMMs alone, fused and plain, on --presets at --batches rows")
@@ -145,9 +150,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-tokens", type=int, default=128)
     p.add_argument("--presets", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--batches", type=positive_ints, default="1,8,64,256,512",
-                   help="comma-separated batch sizes (integers >= 1) for --decode-sweep and --decode-gemms")
+                   help="comma-separated batch sizes (integers >= 1) for --decode-sweep, --step-profile and --decode-gemms")
     p.add_argument("--contexts", type=positive_ints, default="256,1024,4096",
-                   help="comma-separated context lengths (integers >= 1) for --decode-sweep")
+                   help="comma-separated context lengths (integers >= 1) for --decode-sweep (--step-profile: the first)")
     p.add_argument("--sm-splits", default="", help="pipeline partitions to sweep, e.g. 56:64,48:72")
     p.add_argument("--whole-gpu-grids", action="store_true",
                    help="also sweep each split with attention grids sized for the whole GPU")

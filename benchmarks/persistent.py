@@ -118,7 +118,7 @@ def run(args) -> list[dict]:
             _chain_kernel[(programs,)](weights, persistent, counter, num_links, size, size, WORK=work,
                                        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tile["num_warps"])
 
-        stream = torch.cuda.current_stream()
+        stream = torch.cuda.Stream(device)  # CUDA captures only on a side stream
         graphs = {"launches": capture(launches, None, stream), "persistent": capture(chain, None, stream),
                   "barriers": capture(lambda: chain(False, BARRIER_LINKS), None, stream)}
         ms = median_replay_ms({name: g.replay for name, g in graphs.items()}, repeats=args.repeats)

@@ -31,8 +31,9 @@ PTX = tl.constexpr(not triton.knobs.runtime.interpret)
 FP16_MAX = tl.constexpr(65504.0)
 # Enough resident programs per SM to keep a memory-bound kernel's loads in flight.
 PROGRAMS_PER_SM = 4
-# A split shorter than this spends more on its partial result than it saves.
-MIN_TOKENS_PER_SPLIT = 256
+# One tile: where few sequences decode, splits of one tile each put the most SMs to work on a context
+# (at batch 1, 7% off a step of qwen3-0.6b against splits of 256 tokens, H200, docs/benchmarks.md).
+MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 64
 # Sequences a prefill program looks through at a time to find its own.
 QUERY_BLOCK_SEARCH = 128

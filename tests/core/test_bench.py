@@ -1,5 +1,5 @@
-"""bench.py's one-stream latency end to end on a tiny checkpoint, its argument checks, and the decode sweep's
-path column and launch counter."""
+"""bench.py's one-stream latency end to end on a tiny checkpoint, its argument checks, the decode sweep's
+path column and launch counter, and the step profile's per-kernel sums."""
 import json
 import sys
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+from benchmarks.step_profile import Kernel, kernel_rows
 from benchmarks.sweeps import add_auto_columns, device_launches
 from tests.helpers import gpu
 
@@ -48,7 +49,7 @@ def test_bad_arguments_exit_with_the_reason(monkeypatch, capsys, argv, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("benchmark", ["--decode-sweep", "--persistent-chain"])
+@pytest.mark.parametrize("benchmark", ["--decode-sweep", "--step-profile", "--persistent-chain"])
 def test_gpu_benchmarks_on_cpu_exit_with_the_reason(monkeypatch, capsys, benchmark):
     with pytest.raises(SystemExit) as exit_:
         run_bench(monkeypatch, benchmark)
@@ -65,6 +66,26 @@ def test_auto_path_is_the_engines_rule_over_the_contexts_swept():
     rows = [row(1, 256, 2.0, 1.0), row(1, 4096, 3.0, 2.5), row(8, 256, 2.0, 1.0), row(8, 4096, 3.0, 3.5)]
     add_auto_columns(rows, [])
     assert [r["auto_path"] for r in rows] == ["fused", "fused", "sequential", "sequential"]
+
+
+def test_step_profile_splits_the_critical_path_among_overlapping_kernels():
+    # Two replays of a two-layer step: a GEMM, then an attention kernel that starts before the GEMM ends
+    # (a dependent launch); the second replay's attention runs 2 us longer.
+    def replay(t0, attention_end):
+        return [Kernel("gemm", t0, t0 + 10), Kernel("attn", t0 + 8, t0 + attention_end),
+                Kernel("gemm", t0 + attention_end, t0 + attention_end + 10),
+                Kernel("attn", t0 + attention_end + 9, t0 + 2 * attention_end)]
+
+    rows = kernel_rows(replay(0, 14) + replay(100, 16), replays=2, layers=2)
+    assert [row["kernel"] for row in rows] == ["gemm", "attn"]
+    gemm, attn = rows
+    assert gemm["launches/layer"] == attn["launches/layer"] == 1
+    # Critical path: each gemm adds 10, the attentions 4 (6) past the gemm before them; per layer the medians.
+    assert gemm["critical_us/layer"] == 10 and attn["critical_us/layer"] == pytest.approx((8 + 12) / 2 / 2)
+    assert gemm["critical_us/layer"] * 2 + attn["critical_us/layer"] * 2 == pytest.approx((28 + 32) / 2)
+    assert attn["busy_us/layer"] == pytest.approx((6 + 5 + 8 + 7) / 2 / 2)
+    with pytest.raises(RuntimeError, match="do not split into 2 replays"):
+        kernel_rows(replay(0, 14)[:3], replays=2, layers=2)
 
 
 @gpu
