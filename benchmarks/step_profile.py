@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import device_name, preset_model, with_engine
 from benchmarks.report import print_table
-from benchmarks.sweeps import fused_candidates
+from benchmarks.sweeps import capture_forwards, fused_candidates, sweep_options
 from nanovllm.engine.decode_paths import Sequential
 from nanovllm.engine.graphs import DecodeGraphs
 from nanovllm.utils.timing import median_replay_ms
@@ -75,8 +75,7 @@ def profile_preset(preset: str, args) -> list[dict]:
         runner = llm.model_runner
         graphs = DecodeGraphs(args.batches, runner.max_blocks_per_seq, runner.device)
         forwards = {c.name: c.bind(runner.model) for c in (Sequential, *fused_candidates())}
-        captured = {name: graphs.capture(lambda ids, pos, f=forward: f(ids, pos, graphs.context(ids.size(0))))
-                    for name, forward in forwards.items()}
+        captured = capture_forwards(graphs, forwards)
         layers = runner.model.num_layers
         rows = []
         for batch in args.batches:
@@ -88,9 +87,8 @@ def profile_preset(preset: str, args) -> list[dict]:
                 rows += [{**head, **row} for row in kernel_rows(traced_kernels(g[batch].replay), TRACED_REPLAYS, layers)]
         return rows
 
-    options = dict(enforce_eager=True, max_num_seqs=max(args.batches), max_model_len=context + 1,
-                   max_num_batched_tokens=context + 1, gpu_memory_utilization=args.sweep_memory)
-    return with_engine(preset_model(preset), options, run, warm_up=False)
+    return with_engine(preset_model(preset), sweep_options(args.batches, context, args.sweep_memory), run,
+                       warm_up=False)
 
 
 def run(args) -> list[dict]:

@@ -56,6 +56,19 @@ def device_launches(run) -> int:
     return sum(event.device_type == DeviceType.CUDA for event in prof.events())
 
 
+def capture_forwards(graphs: DecodeGraphs, forwards: dict) -> dict:
+    """name -> bucket -> the CUDA graph of forward(input_ids, positions, ctx) on the graphs' static inputs."""
+    return {name: graphs.capture(lambda ids, pos, f=forward: f(ids, pos, graphs.context(ids.size(0))))
+            for name, forward in forwards.items()}
+
+
+def sweep_options(batches: list[int], max_context: int, memory: float, kv_cache_dtype: str = "auto") -> dict:
+    """The options of an engine that serves as the model, weights and KV cache of decode steps captured
+    here, up to max(batches) sequences of max_context tokens; it captures no graphs of its own."""
+    return dict(enforce_eager=True, max_num_seqs=max(batches), max_model_len=max_context + 1,
+                max_num_batched_tokens=max_context + 1, gpu_memory_utilization=memory, kv_cache_dtype=kv_cache_dtype)
+
+
 def launches_per_layer(runner, graphs: DecodeGraphs, forwards: dict, context: int) -> dict[str, float]:
     """name -> the device launches of one eager step of batch 1 at `context`, over the layers; not for the
     stage probes, which run half of each layer."""
@@ -76,11 +89,7 @@ def sweep_preset(preset: str, kv_cache_dtype: str, args, splits: list[tuple[int,
         micro_batches = PipelineScheduler(runner.model).micro_batches
         graphs = DecodeGraphs(batches, runner.max_blocks_per_seq, runner.device)
         forwards = variant_forwards(runner, splits, args.whole_gpu_grids)
-
-        def capture(forward):
-            return graphs.capture(lambda ids, pos: forward(ids, pos, graphs.context(ids.size(0))))
-
-        variants = {name: capture(forward) for name, forward in forwards.items()}
+        variants = capture_forwards(graphs, forwards)
         launches = launches_per_layer(runner, graphs, forwards, contexts[0])
         rows = []
         for batch, context in tqdm([(b, c) for b in batches for c in contexts], desc=f"decode sweep {preset}"):
@@ -103,9 +112,7 @@ def sweep_preset(preset: str, kv_cache_dtype: str, args, splits: list[tuple[int,
             rows.append(row)
         return rows
 
-    options = dict(enforce_eager=True, max_num_seqs=max(batches), max_model_len=max(contexts) + 1,
-                   max_num_batched_tokens=max(contexts) + 1, gpu_memory_utilization=args.sweep_memory,
-                   kv_cache_dtype=kv_cache_dtype)
+    options = sweep_options(batches, max(contexts), args.sweep_memory, kv_cache_dtype)
     return with_engine(preset_model(preset), options, sweep, warm_up=False)
 
 

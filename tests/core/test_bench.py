@@ -8,7 +8,7 @@ import torch
 
 import bench
 from benchmarks.step_profile import Kernel, kernel_rows
-from benchmarks.sweeps import add_auto_columns, device_launches
+from benchmarks.sweeps import add_auto_columns, capture_forwards, device_launches
 from tests.helpers import gpu
 
 
@@ -66,6 +66,19 @@ def test_auto_path_is_the_engines_rule_over_the_contexts_swept():
     rows = [row(1, 256, 2.0, 1.0), row(1, 4096, 3.0, 2.5), row(8, 256, 2.0, 1.0), row(8, 4096, 3.0, 3.5)]
     add_auto_columns(rows, [])
     assert [r["auto_path"] for r in rows] == ["fused", "fused", "sequential", "sequential"]
+
+
+def test_each_forward_is_captured_with_its_own_graphs():
+    class Graphs:  # stands in for DecodeGraphs: "captures" by calling at two buckets
+        def capture(self, forward):
+            return {batch: forward(torch.zeros(batch), torch.zeros(batch)) for batch in (1, 2)}
+
+        def context(self, batch):
+            return f"context of {batch}"
+
+    forwards = {name: (lambda ids, pos, ctx, name=name: (name, ids.numel(), ctx)) for name in ("a", "b")}
+    assert capture_forwards(Graphs(), forwards) == {
+        name: {batch: (name, batch, f"context of {batch}") for batch in (1, 2)} for name in ("a", "b")}
 
 
 def test_step_profile_splits_the_critical_path_among_overlapping_kernels():
