@@ -1,6 +1,6 @@
 import torch
 
-from nanovllm.utils.context import Context
+from nanovllm.utils.context import Context, DecodeRope
 
 
 class AttentionBackend:
@@ -16,6 +16,8 @@ class AttentionBackend:
     captures_prefill = False
     # Whether the cache layout and store are those of the Triton store_kv, which a fused kernel may do instead.
     fuses_store = False
+    # Whether decode_rope exists: decode from the raw projections, with q/k norm, RoPE and the store in it.
+    fuses_rope = False
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
@@ -28,4 +30,10 @@ class AttentionBackend:
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                ctx: Context, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_rope(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context, scale: float,
+                    kv_scales: torch.Tensor | None, rope: DecodeRope) -> torch.Tensor:
+        """decode() where q is raw and rope holds the step's raw keys and values, what normalizes and rotates
+        q and k, and where to store the keys and values, which the backend does itself. Only where fuses_rope."""
         raise NotImplementedError

@@ -18,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import rope
 from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.partitions.sm_limit import num_sms_of
+from nanovllm.utils.context import DecodeRope
 
 LOG2E = 1.4426950408889634
 # The largest finite float8 e4m3 value, where a float8 cache saturates.
@@ -42,6 +44,12 @@ ORDER_BLOCK = 64
 
 
 @triton.jit
+def _quantized(x, scale):
+    """x in a float8 cache's units: divided by its head's scale, saturated to the float8 range."""
+    return tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX_CONSTEXPR, FP8_MAX_CONSTEXPR)
+
+
+@triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, scales_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh,
@@ -61,10 +69,8 @@ def _store_kv_kernel(
     k = tl.load(k_ptr + i * stride_kn + offs_h * stride_kh + offs_d, mask=mask)
     v = tl.load(v_ptr + i * stride_vn + offs_h * stride_vh + offs_d, mask=mask)
     if QUANTIZE:
-        k_scale = tl.load(scales_ptr + offs_h, mask=mask, other=1.0)
-        v_scale = tl.load(scales_ptr + stride_s + offs_h, mask=mask, other=1.0)
-        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX_CONSTEXPR, FP8_MAX_CONSTEXPR)
-        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX_CONSTEXPR, FP8_MAX_CONSTEXPR)
+        k = _quantized(k, tl.load(scales_ptr + offs_h, mask=mask, other=1.0))
+        v = _quantized(v, tl.load(scales_ptr + stride_s + offs_h, mask=mask, other=1.0))
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h * stride_kch + offs_d
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h * stride_vch + offs_d
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -151,9 +157,11 @@ def _decode_kernel(
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_s, stride_ob, stride_oh,
+    new_k_ptr, new_v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, eps,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cos,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DEQUANTIZE: tl.constexpr, FP16_DOT: tl.constexpr,
-    PDL: tl.constexpr, EARLY_INPUTS: tl.constexpr,
+    PDL: tl.constexpr, EARLY_INPUTS: tl.constexpr, ROPE: tl.constexpr,
 ):
     """One program: one sequence, one KV head with its GROUP query heads, one slice of the context.
 
@@ -162,6 +170,11 @@ def _decode_kernel(
     started last would leave the SMs idle while it finishes. With EARLY_INPUTS the step's inputs (order,
     context lengths, block tables) were written before the kernel before this one, which has waited for
     them: a dependent launch reads them before its own wait, while that kernel finishes.
+
+    With ROPE, q and the step's new keys and values (new_k, new_v) are the qkv projection's: the program
+    normalizes and rotates its query heads itself (qk_norm_rope's arithmetic), and the program whose slice
+    holds the new token stores that token's key and value (quantized for a float8 cache) at its slot
+    before it reads the slice, as store_kv would have before the kernel.
     """
     if not EARLY_INPUTS:
         wait_for_previous(PDL)
@@ -185,11 +198,42 @@ def _decode_kernel(
     g_mask = offs_g < GROUP
     block_table = block_tables_ptr + b * stride_bt
     blocks = _tile_blocks(block_table, lo, offs_n, hi, BLOCK_SIZE, TILE_N)
+    if ROPE:
+        # The positions are the step's input, the table and the norms' weights constants: all read before
+        # the wait where the sequence is known by then.
+        half = HEAD_DIM // 2
+        partner = (offs_d + half) % HEAD_DIM
+        position = tl.load(pos_ptr + b).to(tl.int64)
+        cos = tl.load(cos_ptr + position * stride_cos + offs_d)
+        signed_sin = tl.load(sin_ptr + position * stride_cos + offs_d) * tl.where(offs_d < half, -1.0, 1.0)
+        q_norm, q_norm_partner = tl.load(q_norm_ptr + offs_d), tl.load(q_norm_ptr + partner)
+        k_norm, k_norm_partner = tl.load(k_norm_ptr + offs_d), tl.load(k_norm_ptr + partner)
     if EARLY_INPUTS:
         wait_for_previous(PDL)
     # Rows past GROUP pad the query tile to the 16 rows tl.dot needs; they are never stored.
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+    if ROPE:
+        q_partner = tl.load(q_rows + partner[None, :], mask=g_mask[:, None], other=0.0)
+        q = _normed_rotated(q, q_partner, q_norm, q_norm_partner, cos, signed_sin, eps, HEAD_DIM)
+        if (lo <= context_len - 1) & (context_len - 1 < hi):
+            k_row = new_k_ptr + b * stride_nkb + kv_head * stride_nkh
+            k_new = _normed_rotated(tl.load(k_row + offs_d)[None, :], tl.load(k_row + partner)[None, :], k_norm,
+                                    k_norm_partner, cos, signed_sin, eps, HEAD_DIM)
+            v_new = tl.load(new_v_ptr + b * stride_nvb + kv_head * stride_nvh + offs_d)[None, :]
+            if DEQUANTIZE:
+                k_new = _quantized(k_new, tl.load(scales_ptr + kv_head))
+                v_new = _quantized(v_new, tl.load(scales_ptr + stride_s + kv_head))
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            slot_mask = (tl.zeros([1, HEAD_DIM], tl.int64) + slot) >= 0
+            slot = tl.maximum(slot, 0)
+            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            tl.store(k_cache_ptr + block * stride_kb + offset * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                     k_new.to(k_cache_ptr.dtype.element_ty), mask=slot_mask)
+            tl.store(v_cache_ptr + block * stride_vb + offset * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                     v_new.to(v_cache_ptr.dtype.element_ty), mask=slot_mask)
+            # The slice's last tile reads them back: every thread's stores land before any thread loads.
+            tl.debug_barrier()
     if FP16_DOT:
         q = _as_fp16(q)
 
@@ -220,6 +264,19 @@ def _decode_kernel(
         tl.store(part_m_ptr + part, m_i, mask=g_mask)
         tl.store(part_l_ptr + part, l_i, mask=g_mask)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+
+
+@triton.jit
+def _normed_rotated(x, partner, weight, weight_partner, cos, signed_sin, eps, HEAD_DIM: tl.constexpr):
+    """Heads x [rows, HEAD_DIM] and partner, each row's halves swapped: per-head RMSNorm with weight (and
+    weight_partner, swapped likewise), then RoPE at the position of cos and signed_sin [HEAD_DIM], in x's
+    dtype."""
+    dtype = x.dtype
+    a, a_partner = x.to(tl.float32), partner.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(a * a, axis=1) / HEAD_DIM + eps)[:, None]
+    y = rope.normed(a, rstd, weight.to(tl.float32)[None, :], dtype)
+    y_partner = rope.normed(a_partner, rstd, weight_partner.to(tl.float32)[None, :], dtype)
+    return rope.rotated(y, y_partner, cos[None, :], signed_sin[None, :], dtype)
 
 
 @triton.jit
@@ -437,16 +494,30 @@ def decode_tile_config(dtype: torch.dtype, head_dim: int, quantized: bool) -> tu
     return 64, 2 if quantized else 4, 3
 
 
+def _rope_args(rope: DecodeRope | None, q: torch.Tensor) -> tuple:
+    """_decode_kernel's arguments from new_k_ptr to stride_cos (unused placeholders without rope)."""
+    if rope is None:
+        return (q,) * 8 + (0.0,) + (0,) * 5
+    k, v, table = rope.k, rope.v, rope.cos_sin_cache
+    assert k.shape == v.shape == (q.size(0), k.size(1), q.size(2)) and k.stride(2) == 1 and v.stride(2) == 1
+    assert table.dtype == torch.float32 and table.stride(2) == 1 and table.size(2) == q.size(2)
+    assert rope.q_norm_weight.is_contiguous() and rope.k_norm_weight.is_contiguous()
+    return (k, v, rope.q_norm_weight, rope.k_norm_weight, table[0], table[1], rope.positions, rope.slot_mapping,
+            rope.eps, k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(1))
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, num_sms: int | None = None,
                  num_splits: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, kv_scales: torch.Tensor | None = None,
-                 order: torch.Tensor | None = None, early_inputs: bool = False) -> torch.Tensor:
+                 order: torch.Tensor | None = None, early_inputs: bool = False,
+                 rope: DecodeRope | None = None) -> torch.Tensor:
     """q [B, Hq, D] attends to context_lens[b] cached tokens of block_tables[b] -> [B, Hq, D];
     kv_scales dequantize a float8 cache; order is longest_first(context_lens), computed here if not given.
     early_inputs: order (given), context_lens and block_tables were written before the last kernel
     launched on the stream (at an earlier layer of the step, say), so the kernel may read them before it
-    waits for that one.
+    waits for that one. rope: q is raw (before its norm and RoPE), and the kernel also stores the step's
+    keys and values (see DecodeRope), in place of fused.qk_norm_rope and store_kv before it.
 
     The optional arguments override the heuristics (for benchmarking); all of them depend on
     shapes only, so the launch is CUDA-graph capturable.
@@ -480,10 +551,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q, k_cache, v_cache, block_tables, context_lens, order, scales, out, part_m, part_l, part_acc, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_s,
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), *_rope_args(rope, q),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, DEQUANTIZE=dequantize, FP16_DOT=_fp16_dot(q, dequantize),
-        PDL=pdl, EARLY_INPUTS=early_inputs, launch_pdl=pdl, num_warps=num_warps or default_warps,
+        PDL=pdl, EARLY_INPUTS=early_inputs, ROPE=rope is not None, launch_pdl=pdl,
+        num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )
     if num_splits > 1:

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import rope
 from nanovllm.kernels.attention import check_cache
 from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.utils.context import KVStore
@@ -106,14 +107,8 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_
     dtype = x1.dtype
     a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
-    y1 = ((a1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-    y2 = ((a2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    # The table is float32; the reference rounds it to the activation dtype first.
-    cos = cos.to(dtype).to(tl.float32)
-    sin = sin.to(dtype).to(tl.float32)
-    # x * cos + rotate_half(x) * sin with the reference's three roundings.
-    out1 = ((y1 * cos).to(dtype).to(tl.float32) + (-y2 * sin).to(dtype).to(tl.float32)).to(dtype)
-    out2 = ((y2 * cos).to(dtype).to(tl.float32) + (y1 * sin).to(dtype).to(tl.float32)).to(dtype)
+    y1, y2 = rope.normed(a1, rstd, w1, dtype), rope.normed(a2, rstd, w2, dtype)
+    out1, out2 = rope.rotated(y1, y2, cos, -sin, dtype), rope.rotated(y2, y1, cos, sin, dtype)
     tl.store(dst[:, None] + offs[None, :], out1, mask=mask)
     tl.store(dst[:, None] + HALF + offs[None, :], out2, mask=mask)
     if STORE:

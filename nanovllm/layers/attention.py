@@ -3,7 +3,7 @@ from torch import nn
 
 from nanovllm.attention.base import AttentionBackend
 from nanovllm.attention.torch_backend import TorchBackend
-from nanovllm.utils.context import KVStore, get_context
+from nanovllm.utils.context import DecodeRope, KVStore, get_context
 
 
 class Attention(nn.Module):
@@ -27,6 +27,24 @@ class Attention(nn.Module):
         if self.k_cache is None or not self.backend.fuses_store or self.kv_scales is not None:
             return None
         return KVStore(v, self.k_cache, self.v_cache, get_context().slot_mapping)
+
+    def decodes_raw(self) -> bool:
+        """Whether this step is a decode whose backend normalizes and rotates the raw projections and stores
+        the keys and values in its own kernel (decode_raw). Only into a float8 cache: there that takes the q/k
+        kernel and store_kv's out of the step (4-7% off the fused step of qwen3-0.6b at batches 1-64, H200,
+        docs/benchmarks.md); into a 16-bit cache the q/k kernel stores already (fused_store), and the step
+        ran level."""
+        return (self.k_cache is not None and self.kv_scales is not None and self.backend.fuses_rope
+                and not get_context().is_prefill)
+
+    def decode_raw(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module,
+                   rotary: nn.Module, positions: torch.Tensor) -> torch.Tensor:
+        """Decode attention from the raw projections q, k, v: rotary(positions, q_norm(q), k_norm(k)), the keys
+        and values stored, then attention, in the backend's kernel; only where decodes_raw()."""
+        ctx = get_context()
+        rope = DecodeRope(k, v, q_norm.weight, k_norm.weight, q_norm.eps, rotary.cos_sin_cache, positions,
+                          ctx.slot_mapping)
+        return self.backend.decode_rope(q, self.k_cache, self.v_cache, ctx, self.scale, self.kv_scales, rope)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stored: bool = False) -> torch.Tensor:
         ctx = get_context()

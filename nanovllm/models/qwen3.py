@@ -39,6 +39,8 @@ class Qwen3Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if not kernels.on_gpu(q):
             out = self.attn(*self.rotary_emb(positions, self.q_norm(q), self.k_norm(k)), v)
+        elif self.attn.decodes_raw():
+            out = self.attn.decode_raw(q, k, v, self.q_norm, self.k_norm, self.rotary_emb, positions)
         else:
             # The fused kernel stores the keys and values as it rotates, saving the store's own kernel.
             store = self.attn.fused_store(v)

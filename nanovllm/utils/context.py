@@ -35,6 +35,22 @@ class KVStore:
     slot_mapping: torch.Tensor
 
 
+@dataclass
+class DecodeRope:
+    """A decode step's new tokens, for an attention kernel that applies Qwen3's q/k norm and RoPE and stores
+    the keys and values itself: the raw keys and values [B, Hkv, D] (strided views of the qkv projection
+    allowed), the norms' weights [D] and eps, the RoPE table cos_sin_cache [2, max_positions, D] float32
+    with each row's two halves equal (rotate-half layout), each row's position and cache slot (-1: none)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    q_norm_weight: torch.Tensor
+    k_norm_weight: torch.Tensor
+    eps: float
+    cos_sin_cache: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 _CONTEXT = Context()
 
 

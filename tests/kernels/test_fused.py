@@ -169,3 +169,29 @@ def test_only_the_triton_backend_with_a_16_or_32_bit_cache_takes_the_fused_store
         assert attn.fused_store(v) is None
     finally:
         reset_context()
+
+
+def test_only_a_float8_decode_on_the_triton_backend_normalizes_rotates_and_stores_in_the_attention():
+    """Attention.decodes_raw: the q/k norm, RoPE and the store move into the decode attention kernel only for a
+    decode step into a float8 cache on the Triton backend; a 16-bit cache keeps the q/k kernel's fused store,
+    prefills and the torch backend keep theirs."""
+    from nanovllm.attention.torch_backend import TorchBackend
+    from nanovllm.attention.triton_backend import TritonBackend
+    from nanovllm.layers.attention import Attention
+    from nanovllm.utils.context import Context, reset_context, set_context
+    attn = Attention(4, 16, 0.25, 2)
+    attn.backend = TritonBackend()
+    try:
+        set_context(Context(is_prefill=False, slot_mapping=torch.tensor([5])))
+        assert not attn.decodes_raw()  # no cache
+        attn.k_cache, attn.v_cache = torch.zeros(2, 16, 2, 16), torch.zeros(2, 16, 2, 16)
+        assert not attn.decodes_raw()  # 16-bit
+        attn.kv_scales = torch.ones(2, 2)
+        assert attn.decodes_raw()
+        set_context(Context(is_prefill=True, slot_mapping=torch.tensor([5])))
+        assert not attn.decodes_raw()
+        set_context(Context(is_prefill=False, slot_mapping=torch.tensor([5])))
+        attn.backend = TorchBackend()
+        assert not attn.decodes_raw()
+    finally:
+        reset_context()
