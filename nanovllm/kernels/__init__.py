@@ -1,6 +1,7 @@
 """Every Triton kernel of the engine: paged attention (attention.py), the fused per-layer ops (fused.py),
 the decode GEMMs with their fused prologues and epilogues (decode_linear.py) and sampling (sampling.py);
-dependent_launch.py lets the decode kernels overlap the tail of the kernel before.
+rope.py holds the q/k norm and RoPE arithmetic that fused.py and attention.py share, dependent_launch.py
+lets the decode kernels overlap the tail of the kernel before.
 triton is a Linux-only dependency: where it cannot be imported, `on_gpu` is always False and the layers
 run their torch paths."""
 try:
