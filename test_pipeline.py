@@ -228,9 +228,13 @@ def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkp
 
 
 @gpu
-def test_engines_with_partitions_release_them(checkpoint, prompts):
-    """Five engines made and dropped in turn: no partitions, streams or graph memory left behind
-    (the partitions of one split are made once per process and reused)."""
+def test_engines_with_partitions_release_them(checkpoint, prompts, reference):
+    """Five engines made and dropped in turn: no partitions, streams, graph memory or cuBLAS workspaces left
+    behind (the partitions of one split and the capture stream are made once per process and reused), and
+    an engine that lives beside them, capturing on the same stream, keeps its answers."""
+    kept = reference("bfloat16")
+    expected = tokens(kept, prompts[:2])
+
     def cycle():
         llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True, pipeline_force=True)
         tokens(llm, prompts[:2])
@@ -246,6 +250,7 @@ def test_engines_with_partitions_release_them(checkpoint, prompts):
         cycle()
     leaked = free_after_first - torch.cuda.mem_get_info()[0]
     assert leaked < 8 << 20, f"{leaked / 2 ** 20:.1f} MiB less free memory after four more engines"
+    assert tokens(kept, prompts[:2]) == expected
 
 
 @gpu

@@ -1,16 +1,19 @@
 """The least time a run could take on a device: the bytes and FLOPs of the schedule the engine
-actually ran, step by step, against the device's measured copy rate and matrix rate; and the bytes of
-one decode step at the copy rate."""
+actually ran, step by step, against the device's measured copy rate and matrix rate, beside the time each
+step's work took on its stream; and the bytes of one decode step at the copy rate."""
 import torch
 
 from nanovllm.engine.scheduler import Batch
+from nanovllm.partitions.streams import StreamTimer
 from nanovllm.utils.timing import median_replay_ms
 
 
 class ScheduleFloor:
     """Attach to an engine; every batch its runners launch adds that step's floor: the larger of the
     fewest bytes it must move (all weights once, the K/V it reads and writes) over the copy rate,
-    and its FLOPs (weights and attention) over the matrix rate."""
+    and its FLOPs (weights and attention) over the matrix rate. Each step is also timed on its stream,
+    from its start to the end of its sampling (host work that holds up its kernels included), so that
+    by_kind() can say where a run's time over its floor goes."""
 
     def __init__(self, llm, copy_bytes_per_s: float, flops_per_s: float):
         runner = llm.runners[-1]
@@ -26,6 +29,7 @@ class ScheduleFloor:
         # Per query-key pair: q·k and p·v, 2 FLOPs per head dimension each, in every layer and head.
         self.attention_flops_per_pair = 4 * hf.num_hidden_layers * hf.num_attention_heads * hf.head_dim
         self.seconds = 0.0
+        self.steps: list[tuple[bool, float, StreamTimer]] = []  # (prefill, floor seconds, its work's marks)
         for each in llm.runners:
             self._observe(each)
 
@@ -33,10 +37,25 @@ class ScheduleFloor:
         launch = runner.launch
 
         def observed_launch(batch: Batch, *args, **kwargs):
-            self.seconds += self.step_seconds(batch)
-            return launch(batch, *args, **kwargs)
+            floor = self.step_seconds(batch)
+            self.seconds += floor
+            tokens = launch(batch, *args, **{**kwargs, "timed": True})
+            self.steps.append((batch.is_prefill, floor, tokens.timer))
+            return tokens
 
         runner.launch = observed_launch
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """For "prefill" and "decode" steps: how many ran, the seconds their work took on its stream and
+        their floor. Steps of different streams (multiplexing) may overlap, so these may add up to more
+        than the run's time."""
+        kinds = {kind: {"steps": 0, "seconds": 0.0, "floor_s": 0.0} for kind in ("prefill", "decode")}
+        for prefill, floor, timer in self.steps:
+            kind = kinds["prefill" if prefill else "decode"]
+            kind["steps"] += 1
+            kind["seconds"] += timer.seconds()
+            kind["floor_s"] += floor
+        return kinds
 
     def step_seconds(self, batch: Batch) -> float:
         seqs, is_prefill = batch.seqs, batch.is_prefill

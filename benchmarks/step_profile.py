@@ -68,7 +68,7 @@ def traced_kernels(replay) -> list[Kernel]:
     return sorted(kernels, key=lambda k: k.start_us)
 
 
-def profile_preset(preset: str, args) -> list[dict]:
+def profile_preset(preset: str, kv_cache_dtype: str, args) -> list[dict]:
     context = args.contexts[0]
 
     def run(llm) -> list[dict]:
@@ -82,17 +82,18 @@ def profile_preset(preset: str, args) -> list[dict]:
             graphs.load_synthetic(batch, context, runner.kv_cache.num_blocks)
             step_ms = median_replay_ms({n: g[batch].replay for n, g in captured.items()}, repeats=args.repeats)
             for name, g in captured.items():
-                head = {"preset": preset, "forward": name, "batch": batch, "context": context,
-                        "step_us": step_ms[name] * 1e3}
+                head = {"preset": preset, "kv_cache": kv_cache_dtype, "forward": name, "batch": batch,
+                        "context": context, "step_us": step_ms[name] * 1e3}
                 rows += [{**head, **row} for row in kernel_rows(traced_kernels(g[batch].replay), TRACED_REPLAYS, layers)]
         return rows
 
-    return with_engine(preset_model(preset), sweep_options(args.batches, context, args.sweep_memory), run,
-                       warm_up=False)
+    return with_engine(preset_model(preset), sweep_options(args.batches, context, args.sweep_memory, kv_cache_dtype),
+                       run, warm_up=False)
 
 
 def run(args) -> list[dict]:
-    rows = [row for preset in args.presets.split(",") for row in profile_preset(preset, args)]
+    rows = [row for preset in args.presets.split(",") for kv in args.kv_cache_dtype.split(",")
+            for row in profile_preset(preset, kv, args)]
     print(f"\ndecode step kernels (CUDA graph replay, layers only, at the first of --contexts), {TRACED_REPLAYS} "
           f"replays traced; step_us: median of {args.repeats} event-timed replays, untraced; device {device_name()}")
     print("critical_us/layer: how far the kernel moves the end of the step's work; these add up to the traced step. "

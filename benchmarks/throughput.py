@@ -41,6 +41,8 @@ def run_mode(model: str, mode: str, prompts, params, options: dict, ceilings: tu
             result.update({"floor_s": floor.seconds, "s/floor": seconds / floor.seconds})
         print(f"[bench] {name}, kv_cache_dtype={kv}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s"
               + (f", {seconds / floor.seconds:.2f}x its floor of {floor.seconds:.2f} s" if floor else ""), flush=True)
+        if floor:
+            result.update(print_steps(name, floor, seconds))
         paths = llm.model_runner.get_pipeline_statistics().get("path_per_bucket")
         if paths is not None:
             result["pipelined_buckets"] = sorted(b for b, p in paths.items() if p == "pipeline")
@@ -50,6 +52,19 @@ def run_mode(model: str, mode: str, prompts, params, options: dict, ceilings: tu
         return result
 
     return with_engine(model, mode_options(mode, options), measure)
+
+
+def print_steps(name: str, floor: ScheduleFloor, seconds: float) -> dict:
+    """Where the run's time went: its prefill and decode steps' work on the device against their floors,
+    and the rest of the run (the device waiting for the host between steps, where the steps ran one at
+    a time). Returned as result columns."""
+    kinds = floor.by_kind()
+    parts = [f"{kind} {each['steps']} steps {each['seconds']:.2f} s ({each['seconds'] / each['floor_s']:.2f}x their "
+             f"floor of {each['floor_s']:.2f} s)" for kind, each in kinds.items() if each["steps"]]
+    between = seconds - sum(each["seconds"] for each in kinds.values())
+    print(f"[bench] {name}: {', '.join(parts)}; outside the steps {between:.2f} s", flush=True)
+    columns = {f"{kind}_{key}": value for kind, each in kinds.items() for key, value in each.items()}
+    return columns | {"outside_steps_s": between}
 
 
 def run_hf_peer(model: str, prompts, params) -> dict:

@@ -212,6 +212,8 @@ class ModelRunner:
         queued after the work the timers in `after` mark; `timed` marks it with a StreamTimer."""
         stream = lane.stream if lane is not None else self.stream
         with use_streams(stream), on_sms(lane and lane.num_sms):
+            if stream is None and self.device.type == "cuda":  # then the work goes to the current stream
+                stream = torch.cuda.current_stream(self.device)
             order_after(after, stream)
             timer = StreamTimer(stream) if timed else None
             return StepTokens(self.sample(batch, lane), timer)
