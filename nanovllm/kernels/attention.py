@@ -555,8 +555,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, DEQUANTIZE=dequantize, FP16_DOT=_fp16_dot(q, dequantize),
         PDL=pdl, EARLY_INPUTS=early_inputs, ROPE=rope is not None, launch_pdl=pdl,
-        num_warps=num_warps or default_warps,
-        num_stages=num_stages or default_stages,
+        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch * num_heads,)](
