@@ -50,6 +50,16 @@ def _quantized(x, scale):
 
 
 @triton.jit
+def store_at_slot(k_cache_ptr, v_cache_ptr, slot, k_offs, v_offs, k, v, mask,
+                  stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE: tl.constexpr):
+    """Writes key k and value v, in the caches' dtype, into the cache rows of slot (block * BLOCK_SIZE + offset,
+    int64 and >= 0) at the offsets k_offs and v_offs within a row (head and dim), where mask."""
+    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    tl.store(k_cache_ptr + block * stride_kb + offset * stride_kt + k_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + block * stride_vb + offset * stride_vt + v_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, scales_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh,
@@ -61,8 +71,6 @@ def _store_kv_kernel(
     slot = tl.load(slot_ptr + i).to(tl.int64)
     if slot < 0:
         return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, HEAD_DIM)[None, :]
     mask = offs_h < NUM_HEADS
@@ -71,10 +79,8 @@ def _store_kv_kernel(
     if QUANTIZE:
         k = _quantized(k, tl.load(scales_ptr + offs_h, mask=mask, other=1.0))
         v = _quantized(v, tl.load(scales_ptr + stride_s + offs_h, mask=mask, other=1.0))
-    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + offs_h * stride_kch + offs_d
-    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + offs_h * stride_vch + offs_d
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    store_at_slot(k_cache_ptr, v_cache_ptr, slot, offs_h * stride_kch + offs_d, offs_h * stride_vch + offs_d, k, v,
+                  mask, stride_kcb, stride_kct, stride_vcb, stride_vct, BLOCK_SIZE)
 
 
 @triton.jit
@@ -226,12 +232,9 @@ def _decode_kernel(
                 v_new = _quantized(v_new, tl.load(scales_ptr + stride_s + kv_head))
             slot = tl.load(slot_ptr + b).to(tl.int64)
             slot_mask = (tl.zeros([1, HEAD_DIM], tl.int64) + slot) >= 0
-            slot = tl.maximum(slot, 0)
-            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            tl.store(k_cache_ptr + block * stride_kb + offset * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                     k_new.to(k_cache_ptr.dtype.element_ty), mask=slot_mask)
-            tl.store(v_cache_ptr + block * stride_vb + offset * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                     v_new.to(v_cache_ptr.dtype.element_ty), mask=slot_mask)
+            store_at_slot(k_cache_ptr, v_cache_ptr, tl.maximum(slot, 0), kv_head * stride_kh + offs_d[None, :],
+                          kv_head * stride_vh + offs_d[None, :], k_new, v_new, slot_mask,
+                          stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
             # The slice's last tile reads them back: every thread's stores land before any thread loads.
             tl.debug_barrier()
     if FP16_DOT:

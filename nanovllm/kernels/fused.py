@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import rope
-from nanovllm.kernels.attention import check_cache
+from nanovllm.kernels.attention import check_cache, store_at_slot
 from nanovllm.kernels.dependent_launch import dependent_launch, wait_for_previous
 from nanovllm.utils.context import KVStore
 
@@ -120,14 +120,11 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_
             v_src = v_ptr + rows[:, None] * stride_vn + kv_head * stride_vh + offs[None, :]
             v1 = tl.load(v_src, mask=store_mask, other=0.0)
             v2 = tl.load(v_src + HALF, mask=store_mask, other=0.0)
-            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + kv_head * stride_kch + offs[None, :]
-            v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + kv_head * stride_vch + offs[None, :]
-            cache_dtype = k_cache_ptr.dtype.element_ty
-            tl.store(k_dst, out1.to(cache_dtype), mask=store_mask)
-            tl.store(k_dst + HALF, out2.to(cache_dtype), mask=store_mask)
-            tl.store(v_dst, v1.to(cache_dtype), mask=store_mask)
-            tl.store(v_dst + HALF, v2.to(cache_dtype), mask=store_mask)
+            k_offs, v_offs = kv_head * stride_kch + offs[None, :], kv_head * stride_vch + offs[None, :]
+            store_at_slot(k_cache_ptr, v_cache_ptr, slot, k_offs, v_offs, out1, v1, store_mask,
+                          stride_kcb, stride_kct, stride_vcb, stride_vct, BLOCK_SIZE)
+            store_at_slot(k_cache_ptr, v_cache_ptr, slot, k_offs + HALF, v_offs + HALF, out2, v2, store_mask,
+                          stride_kcb, stride_kct, stride_vcb, stride_vct, BLOCK_SIZE)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
