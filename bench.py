@@ -157,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-gpu-grids", action="store_true",
                    help="also sweep each split with attention grids sized for the whole GPU")
     p.add_argument("--sweep-memory", type=float, default=0.7, help="gpu_memory_utilization in the sweep")
+    p.add_argument("--sweep-max-model-len", type=positive_int,
+                   help="max_model_len of the engine of --decode-sweep and --step-profile (default: the longest of "
+                        "--contexts + 1); it sets the block tables' width and so the decode attention's splits")
     p.add_argument("--repeats", type=positive_int, default=10,
                    help="what each median is taken over: requests, prompts or graph replays")
     p.add_argument("--json")
@@ -185,6 +188,9 @@ def main():
             p.error(f"unknown {flag(dest)} {sorted(unknown)}; choose from {list(choices)}")
     if device == "cpu" and any(getattr(args, dest) for dest in GPU_ONLY):
         p.error(f"{', '.join(map(flag, GPU_ONLY[:-1]))} and {flag(GPU_ONLY[-1])} need a CUDA device")
+    if args.sweep_max_model_len is not None and args.sweep_max_model_len <= max(args.contexts):
+        p.error(f"--sweep-max-model-len {args.sweep_max_model_len} must exceed the longest of --contexts "
+                f"({max(args.contexts)})")
     if args.goodput and not args.online:
         p.error("--goodput needs --online")
     if args.pd_bounds_from_slo and not args.goodput:

@@ -87,8 +87,8 @@ def profile_preset(preset: str, kv_cache_dtype: str, args) -> list[dict]:
                 rows += [{**head, **row} for row in kernel_rows(traced_kernels(g[batch].replay), TRACED_REPLAYS, layers)]
         return rows
 
-    return with_engine(preset_model(preset), sweep_options(args.batches, context, args.sweep_memory, kv_cache_dtype),
-                       run, warm_up=False)
+    options = sweep_options(args.batches, context, args.sweep_memory, kv_cache_dtype, args.sweep_max_model_len)
+    return with_engine(preset_model(preset), options, run, warm_up=False)
 
 
 def run(args) -> list[dict]:

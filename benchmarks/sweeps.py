@@ -62,11 +62,15 @@ def capture_forwards(graphs: DecodeGraphs, forwards: dict) -> dict:
             for name, forward in forwards.items()}
 
 
-def sweep_options(batches: list[int], max_context: int, memory: float, kv_cache_dtype: str = "auto") -> dict:
+def sweep_options(batches: list[int], max_context: int, memory: float, kv_cache_dtype: str = "auto",
+                  max_model_len: int | None = None) -> dict:
     """The options of an engine that serves as the model, weights and KV cache of decode steps captured
-    here, up to max(batches) sequences of max_context tokens; it captures no graphs of its own."""
-    return dict(enforce_eager=True, max_num_seqs=max(batches), max_model_len=max_context + 1,
-                max_num_batched_tokens=max_context + 1, gpu_memory_utilization=memory, kv_cache_dtype=kv_cache_dtype)
+    here, up to max(batches) sequences of max_context tokens; it captures no graphs of its own. max_model_len
+    (default max_context + 1) sets the block tables' width, and with it the decode attention's split count
+    where few sequences decode."""
+    max_model_len = max_model_len or max_context + 1
+    return dict(enforce_eager=True, max_num_seqs=max(batches), max_model_len=max_model_len,
+                max_num_batched_tokens=max_model_len, gpu_memory_utilization=memory, kv_cache_dtype=kv_cache_dtype)
 
 
 def launches_per_layer(runner, graphs: DecodeGraphs, forwards: dict, context: int) -> dict[str, float]:
@@ -112,7 +116,7 @@ def sweep_preset(preset: str, kv_cache_dtype: str, args, splits: list[tuple[int,
             rows.append(row)
         return rows
 
-    options = sweep_options(batches, max(contexts), args.sweep_memory, kv_cache_dtype)
+    options = sweep_options(batches, max(contexts), args.sweep_memory, kv_cache_dtype, args.sweep_max_model_len)
     return with_engine(preset_model(preset), options, sweep, warm_up=False)
 
 

@@ -8,7 +8,7 @@ import torch
 
 import bench
 from benchmarks.step_profile import Kernel, kernel_rows
-from benchmarks.sweeps import add_auto_columns, capture_forwards, device_launches
+from benchmarks.sweeps import add_auto_columns, capture_forwards, device_launches, sweep_options
 from tests.helpers import gpu
 
 
@@ -41,6 +41,8 @@ def test_latency_rows(monkeypatch, tmp_path, model_dir):
     (["--compare", "graph,fast"], "unknown --compare ['fast']"),
     (["--batches", "1,0"], "--batches: expected comma-separated integers >= 1, got '1,0'"),
     (["--contexts", "x"], "--contexts: expected comma-separated integers >= 1, got 'x'"),
+    (["--contexts", "256,1024", "--sweep-max-model-len", "1024"],
+     "--sweep-max-model-len 1024 must exceed the longest of --contexts (1024)"),
 ])
 def test_bad_arguments_exit_with_the_reason(monkeypatch, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
@@ -66,6 +68,13 @@ def test_auto_path_is_the_engines_rule_over_the_contexts_swept():
     rows = [row(1, 256, 2.0, 1.0), row(1, 4096, 3.0, 2.5), row(8, 256, 2.0, 1.0), row(8, 4096, 3.0, 3.5)]
     add_auto_columns(rows, [])
     assert [r["auto_path"] for r in rows] == ["fused", "fused", "sequential", "sequential"]
+
+
+def test_sweep_engine_fits_the_longest_context_or_the_given_length():
+    assert sweep_options([1, 8], 1024, 0.5)["max_model_len"] == 1025
+    options = sweep_options([1, 8], 1024, 0.5, "fp8_e4m3", max_model_len=4096)
+    assert options["max_model_len"] == options["max_num_batched_tokens"] == 4096
+    assert options["max_num_seqs"] == 8 and options["kv_cache_dtype"] == "fp8_e4m3"
 
 
 def test_each_forward_is_captured_with_its_own_graphs():
