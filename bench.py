@@ -23,11 +23,12 @@ On CPU the defaults are smaller (listed at the end of --help) and modes run eage
 """
 import argparse
 import importlib
+import math
 
 import torch
 
 from benchmarks.common import MODES
-from benchmarks.goodput import MIN_REQUESTS, positive_floats
+from benchmarks.goodput import MIN_REQUESTS
 from benchmarks.report import save
 from benchmarks.throughput import STEADY_MAX_NUM_SEQS, STEADY_REQUESTS
 from benchmarks.workloads import WORKLOADS
@@ -53,34 +54,24 @@ def flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def positive(kind: type, many: bool = False):
+    """An argparse type: a finite number of `kind` > 0, or with `many` a comma-separated list of them."""
+    what = {(int, False): "an integer >= 1", (int, True): "comma-separated integers >= 1",
+            (float, False): "a number > 0", (float, True): "comma-separated numbers > 0"}[kind, many]
+
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",")] if many else [kind(text)]
+        except ValueError:
+            values = []
+        if not values or not all(0 < v < math.inf for v in values):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values if many else values[0]
+    return parse
 
 
-def positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+positive_int, positive_ints = positive(int), positive(int, many=True)
+positive_float, positive_floats = positive(float), positive(float, many=True)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -6,26 +6,20 @@ import logging
 import pytest
 import torch
 
-import green_ctx
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
+from nanovllm.engine.decode_paths import fastest
 from nanovllm.modes.pipeline import pipeline_extension
 from nanovllm.modes.pipeline.schedule import PipelineScheduler
 from nanovllm.partitions import green as green_manager
 from nanovllm.partitions.sm_limit import num_sms_of
 from nanovllm.utils.context import Context, get_context
-from tests.helpers import BLOCK_SIZE, checkpoint_fixture, gpu, logged, propagating_logs, random_prompts
+from tests.conftest import nanovllm_log_records  # noqa: F401 (autouse)
+from tests.helpers import BLOCK_SIZE, checkpoint_fixture, gpu, logged, needs_green, random_prompts, tokens
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 checkpoint = checkpoint_fixture("module", seed=5, tie_word_embeddings=False, num_hidden_layers=3)
-
-
-@pytest.fixture(autouse=True)
-def nanovllm_log_records():
-    """The library's log records reach caplog (as tests/conftest.py does for the tests under tests/)."""
-    with propagating_logs():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +27,10 @@ def prompts():
     return random_prompts([3, 30, 17, 64, 8, 50, 21], seed=3)
 
 
-def tokens(llm, prompts):
-    return [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-
-
 @pytest.fixture(scope="module")
 def sequential(checkpoint, prompts):
     """The sequential engine's tokens on CPU."""
-    return tokens(LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64), prompts)
+    return tokens(LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64), prompts, GREEDY)
 
 
 def pipeline_of(runner):
@@ -63,11 +53,10 @@ def test_cpu_micro_batch_schedule_matches_sequential(checkpoint, prompts, sequen
     assert paths.forced == "pipeline" and paths.candidates["pipeline"].green is None  # one stream, no partitions
     assert "pipeline_force=True: running the micro-batch schedule on one stream, without partitions" in \
         logged(caplog, "ModelRunner")
-    assert tokens(llm, prompts) == sequential
+    assert tokens(llm, prompts, GREEDY) == sequential
     stats = llm.model_runner.get_pipeline_statistics()
     assert stats["enabled"] is True
     assert stats["total_tokens"] == sum(GREEDY.max_tokens - 1 for _ in prompts)
-    assert stats == llm.statistics()["runner"]["pipeline"]
 
 
 def test_on_cpu_the_pipeline_is_off_with_one_log_line(checkpoint, prompts, sequential, caplog):
@@ -78,7 +67,7 @@ def test_on_cpu_the_pipeline_is_off_with_one_log_line(checkpoint, prompts, seque
     paths = llm.model_runner.decode_paths
     assert pipeline_of(llm.model_runner).candidates == [] and list(paths.forwards) == ["sequential"]
     assert paths.forced is None
-    assert tokens(llm, prompts) == sequential
+    assert tokens(llm, prompts, GREEDY) == sequential
     stats = llm.model_runner.get_pipeline_statistics()
     assert stats["enabled"] is False and stats["avg_total_time"] is None and stats["total_tokens"] == 0
 
@@ -109,7 +98,7 @@ def test_without_green_contexts_falls_back_to_sequential(checkpoint, caplog, for
 def test_print_pipeline_statistics_prints_the_report(checkpoint, capsys):
     llm = LLM(checkpoint, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64, enable_pipeline=True,
               pipeline_force=True)
-    tokens(llm, [[1, 2, 3]])
+    tokens(llm, [[1, 2, 3]], GREEDY)
     capsys.readouterr()  # the engine's start-up log lines
     llm.model_runner.print_pipeline_statistics()
     out = capsys.readouterr().out
@@ -158,7 +147,7 @@ def reference(checkpoint):
         llm.exit()
 
 
-@gpu
+@needs_green
 @pytest.mark.parametrize("split", [(16, 16), (64, 56), (24, 96)])
 def test_pipelined_graph_matches_sequential_graph_in_every_bucket(checkpoint, reference, split):
     """Replays both graphs of every bucket on the same synthetic batch and compares hidden states,
@@ -178,20 +167,20 @@ def test_pipelined_graph_matches_sequential_graph_in_every_bucket(checkpoint, re
         rel = (pipelined - sequential).norm() / sequential.norm()
         assert rel < 1e-5, f"bucket {bucket}: relative difference {rel}"
     prompts = random_prompts([5 + 11 * i % 80 for i in range(40)], seed=9)
-    assert tokens(llm, prompts) == tokens(reference("float32"), prompts)
+    assert tokens(llm, prompts, GREEDY) == tokens(reference("float32"), prompts, GREEDY)
     stats = runner.get_pipeline_statistics()
     assert all(path == "pipeline" for path in stats["path_per_bucket"].values())
-    assert (stats["attention_sm_count"], stats["ffn_sm_count"]) == tuple(green_ctx.rounded_sm_counts(
+    assert (stats["attention_sm_count"], stats["ffn_sm_count"]) == tuple(green_manager.green_ctx.rounded_sm_counts(
         list(split), paths.candidates["pipeline"].green.partitions.unit))
     llm.exit()
 
 
-@gpu
+@needs_green
 def test_pipelined_graph_bfloat16_close_to_sequential(checkpoint, reference):
     prompts = random_prompts([5 + 11 * i % 80 for i in range(40)], seed=10)
-    expected = tokens(reference("bfloat16"), prompts)
+    expected = tokens(reference("bfloat16"), prompts, GREEDY)
     llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True, pipeline_force=True, pipeline_enable_profiling=True)
-    ours = tokens(llm, prompts)
+    ours = tokens(llm, prompts, GREEDY)
     same = sum(a == b for a, b in zip(ours, expected))
     assert same >= len(prompts) - 2, f"only {same}/{len(prompts)} sequences identical"
     stats = llm.model_runner.get_pipeline_statistics()
@@ -201,7 +190,7 @@ def test_pipelined_graph_bfloat16_close_to_sequential(checkpoint, reference):
     llm.exit()
 
 
-@gpu
+@needs_green
 def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkpoint, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
     # Without the fused decode, the other candidate, so that each bucket chooses between these two.
@@ -214,8 +203,7 @@ def test_auto_mode_chooses_a_path_for_every_bucket_and_caches_its_timings(checkp
     for bucket, path in stats["path_per_bucket"].items():
         timings = stats["bucket_timings_ms"][bucket]
         assert timings and all("attention_only_ms" not in t for t in timings)  # no stage graphs without profiling
-        faster = all(t["pipeline_ms"] < t["sequential_ms"] for t in timings)
-        assert path == ("pipeline" if faster else "sequential")
+        assert path == fastest(timings, list(paths.forwards))
         assert paths.plans[None][bucket] is paths.captured[path][bucket]
     assert any(m.startswith("decode paths timed in") for m in logged(caplog, "ModelRunner"))
     llm.exit()
@@ -233,11 +221,11 @@ def test_engines_with_partitions_release_them(checkpoint, prompts, reference):
     behind (the partitions of one split and the capture stream are made once per process and reused), and
     an engine that lives beside them, capturing on the same stream, keeps its answers."""
     kept = reference("bfloat16")
-    expected = tokens(kept, prompts[:2])
+    expected = tokens(kept, prompts[:2], GREEDY)
 
     def cycle():
         llm = gpu_llm(checkpoint, "bfloat16", enable_pipeline=True, pipeline_force=True)
-        tokens(llm, prompts[:2])
+        tokens(llm, prompts[:2], GREEDY)
         llm.exit()
         del llm
         gc.collect()
@@ -250,15 +238,15 @@ def test_engines_with_partitions_release_them(checkpoint, prompts, reference):
         cycle()
     leaked = free_after_first - torch.cuda.mem_get_info()[0]
     assert leaked < 8 << 20, f"{leaked / 2 ** 20:.1f} MiB less free memory after four more engines"
-    assert tokens(kept, prompts[:2]) == expected
+    assert tokens(kept, prompts[:2], GREEDY) == expected
 
 
-@gpu
+@needs_green
 def test_green_context_failure_keeps_cuda_graphs(checkpoint, prompts, reference, monkeypatch, caplog):
     def fail(*args, **kwargs):
-        raise green_ctx.GreenContextError("cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED (simulated)")
+        raise green_manager.green_ctx.GreenContextError("cuGreenCtxCreate failed: CUDA_ERROR_NOT_SUPPORTED (simulated)")
 
-    monkeypatch.setattr(green_ctx, "split_device", fail)
+    monkeypatch.setattr(green_manager.green_ctx, "split_device", fail)
     monkeypatch.setattr(green_manager, "_PARTITIONS", {})  # none made by earlier tests
     llm = gpu_llm(checkpoint, "float32", enable_pipeline=True, fused_decode="off")
     assert logged(caplog, "GreenContextManager", logging.WARNING) == [
@@ -268,7 +256,7 @@ def test_green_context_failure_keeps_cuda_graphs(checkpoint, prompts, reference,
     paths = llm.model_runner.decode_paths
     assert pipeline_of(llm.model_runner).candidates == [] and list(paths.forwards) == ["sequential"]
     assert paths.graphs is not None
-    assert tokens(llm, prompts) == tokens(reference("float32"), prompts)
+    assert tokens(llm, prompts, GREEDY) == tokens(reference("float32"), prompts, GREEDY)
     llm.exit()
 
 

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+from transformers import AutoConfig
 
 from benchmarks.workloads import max_model_len
 from nanovllm import LLM, SamplingParams
@@ -24,6 +25,10 @@ MODES = {
     "pd-mux": {"enable_pd_multiplexing": True},
     "pd-mux-sync": {"enable_pd_multiplexing": True, "async_scheduling": False},
 }
+
+
+def vocab_size(model: str) -> int:
+    return AutoConfig.from_pretrained(model).vocab_size
 
 
 def on_gpu() -> bool:

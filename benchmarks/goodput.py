@@ -1,7 +1,6 @@
 """Goodput under latency SLOs (--online --goodput): the highest Poisson arrival rate at which a mode keeps
 the p99 of the time to first token and the p99 of the inter-token latency within their bounds, found by a
 search over a grid of rates whose measurements every SLO pair shares."""
-import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,17 +13,6 @@ MIN_REQUESTS = 100
 # as fast as the arrivals ask for them (their rate x the mean output length): below, a backlog grows, and a
 # longer run would see the latencies grow with it. The share leaves room for the window's Poisson noise.
 KEEP_UP = 0.85
-
-
-def positive_floats(text: str) -> list[float]:
-    """Comma-separated numbers > 0 (an argparse type)."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or not all(0 < v < math.inf for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
-    return values
 
 
 @dataclass(frozen=True)

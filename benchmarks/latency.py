@@ -3,10 +3,9 @@
 import time
 from random import Random
 
-from transformers import AutoConfig
 
 from benchmarks.common import (device_name, engine_options, label, mode_options, model_path, on_gpu, synchronize,
-                               with_engine)
+                               vocab_size, with_engine)
 from benchmarks.floor import copy_bytes_per_s, step_floor_ms
 from benchmarks.report import percentile, print_table
 from benchmarks.workloads import random_prompt
@@ -23,7 +22,7 @@ def prefill(args) -> list[dict]:
     """The host time of the step() that launches each prompt's prefill, and the time until the device has
     run it; medians of --repeats prompts, each different from the others (no prefix-cache hits)."""
     model = model_path(args)
-    vocab_size = AutoConfig.from_pretrained(model).vocab_size
+    vocab = vocab_size(model)
     lengths = args.prompt_lens
 
     def measure(llm, mode: str) -> list[dict]:
@@ -33,7 +32,7 @@ def prefill(args) -> list[dict]:
         for n in lengths:
             host, done = [], []
             for _ in range(args.repeats):
-                llm.add_request(random_prompt(rng, n, vocab_size), SamplingParams(max_tokens=1))
+                llm.add_request(random_prompt(rng, n, vocab), SamplingParams(max_tokens=1))
                 synchronize()
                 start = time.perf_counter()
                 llm.step()
@@ -75,7 +74,7 @@ def one_stream(args) -> list[dict]:
     --output-tokens greedy output tokens, one at a time, per mode and KV cache dtype; medians, and on a GPU
     the time per output token over the floor of a decode step at the request's mean context."""
     model = model_path(args)
-    vocab_size = AutoConfig.from_pretrained(model).vocab_size
+    vocab = vocab_size(model)
     bandwidth = copy_bytes_per_s() if on_gpu() else None
     params = SamplingParams(temperature=0.0, max_tokens=args.output_tokens, ignore_eos=True)
     # A decode step reads the K and V of the prompt and of the outputs so far: half of them on average.
@@ -83,7 +82,7 @@ def one_stream(args) -> list[dict]:
 
     def measure(llm, mode: str) -> list[dict]:
         rng = Random(args.seed)
-        runs = [stream(llm, random_prompt(rng, args.prompt_tokens, vocab_size), params) for _ in range(args.repeats)]
+        runs = [stream(llm, random_prompt(rng, args.prompt_tokens, vocab), params) for _ in range(args.repeats)]
         row = {"mode": label(mode, llm), "kv_cache": llm.config.cache.kv_cache_dtype,
                "decode_path": llm.statistics()["runner"]["decode_paths"]["path_per_bucket"].get(1, ""),
                **{key: percentile([run[key] for run in runs], 0.5) for key in runs[0]}}

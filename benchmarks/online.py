@@ -3,10 +3,9 @@ in process, through the streaming API; with --goodput, per mode the highest rate
 (benchmarks/goodput.py)."""
 import argparse
 
-from transformers import AutoConfig
 
 from benchmarks.common import (device_name, engine_options, label, mode_options, model_path, print_pd_statistics,
-                               with_engine)
+                               vocab_size, with_engine)
 from benchmarks.goodput import (KEEP_UP, MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, ratio_text,
                                 search, slo_pairs)
 from benchmarks.replay import replay
@@ -20,7 +19,7 @@ COLUMNS = ["mode", "rate", "requests", "req_per_s", "tok_per_s", "ttft_p50_s", "
 
 def run(args) -> list[dict]:
     model = model_path(args)
-    vocab_size = AutoConfig.from_pretrained(model).vocab_size
+    vocab = vocab_size(model)
     try:
         slos = slo_pairs(args.slo_ttft_ms, args.slo_itl_ms) if args.slo_ttft_ms and args.slo_itl_ms else []
     except ValueError as e:
@@ -35,11 +34,11 @@ def run(args) -> list[dict]:
 
     def at_rate(llm, name: str, rate: float) -> dict:
         if args.goodput:
-            arrivals = measured_arrivals(args, rate, vocab_size)
+            arrivals = measured_arrivals(args, rate, vocab)
             row = replay(llm, arrivals, f"{name} at {rate:.3g} req/s", args.goodput_warmup, drain=False)
             row.update(steady_state(row, arrivals, rate, args.goodput_warmup))
         else:
-            row = replay(llm, poisson_arrivals(rate_args(args, rate), rate, vocab_size), f"{name} at {rate:g} req/s")
+            row = replay(llm, poisson_arrivals(rate_args(args, rate), rate, vocab), f"{name} at {rate:g} req/s")
         row = {"mode": name, "rate": rate, **row}
         if row["itl_p99_ms"] and row["decode_only_step_p50_ms"]:
             row["itl_p99/decode_step"] = row["itl_p99_ms"] / row["decode_only_step_p50_ms"]

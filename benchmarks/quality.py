@@ -14,9 +14,8 @@ import time
 from random import Random
 
 import torch
-from transformers import AutoConfig
 
-from benchmarks.common import device_name, on_gpu, preset_model, with_engine
+from benchmarks.common import device_name, on_gpu, preset_model, vocab_size, with_engine
 from benchmarks.report import print_table
 from benchmarks.workloads import random_prompt
 from nanovllm import LLM, SamplingParams
@@ -143,7 +142,7 @@ def run(args) -> list[dict]:
         models = {name: path for preset in args.presets.split(",")
                   for name, path in quality_models(preset, workdir).items()}
         for name, model in models.items():
-            vocab = AutoConfig.from_pretrained(model).vocab_size
+            vocab = vocab_size(model)
             max_len = min(args.max_len, 400) if name.startswith("hf-parity") else args.max_len  # 512 positions
             lengths = [rng.randint(min(args.min_len, max_len), max_len) for _ in range(args.quality_prompts)]
             prompts = [random_prompt(rng, n, vocab) for n in lengths]

@@ -14,9 +14,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import device_name, preset_model, with_engine
 from benchmarks.report import print_table
-from benchmarks.sweeps import capture_forwards, fused_candidates, sweep_options
+from benchmarks.sweeps import capture_forwards, sweep_options
 from nanovllm.engine.decode_paths import Sequential
 from nanovllm.engine.graphs import DecodeGraphs
+from nanovllm.modes.fused_decode.extension import FusedDecodeCandidate
 from nanovllm.utils.timing import median_replay_ms
 
 TRACED_REPLAYS = 7
@@ -74,7 +75,7 @@ def profile_preset(preset: str, kv_cache_dtype: str, args) -> list[dict]:
     def run(llm) -> list[dict]:
         runner = llm.model_runner
         graphs = DecodeGraphs(args.batches, runner.max_blocks_per_seq, runner.device)
-        forwards = {c.name: c.bind(runner.model) for c in (Sequential, *fused_candidates())}
+        forwards = {c.name: c.bind(runner.model) for c in (Sequential, FusedDecodeCandidate)}
         captured = capture_forwards(graphs, forwards)
         layers = runner.model.num_layers
         rows = []

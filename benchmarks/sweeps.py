@@ -1,5 +1,5 @@
 """The decode step swept over batches and contexts (--decode-sweep, CUDA only): the sequential forward, the
-fused decode forward (where this version has one), each pipeline stage alone and the pipeline on each
+fused decode forward, each pipeline stage alone and the pipeline on each
 --sm-splits partition, each captured as a CUDA graph, against the step's memory floor; and the launches
 per layer of each forward."""
 import torch
@@ -12,23 +12,13 @@ from benchmarks.floor import copy_bytes_per_s, step_floor_ms
 from benchmarks.report import print_table
 from nanovllm.engine.decode_paths import SEQUENTIAL, Sequential, fastest
 from nanovllm.engine.graphs import DecodeGraphs
+from nanovllm.modes.fused_decode.extension import FUSED, FusedDecodeCandidate
 from nanovllm.modes.pipeline.extension import PipelineCandidate, StageProbe
 from nanovllm.modes.pipeline.schedule import PipelineScheduler
 from nanovllm.partitions.green import GreenContextManager
 from nanovllm.utils.timing import median_replay_ms
 
-FUSED = "fused"
 STAGE_PROBES = (StageProbe("attention"), StageProbe("ffn"))
-
-
-def fused_candidates() -> list:
-    """The fused decode forward's candidate, where this version of nanovllm has it."""
-    try:
-        from nanovllm.modes.fused_decode.extension import FusedDecodeCandidate
-    except ImportError as e:
-        print(f"[bench] decode sweep without the fused forward: {e}")
-        return []
-    return [FusedDecodeCandidate()]
 
 
 def variant_forwards(runner, splits: list[tuple[int, int]], whole_gpu_grids: bool) -> dict:
@@ -36,7 +26,7 @@ def variant_forwards(runner, splits: list[tuple[int, int]], whole_gpu_grids: boo
     and with whole_gpu_grids the pipeline with attention grids sized for every SM while it runs on its
     partition."""
     model = runner.model
-    forwards = {c.name: c.bind(model) for c in (Sequential, *fused_candidates(), *STAGE_PROBES)}
+    forwards = {c.name: c.bind(model) for c in (Sequential, FusedDecodeCandidate, *STAGE_PROBES)}
     for attention, ffn in splits:
         green = GreenContextManager(runner.device, attention, ffn)
         forwards[f"pipe{attention}:{ffn}"] = PipelineCandidate(green).bind(model)

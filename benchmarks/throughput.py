@@ -3,10 +3,9 @@ against the floor of the schedule each ran; the steady workload through the stre
 import time
 
 import torch
-from transformers import AutoConfig
 
 from benchmarks.common import (device_name, engine_options, free_gpu, label, mode_options, model_path, on_gpu,
-                               print_pd_statistics, with_engine)
+                               print_pd_statistics, vocab_size, with_engine)
 from benchmarks.floor import ScheduleFloor, copy_bytes_per_s, gemm_flops_per_s
 from benchmarks.replay import replay
 from benchmarks.report import print_table
@@ -93,7 +92,7 @@ def compare(args) -> list[dict]:
         print("[bench] no CUDA device: these are CPU numbers, not comparable with the GPU figures in "
               "docs/benchmarks.md")
     model = model_path(args)
-    prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
+    prompts, params = workload(args, vocab_size(model))
     options = engine_options(args)
     ceilings = (copy_bytes_per_s(), gemm_flops_per_s()) if on_gpu() else None
     if ceilings:
@@ -125,7 +124,7 @@ def steady(args) -> list[dict]:
     """Offline steady state: every request queued at once through the streaming API, at most
     STEADY_MAX_NUM_SEQS decoding; throughput, ITL and TTFT per mode, and where pd-mux spent its decode time."""
     model = model_path(args)
-    prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
+    prompts, params = workload(args, vocab_size(model))
     arrivals = [(0.0, prompt, p) for prompt, p in zip(prompts, params)]
     options = engine_options(args, max_num_seqs=STEADY_MAX_NUM_SEQS)
     rows = []

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from nanovllm import kernels
 from nanovllm.attention.kv_quant import KV_CACHE_DTYPES, kv_cache_dtype
 from nanovllm.attention.selector import BACKEND_NAMES
 from nanovllm.models.checkpoint import Checkpoint, read_checkpoint
+from nanovllm.utils.log import get_logger
+
+logger = get_logger("Config")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FUSED_DECODE = ("auto", "on", "off")
@@ -27,7 +29,7 @@ class SchedulerOptions:
     def check(self) -> None:
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "an integer >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1")
-        _require(self.max_model_len >= 1, "max_model_len", "an integer >= 1")
+        _require(self.max_model_len >= 2, "max_model_len", "an integer >= 2 (a prompt token and a generated one)")
 
 
 @dataclass
@@ -77,6 +79,7 @@ class PipelineOptions:
     def check(self) -> None:
         _require(self.pipeline_attention_sm_count >= 1, "pipeline_attention_sm_count", "an integer >= 1")
         _require(self.pipeline_ffn_sm_count >= 1, "pipeline_ffn_sm_count", "an integer >= 1")
+        _require_mode(self, "enable_pipeline")
 
 
 @dataclass
@@ -90,8 +93,9 @@ class DisaggregationOptions:
     def check(self) -> None:
         _require(self.prefill_device_id >= 0, "prefill_device_id", "an integer >= 0")
         _require(self.decode_device_id >= 0, "decode_device_id", "an integer >= 0")
-        _require(self.prefill_num_kvcache_blocks == -1 or (self.enable_two_gpu_pd and self.prefill_num_kvcache_blocks >= 1),
-                 "prefill_num_kvcache_blocks", "-1 (sized for its role) or, with enable_two_gpu_pd=True, an integer >= 1")
+        _require(self.prefill_num_kvcache_blocks == -1 or self.prefill_num_kvcache_blocks >= 1,
+                 "prefill_num_kvcache_blocks", "-1 (sized for its role) or an integer >= 1")
+        _require_mode(self, "enable_two_gpu_pd")
 
 
 @dataclass
@@ -105,8 +109,9 @@ class MultiplexingOptions:
         for option, default in (("pd_max_itl_ms", "1.5x the full-GPU decode step"),
                                 ("pd_max_ttft_ms", "the full-GPU prefill of a full token budget")):
             bound = getattr(self, option)
-            _require(bound is None or (self.enable_pd_multiplexing and 0 < bound < math.inf), option,
-                     f"None ({default}) or, with enable_pd_multiplexing=True, a number of milliseconds > 0")
+            _require(bound is None or 0 < bound < math.inf, option,
+                     f"None ({default}) or a number of milliseconds > 0")
+        _require_mode(self, "enable_pd_multiplexing")
 
 
 # Config attribute -> its group of options.
@@ -155,6 +160,7 @@ class Config:
             raise ValueError(f"device must be None, 'cuda' or 'cpu' with enable_two_gpu_pd=True (the runners' GPUs "
                              f"are prefill_device_id and decode_device_id), got {device!r}")
         device = _resolve_device(device)
+        _check_tp_devices(groups["parallel"].tensor_parallel_size, device)
         if groups["pd"].enable_two_gpu_pd:
             _check_pd_devices(groups["pd"], device)
         checkpoint = read_checkpoint(os.fspath(model))
@@ -162,29 +168,14 @@ class Config:
         config = cls(os.fspath(model), checkpoint, device, dtype, kv_cache_dtype(groups["cache"].kv_cache_dtype, dtype),
                      **groups)
         config._check_against_checkpoint()
-        unusable = config.fused_decode_unusable(device)
-        _require(config.runner.fused_decode != "on" or unusable is None, "fused_decode",
-                 f"'auto' or 'off' here ({unusable})")
         return config
-
-    def fused_decode_unusable(self, device: torch.device) -> str | None:
-        """Why the fused decode forward (modes/fused_decode) cannot run on device; None where it can."""
-        hf, tp = self.hf_config, self.parallel.tensor_parallel_size
-        if device.type != "cuda":
-            return f"its Triton kernels run on a CUDA device, not on {device}"
-        if kernels.fused is None:
-            return "its Triton kernels need triton, which is not installed"
-        if tp > 1:
-            return f"it runs one GPU's whole model, not tensor_parallel_size={tp} shards"
-        bias = getattr(hf, "attention_bias", False)
-        if hf.model_type != "qwen3" or bias:
-            return (f"it runs Qwen3 layers without attention biases, not model_type={hf.model_type!r}, "
-                    f"attention_bias={bias}")
-        return None
 
     def _check_against_checkpoint(self) -> None:
         hf, scheduler = self.hf_config, self.scheduler
-        scheduler.max_model_len = min(scheduler.max_model_len, hf.max_position_embeddings)
+        if scheduler.max_model_len > hf.max_position_embeddings:
+            logger.info("max_model_len=%d is capped at the model's max_position_embeddings=%d", scheduler.max_model_len,
+                        hf.max_position_embeddings)
+            scheduler.max_model_len = hf.max_position_embeddings
         blocks_per_seq = -(-scheduler.max_model_len // self.cache.kvcache_block_size)
         for option, blocks in (("num_kvcache_blocks", self.cache.num_kvcache_blocks),
                                ("prefill_num_kvcache_blocks", self.pd.prefill_num_kvcache_blocks)):
@@ -259,9 +250,13 @@ def _check_modes(groups: dict) -> None:
 
 
 def _resolve_device(device) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be None, a string ('cpu', 'cuda' or 'cuda:N') or a torch.device, got {device!r}")
     try:
-        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError):
+        resolved = torch.device(device)
+    except RuntimeError:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     _require(resolved.type in ("cpu", "cuda"), "device", "'cpu', 'cuda' or 'cuda:N'")
     if resolved.type == "cuda":
@@ -270,6 +265,14 @@ def _resolve_device(device) -> torch.device:
             resolved = torch.device("cuda", torch.cuda.current_device())
         _require(resolved.index < torch.cuda.device_count(), "device", f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return resolved
+
+
+def _check_tp_devices(tp: int, device: torch.device) -> None:
+    """Tensor-parallel rank r runs on cuda:r; on CPU every rank runs on the CPU."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        _require(tp <= count, "tensor_parallel_size",
+                 f"at most the {count} CUDA device{'s' if count > 1 else ''} of this machine (rank r runs on cuda:r)")
 
 
 def _check_pd_devices(pd: DisaggregationOptions, device: torch.device) -> None:
@@ -297,6 +300,16 @@ def _resolve_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
         return DTYPES[dtype]
     _require(dtype in DTYPES.values(), "dtype", f"one of {tuple(DTYPES)}")
     return dtype
+
+
+def _require_mode(options, switch: str) -> None:
+    """A ValueError for each option of the group set away from its default while its mode's switch is off."""
+    if getattr(options, switch):
+        return
+    for f in fields(options):
+        value = getattr(options, f.name)
+        _require(f.name == switch or value == f.default, f.name,
+                 f"{f.default!r} (its default) unless {switch}=True: it has no effect with the mode off, got {value!r}")
 
 
 def _require(ok: bool, option: str, allowed: str) -> None:

@@ -1,6 +1,5 @@
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.modes import build_loop
-from nanovllm.modes.disaggregation.stats import report
 
 
 class LLM(LLMEngine):
@@ -11,9 +10,8 @@ class LLM(LLMEngine):
         return build_loop(config, tokenizer)
 
     def get_pd_statistics(self) -> dict:
-        """The seed's view of statistics()["pd"]: {} outside the prefill/decode modes."""
+        """statistics()["pd"] on its own, as the prefill/decode modes' API offers it: {} outside those modes."""
         return self.statistics().get("pd", {})
 
     def print_pd_statistics(self) -> None:
-        stats = self.get_pd_statistics()
-        print(report(stats) if stats else "[PD Statistics]\n  Prefill/decode disaggregation is off")
+        print(self.loop.report() if self.get_pd_statistics() else "[PD Statistics]\n  Prefill/decode disaggregation is off")

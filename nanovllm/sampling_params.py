@@ -1,6 +1,9 @@
 from dataclasses import dataclass
 
 MAX_SEED = 2 ** 63
+# The sampler divides by temperatures in float32; no vocabulary reaches 2**31 tokens.
+MAX_TEMPERATURE = 3.0e38
+MAX_TOP_K = 2 ** 31
 
 
 @dataclass(frozen=True)
@@ -23,11 +26,13 @@ class SamplingParams:
     stop_token_ids: list[int] | tuple[int, ...] | None = ()
 
     def __post_init__(self):
-        _check("temperature", self.temperature, float, lambda t: t >= 0, ">= 0 (0 is greedy)")
+        _check("temperature", self.temperature, float, lambda t: 0 <= t <= MAX_TEMPERATURE,
+               "a finite number >= 0 (0 is greedy), at most 3e38")
         _check("max_tokens", self.max_tokens, int, lambda n: n >= 1, "an integer >= 1")
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        _check("top_k", self.top_k, int, lambda k: k >= -1, "an integer >= 1, or -1 or 0 for all tokens")
+        _check("top_k", self.top_k, int, lambda k: -1 <= k < MAX_TOP_K,
+               "an integer in [1, 2**31), or -1 or 0 for all tokens")
         _check("top_p", self.top_p, float, lambda p: 0 < p <= 1, "in (0, 1] (1 keeps all tokens)")
         _check("min_p", self.min_p, float, lambda p: 0 <= p <= 1, "in [0, 1] (0 keeps all tokens)")
         if self.seed is not None:

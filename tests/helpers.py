@@ -25,6 +25,28 @@ GPU = [pytest.mark.gpu, needs_cuda]
 MULTI_GPU = [pytest.mark.gpu, pytest.mark.multi_gpu, needs_two_gpus]
 
 
+def _green_contexts_unusable() -> str | None:
+    """Why CUDA green contexts cannot be used on this machine, or None where they can."""
+    from nanovllm.partitions import green
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if green.green_ctx is None:
+        return "cuda-python not installed"
+    try:
+        if green.green_ctx.driver_version() < green.MIN_DRIVER_VERSION:
+            return "CUDA driver older than 12.4"
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def needs_green(test):
+    """Marks a test gpu and skips it where green contexts (SM partitions) cannot be used."""
+    reason = _green_contexts_unusable()
+    test = pytest.mark.skipif(reason is not None, reason=f"green contexts unusable: {reason}")(test)
+    return pytest.mark.gpu(test)
+
+
 def gpu(test):
     """Marks a test (function or class) gpu and skips it without a CUDA device."""
     for mark in GPU:
@@ -138,6 +160,94 @@ def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: int) ->
                                  max_new_tokens=max_new_tokens, pad_token_id=0)
             outputs.append(out[0, len(prompt):].tolist())
     return outputs
+
+
+def tokens(llm, prompts, params) -> list[list[int]]:
+    """The tokens that llm.generate gives each prompt."""
+    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def count_preemptions(monkeypatch) -> list[int]:
+    """The ids of the sequences that any Scheduler preempts from now on, in order."""
+    from nanovllm.engine.scheduler import Scheduler
+    preempted, original = [], Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq.seq_id), original(self, seq))[1])
+    return preempted
+
+
+class EngineRecorder:
+    """What an engine did, seen through the runner and the block manager it really uses, from now on."""
+
+    def __init__(self, llm, monkeypatch):
+        from nanovllm.engine.sequence import PENDING_TOKEN
+        self.prefill_spans: list[tuple[int, int, int, int]] = []  # seq_id, start, stop, num_tokens
+        self.batch_sizes: list[int] = []  # of every step
+        self.decode_batch_sizes: list[int] = []
+        self.ran_ahead = 0  # sequences launched while their last token was still in flight
+        self.cached_tokens: list[int] = []  # the prefix-cache hit of each sequence placed
+        self.preempted = count_preemptions(monkeypatch)
+        launch, allocate = llm.model_runner.launch, llm.scheduler.block_manager.allocate
+
+        def observed_launch(batch, *args, **kwargs):
+            seqs = batch.seqs
+            if batch.is_prefill:
+                self.prefill_spans += [(s.seq_id, s.scheduled_positions.start, s.scheduled_positions.stop,
+                                        s.num_tokens) for s in seqs]
+            else:
+                self.decode_batch_sizes.append(len(seqs))
+            self.batch_sizes.append(len(seqs))
+            self.ran_ahead += sum(s.last_token == PENDING_TOKEN for s in seqs)
+            return launch(batch, *args, **kwargs)
+
+        def observed_allocate(seq):
+            placed = allocate(seq)
+            if placed:
+                self.cached_tokens.append(seq.num_cached_tokens)
+            return placed
+
+        monkeypatch.setattr(llm.model_runner, "launch", observed_launch)
+        monkeypatch.setattr(llm.scheduler.block_manager, "allocate", observed_allocate)
+
+    @property
+    def chunked(self) -> int:
+        """Prefill spans that stopped short of their sequence's end."""
+        return sum(stop < num_tokens for _, _, stop, num_tokens in self.prefill_spans)
+
+
+def fail_on_call(monkeypatch, owner, name: str, n: int, error: BaseException) -> None:
+    """owner.name raises error at its nth call from now on; the calls before it run as they did."""
+    original, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def assert_idle(llm) -> None:
+    """No request left, and every block of each block manager (the prefill side's too, in the two-runner
+    modes) free and consistent."""
+    assert not llm.has_unfinished_requests()
+    scheduler = llm.scheduler
+    for bm in {scheduler.block_manager, getattr(scheduler, "prefill_manager", scheduler.block_manager)}:
+        check_consistent(bm, [])
+        assert bm.num_free_blocks == len(bm.blocks)
+
+
+# Measured on the five HF-parity checkpoints (8 prompts x 32 tokens, per-head scales): greedy agreement
+# 0.25-0.49 (a bfloat16 model against float32 gets 0.55: these tiny models amplify rounding), teacher-forced
+# top-1 agreement 0.86-0.93, max |error| / logit range 0.08-0.18, mean 0.008-0.010. Scales 8x too small
+# (saturating) give 0.008-0.03, 0.17-0.29, 0.71-0.94 and 0.09-0.11.
+def assert_fp8_quality(result: dict) -> None:
+    """benchmarks.quality.compare's result for a float8 KV cache against a float32 one, on the `prompts`
+    fixture's prompts, is within the bounds that tell per-head scales from saturating ones."""
+    assert result["greedy_agreement"] > 0.15
+    assert result["forced_top1_agreement"] > 0.75
+    assert result["max_abs_error/range"] < 0.3
+    assert 1e-3 < result["mean_abs_error/range"] < 0.02
 
 
 def check_consistent(bm, live) -> None:

@@ -7,7 +7,8 @@ class AttentionBackend:
     """Stores new keys/values in the paged cache and computes attention over it.
 
     kv_scales (float32 [2, num_kv_heads], or None) are the per-head scales of a float8 cache: see
-    nanovllm.attention.kv_quant. Prefill without a cached prefix attends to the new k/v as given.
+    nanovllm.attention.kv_quant. Prefill without block tables attends to the new k/v as given; with them (a
+    cached prefix, a float8 cache, a captured prefill) it reads every key from the cache.
     """
 
     name = "base"

@@ -1,7 +1,7 @@
 """The decode-path seam: the one place that decides what a decode step runs.
 
 Per batch bucket, every candidate decode forward (the sequential forward, and what a mode adds through
-a DecodeExtension: the attention/FFN pipeline; a fused decode later) is captured as a CUDA graph. With
+a DecodeExtension: the attention/FFN pipeline, the fused decode step) is captured as a CUDA graph. With
 more than one candidate, each bucket's graphs are timed at start-up on synthetic batches at a short and
 a long context, and the bucket replays the fastest, but a candidate other than the sequential forward
 only where it beat it at every context timed: auto never picks a slower path. The timings are kept on

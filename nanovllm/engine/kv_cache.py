@@ -117,8 +117,9 @@ class KVCache:
         if free is not None and needed > free:
             raise ValueError(f"invalid {option}: {num_blocks} KV blocks of {self.block_size} tokens need "
                              f"{needed / 2 ** 30:.2f} GiB, and {self.device} has {free / 2 ** 30:.2f} GiB free "
-                             f"(room for about {free // self.block_bytes - 1} blocks): lower {option}, or leave "
-                             "it at -1 to size the cache from memory")
+                             f"(room for about {free // self.block_bytes - 1} blocks): lower {option}"
+                             + (", or leave it at -1 to size the cache from memory" if option.endswith("kvcache_blocks")
+                                else ""))
 
     def allocate(self, num_blocks: int, distributed: bool) -> None:
         """Allocates num_blocks blocks (the least of all tensor-parallel ranks' where distributed), and one

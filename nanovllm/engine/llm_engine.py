@@ -78,7 +78,8 @@ class LLMEngine:
             raise ValueError(f"prompt of {len(token_ids)} tokens does not fit max_model_len={max_model_len} "
                              f"(at most {max_model_len - 1} prompt tokens)")
         if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab})")
+            position = next(i for i, t in enumerate(token_ids) if not 0 <= t < vocab)
+            raise ValueError(f"token ids must be in [0, {vocab}): token {position} of the prompt is {token_ids[position]}")
         return token_ids
 
     def _new_sequence(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
@@ -153,8 +154,16 @@ class LLMEngine:
             raise TypeError("sampling_params must be a SamplingParams or a list of them")
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        if not isinstance(use_tqdm, bool):
+            raise TypeError(f"use_tqdm must be a bool, got {use_tqdm!r}")
         # Check every prompt before queueing any, so that bad input leaves the engine untouched.
-        seqs = [self._new_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
+        seqs = []
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            try:
+                seqs.append(self._new_sequence(prompt, params))
+            except (TypeError, ValueError) as e:
+                e.args = (f"prompt {i}: {e}",)
+                raise
         with self._lock:
             self._check_open()
             if self._streamed:
@@ -199,6 +208,8 @@ def _token_ids(prompt) -> list[int]:
     """The prompt's ids as Python ints. Integers of numpy and torch count, as in vLLM (a numpy array or a
     torch tensor of ids too); anything else is a TypeError naming the element and its type."""
     if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        if prompt.ndim != 1:
+            raise TypeError(f"an array of token ids must be one-dimensional, got one of shape {tuple(prompt.shape)}")
         prompt = prompt.tolist()
     if all(type(t) is int for t in prompt):  # the common case: no isinstance checks or conversions per token
         return list(prompt)

@@ -10,7 +10,7 @@ from nanovllm.config import Config
 from nanovllm.engine import warmup
 from nanovllm.engine.decode_paths import DecodeExtension, DecodePaths, setup_key
 from nanovllm.engine.graphs import CapturedGraph, DecodeGraphs, PrefillGraphs, batch_buckets, prefill_buckets
-from nanovllm.engine.kv_cache import KVCache, calibrate_scales
+from nanovllm.engine.kv_cache import CPU_KV_CACHE_BYTES, KVCache, calibrate_scales
 from nanovllm.engine.scheduler import Batch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_inputs import DecodeInputs, block_tables, prefill_step, sampling_inputs
@@ -32,6 +32,7 @@ class RunnerRole:
     """What a mode asks of a runner besides the options; the default is the sequential engine's runner."""
     graphs: tuple[str, ...] = ("prefill", "decode")  # the kinds of step it captures CUDA graphs for
     num_kvcache_blocks: int | None = None  # its cache's blocks; None: the num_kvcache_blocks option
+    cache_size_option: str = "num_kvcache_blocks"  # the option its cache's blocks follow from, named if they do not fit
     stream_priority: int | None = None  # launch on a stream of its own with this priority; None: the current stream
     shares: "ModelRunner | None" = None  # a runner whose float8 scales it takes, and on the same device its weights
     shares_kv_cache: bool = False  # and that runner's KV cache itself
@@ -76,8 +77,9 @@ class ModelRunner:
             self.kv_cache = self._kv_cache(role, quantized)
         self.kv_cache.bind(self.attention_layers())
         self.sampler = Sampler()
-        self.decode_inputs = DecodeInputs(config.scheduler.max_num_seqs, self.max_blocks_per_seq, self.block_size,
-                                          device)
+        # Each decoding sequence writes into a block of its own, so no decode batch outgrows the cache's blocks.
+        max_decode_batch = min(config.scheduler.max_num_seqs, self.kv_cache.num_blocks)
+        self.decode_inputs = DecodeInputs(max_decode_batch, self.max_blocks_per_seq, self.block_size, device)
         self.decode_paths = DecodePaths(self.model, role.decode_extensions)
         self.prefill_graphs: PrefillGraphs | None = None
         # SM count of a lane (None: the whole GPU) -> token bucket -> captured prefill.
@@ -138,12 +140,14 @@ class ModelRunner:
                 scales = calibrate_scales(self.attention_layers(), shape[3], self.device, self.random_prefill)
         cache = KVCache(shape, self.config.kv_dtype, self.device, scales)
         num_blocks = self.config.cache.num_kvcache_blocks if role.num_kvcache_blocks is None else role.num_kvcache_blocks
+        utilization = self.config.cache.gpu_memory_utilization
+        sized = ""
         if num_blocks == -1:
-            num_blocks = cache.blocks_that_fit(self.config.cache.gpu_memory_utilization, self.max_blocks_per_seq,
-                                               self.random_prefill, self.rank == 0)
+            num_blocks = cache.blocks_that_fit(utilization, self.max_blocks_per_seq, self.random_prefill, self.rank == 0)
+            sized = (f", sized by gpu_memory_utilization={utilization}" if self.device.type == "cuda" else
+                     f", sized for the CPU's {CPU_KV_CACHE_BYTES / 2 ** 30:g} GiB (gpu_memory_utilization applies to GPUs)")
         else:
-            cache.check_fits(num_blocks, "num_kvcache_blocks" if role.num_kvcache_blocks is None
-                             else "prefill_num_kvcache_blocks")
+            cache.check_fits(num_blocks, role.cache_size_option)
         cache.allocate(num_blocks, self.world_size > 1)
         if cache.num_blocks < self.max_blocks_per_seq:  # sized from memory: options were checked in Config
             raise ValueError(f"the KV cache holds {cache.num_blocks} blocks of {self.block_size} tokens, fewer than one "
@@ -151,9 +155,9 @@ class ModelRunner:
                              f"({self.max_blocks_per_seq}); lower max_model_len or max_num_batched_tokens, or raise "
                              "gpu_memory_utilization")
         if self.rank == 0:
-            logger.info("KV cache: %d blocks of %d tokens = %d tokens, %s (%s), %.2f GiB", cache.num_blocks,
+            logger.info("KV cache: %d blocks of %d tokens = %d tokens, %s (%s), %.2f GiB%s", cache.num_blocks,
                         self.block_size, cache.num_blocks * self.block_size, self.config.cache.kv_cache_dtype,
-                        str(cache.dtype).removeprefix("torch."), cache.num_blocks * cache.block_bytes / 2 ** 30)
+                        str(cache.dtype).removeprefix("torch."), cache.num_blocks * cache.block_bytes / 2 ** 30, sized)
         return cache
 
     def random_prefill(self, num_tokens: int | None = None, seq_len: int | None = None) -> None:
@@ -272,7 +276,7 @@ class ModelRunner:
                 **{e.name: e.statistics() for e in self.decode_paths.extensions}}
 
     def get_pipeline_statistics(self) -> dict:
-        """The seed's view of statistics()["pipeline"]."""
+        """statistics()["pipeline"] on its own, as the pipeline's API offers it."""
         return self.statistics().get("pipeline", {"enabled": False})
 
     def print_pipeline_statistics(self) -> None:

@@ -18,11 +18,17 @@ def load_tokenizer(path: str):
     try:
         if "tokenizer.json" in present and _tokenizer_class(path) in PLAIN_FAST_CLASSES:
             from transformers import PreTrainedTokenizerFast
-            return PreTrainedTokenizerFast.from_pretrained(path)
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(path)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # each tokenizer file format fails in its own way
         raise ValueError(f"cannot read the tokenizer files {', '.join(present)} in {path}: {e!r}") from None
+    # Without its vocabulary file a tokenizer can still load, from its added tokens alone.
+    if not tokenizer.encode("a", add_special_tokens=False):
+        raise ValueError(f"the tokenizer files {', '.join(present)} in {path} encode no text: the vocabulary "
+                         "(tokenizer.json, or vocab.json and merges.txt) is missing")
+    return tokenizer
 
 
 def _tokenizer_class(path: str) -> str | None:

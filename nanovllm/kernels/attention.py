@@ -510,9 +510,8 @@ def _rope_args(rope: DecodeRope | None, q: torch.Tensor) -> tuple:
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, num_sms: int | None = None,
-                 num_splits: int | None = None, tile_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, kv_scales: torch.Tensor | None = None,
+                 context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+                 tile_n: int | None = None, kv_scales: torch.Tensor | None = None,
                  order: torch.Tensor | None = None, early_inputs: bool = False,
                  rope: DecodeRope | None = None) -> torch.Tensor:
     """q [B, Hq, D] attends to context_lens[b] cached tokens of block_tables[b] -> [B, Hq, D];
@@ -522,8 +521,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     waits for that one. rope: q is raw (before its norm and RoPE), and the kernel also stores the step's
     keys and values (see DecodeRope), in place of fused.qk_norm_rope and store_kv before it.
 
-    The optional arguments override the heuristics (for benchmarking); all of them depend on
-    shapes only, so the launch is CUDA-graph capturable.
+    num_splits and tile_n override the heuristics (for benchmarking); all of them depend on shapes only, so
+    the launch is CUDA-graph capturable.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.size(2)
@@ -539,7 +538,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         return out
     if num_splits is None:
         max_context = block_tables.size(1) * block_size
-        num_splits = choose_num_splits(batch, num_kv_heads, max_context, num_sms or num_sms_of(q.device))
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context, num_sms_of(q.device))
     if num_splits > 1:
         part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
@@ -558,7 +557,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE_N=tile_n, NUM_SPLITS=num_splits, DEQUANTIZE=dequantize, FP16_DOT=_fp16_dot(q, dequantize),
         PDL=pdl, EARLY_INPUTS=early_inputs, ROPE=rope is not None, launch_pdl=pdl,
-        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
+        num_warps=default_warps, num_stages=default_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch * num_heads,)](

@@ -1,6 +1,10 @@
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# RoPE types whose frequencies are fixed at load ('dynamic' ones depend on the sequence length).
+ROPE_TYPES = ("default", *(t for t in ROPE_INIT_FUNCTIONS if t != "dynamic"))
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -20,11 +24,6 @@ def inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.
     if rope_type == "default":
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         return 1.0 / (params["rope_theta"] ** exponent), 1.0
-    if rope_type == "dynamic":
-        raise ValueError("rope type 'dynamic' is not supported: its frequencies depend on the sequence length")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"unknown rope type {rope_type!r}; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     return inv_freq.float(), float(scaling)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
+from nanovllm.layers.rotary_embedding import ROPE_TYPES, rope_parameters
 from nanovllm.models import MODEL_TYPES
 from nanovllm.utils.log import get_logger
 
@@ -79,12 +80,25 @@ def _check_model_fields(file: str, hf_config: PretrainedConfig) -> None:
     _check(file, "head_dim", hf_config.head_dim, _is_positive_int(hf_config.head_dim) and hf_config.head_dim % 2 == 0,
            "a positive even integer (hidden_size // num_attention_heads where unset)")
     eps = getattr(hf_config, "rms_norm_eps", None)
-    _check(file, "rms_norm_eps", eps, isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf,
-           "a positive number")
+    _check(file, "rms_norm_eps", eps, _is_positive_number(eps), "a positive number")
+    rope = rope_parameters(hf_config)
+    _check(file, "rope_theta", rope.get("rope_theta"), _is_positive_number(rope.get("rope_theta")), "a positive number")
+    rope_type = rope.get("rope_type", "default")
+    _check(file, "rope_type", rope_type, rope_type in ROPE_TYPES,
+           f"one of {ROPE_TYPES} (a 'dynamic' rope depends on the sequence length)")
+    act = getattr(hf_config, "hidden_act", "silu")
+    _check(file, "hidden_act", act, act == "silu", "'silu', the MLP activation nanovllm computes")
+    sliding = getattr(hf_config, "use_sliding_window", False) or "sliding_attention" in (
+        getattr(hf_config, "layer_types", None) or ())
+    _check(file, "use_sliding_window", sliding, not sliding, "false: nanovllm's layers attend to the whole context")
 
 
 def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _eos_token_ids(path: str, hf_config: PretrainedConfig) -> tuple[int, ...]:

@@ -23,5 +23,6 @@ def build_loop(config: Config, tokenizer) -> StepLoop:
 
 def decode_extensions(config: Config, device) -> tuple[DecodeExtension, ...]:
     """Those the options ask for, of the decoding runner on `device`."""
+    fused = fused_decode_extension(config, device)  # first: it may refuse the options, before any GPU work
     pipeline = pipeline_extension(config, device) if config.pipeline.enable_pipeline else None
-    return tuple(e for e in (pipeline, fused_decode_extension(config, device)) if e is not None)
+    return tuple(e for e in (pipeline, fused) if e is not None)

@@ -71,7 +71,6 @@ class GreenContextManager:
                 f"pipeline_attention_sm_count ({attention_sm_count} -> {e.sizes[0]}) + pipeline_ffn_sm_count "
                 f"({ffn_sm_count} -> {e.sizes[1]}) = {sum(e.sizes)} SMs after rounding up to multiples of "
                 f"{e.unit}; the allowed total is at most {e.available} SMs on this device") from None
-        self.device = torch.device("cuda", index)
         self.partitions = partitions
         self.attention_sm_count, self.ffn_sm_count = partitions.sm_counts
         self.remaining_sm_count = partitions.remaining_sm_count

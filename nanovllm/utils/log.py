@@ -1,5 +1,5 @@
-"""The library's logging: every logger is a child of "nanovllm" and its lines read "[Name] message", as
-the seed documents show them ([ModelRunner], [GreenContextManager], [PD], ...).
+"""The library's logging: every logger is a child of "nanovllm" and its lines read "[Name] message", the
+prefixes users grep for ([ModelRunner], [GreenContextManager], [PD], ...).
 
 Start-up lines that users rely on are INFO, details (timings, profiles) DEBUG. The "nanovllm" logger
 writes to standard output at the level of $NANOVLLM_LOG_LEVEL (default INFO) and does not propagate,

@@ -9,7 +9,8 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.step_inputs import DecodeInputs
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
-from tests.helpers import GPU, BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, gpu, random_prompts, stream_to_completion
+from tests.helpers import (GPU, BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, EngineRecorder, assert_idle, gpu, random_prompts,
+                           stream_to_completion, tokens)
 
 MAX_MODEL_LEN = 96
 
@@ -24,47 +25,13 @@ def workload() -> tuple[list[list[int]], list[SamplingParams]]:
     return prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=i) for n, i in zip(max_tokens, ignore_eos)]
 
 
-class Recorder:
-    """What the engine did: decode steps launched before their inputs were known, preemptions,
-    prefill chunks cut short and prefix-cache hits."""
-
-    def __init__(self, llm: LLM, monkeypatch):
-        self.ran_ahead = self.preempted = self.chunks = self.cached_tokens = 0
-        launch, allocate = llm.model_runner.launch, llm.scheduler.block_manager.allocate
-        preempt = llm.scheduler._preempt
-
-        def observed_launch(batch, *args, **kwargs):
-            self.ran_ahead += sum(seq.last_token == PENDING_TOKEN for seq in batch.seqs)
-            self.chunks += batch.is_prefill and any(s.scheduled_positions.stop < s.num_tokens for s in batch.seqs)
-            return launch(batch, *args, **kwargs)
-
-        def observed_allocate(seq):
-            placed = allocate(seq)
-            self.cached_tokens += placed and seq.num_cached_tokens
-            return placed
-
-        def observed_preempt(seq):
-            self.preempted += 1
-            preempt(seq)
-
-        monkeypatch.setattr(llm.model_runner, "launch", observed_launch)
-        monkeypatch.setattr(llm.scheduler.block_manager, "allocate", observed_allocate)
-        monkeypatch.setattr(llm.scheduler, "_preempt", observed_preempt)
-
-
-def assert_idle(llm: LLM) -> None:
-    assert not llm.has_unfinished_requests()
-    bm = llm.scheduler.block_manager
-    assert bm.num_free_blocks == len(bm.blocks) and all(b.ref_count == 0 for b in bm.blocks)
-
-
 def run_twice(model_dir, monkeypatch, async_scheduling: bool, **options):
     """The workload twice on one engine: the second run finds the first one's blocks in the prefix cache."""
     llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN,
               async_scheduling=async_scheduling, **options)
-    recorder = Recorder(llm, monkeypatch)
+    recorder = EngineRecorder(llm, monkeypatch)
     prompts, params = workload()
-    runs = [[o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)] for _ in range(2)]
+    runs = [tokens(llm, prompts, params) for _ in range(2)]
     assert_idle(llm)
     return runs, recorder
 
@@ -81,11 +48,11 @@ def test_async_tokens_match_sync(tiny_model_dir, monkeypatch, options):
     outputs, recorder = run_twice(tiny_model_dir, monkeypatch, True, **options)
     assert outputs == expected
     assert expected[0] == expected[1]
-    assert recorder.ran_ahead > 0 and recorder.cached_tokens >= 2 * BLOCK_SIZE
+    assert recorder.ran_ahead > 0 and sum(recorder.cached_tokens) >= 2 * BLOCK_SIZE
     if "max_num_batched_tokens" in options:
-        assert recorder.chunks > 0
+        assert recorder.chunked > 0
     if options["num_kvcache_blocks"] < 10:
-        assert recorder.preempted > 0
+        assert recorder.preempted
     # The workload covers every way to stop: the end-of-sequence token mid-batch, max_tokens of 1 and
     # more, max_model_len.
     prompts, params = workload()
@@ -100,7 +67,7 @@ def test_streaming_reports_every_token_once_and_finished_last(tiny_model_dir):
     prompts, params = workload()
     sync = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64,
                max_model_len=MAX_MODEL_LEN, async_scheduling=False)
-    expected = [o["token_ids"] for o in sync.generate(prompts, params, use_tqdm=False)]
+    expected = tokens(sync, prompts, params)
     llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64,
               max_model_len=MAX_MODEL_LEN)
     ids = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
@@ -112,7 +79,7 @@ def test_abort_while_a_token_is_in_flight(tiny_model_dir):
     prompts = random_prompts([20, 7, 33], seed=41)
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64)
-    expected = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    expected = tokens(llm, prompts, greedy)
     ids = [llm.add_request(p, greedy) for p in prompts]
     streamed = {i: [] for i in ids}
     for _ in range(4):  # prefill, then decode steps: each launches a step before the last one's tokens arrive
@@ -127,7 +94,7 @@ def test_abort_while_a_token_is_in_flight(tiny_model_dir):
     assert streamed[ids[0]] == expected[0] and streamed[ids[2]] == expected[2]
     assert streamed[ids[1]] == expected[1][:len(streamed[ids[1]])] and len(streamed[ids[1]]) < 12
     assert_idle(llm)
-    assert [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)] == expected
+    assert tokens(llm, prompts, greedy) == expected
 
 
 def test_an_interrupted_step_drops_the_requests_it_had_in_flight(tiny_model_dir, monkeypatch):
@@ -135,7 +102,7 @@ def test_an_interrupted_step_drops_the_requests_it_had_in_flight(tiny_model_dir,
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     # One sequence at a time: the second request waits until the first one is done.
     llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64, max_num_seqs=1)
-    expected = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    expected = tokens(llm, prompts, greedy)
     first, second = (llm.add_request(p, greedy) for p in prompts)
     for _ in range(3):
         llm.step()
@@ -226,7 +193,7 @@ def test_async_matches_sync_on_the_gpu(model_dir, enforce_eager):
 
     def generate(llm: LLM, eos: int) -> list[list[int]]:
         llm.scheduler.eos_token_ids = {eos}
-        outputs = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+        outputs = tokens(llm, prompts, params)
         assert_idle(llm)
         return outputs
 

@@ -38,6 +38,7 @@ def assert_still_serves(llm: LLM, expected) -> None:
     ("hello", ValueError, "tokenizer"),  # the test checkpoints have no tokenizer files
     ([1, 2.5], TypeError, "token ids"),
     (42, TypeError, "prompt"),
+    (np.array(5), TypeError, r"one-dimensional, got one of shape \(\)"),
 ])
 def test_bad_prompt(llm, expected, prompt, error, match):
     with pytest.raises(error, match=match):
@@ -46,8 +47,11 @@ def test_bad_prompt(llm, expected, prompt, error, match):
 
 
 def test_bad_prompt_among_good_ones_queues_nothing(llm, expected):
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="^prompt 2: empty prompt"):
         llm.generate(VALID_PROMPTS + [[]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=rf"^prompt 1: token ids must be in \[0, {VOCAB_SIZE}\): token 2 of the "
+                                         rf"prompt is {VOCAB_SIZE}$"):
+        llm.generate([[1, 2], [3, 4, VOCAB_SIZE, 5]], GREEDY, use_tqdm=False)
     assert not llm.scheduler.waiting and not llm.scheduler.running
     assert_still_serves(llm, expected)
 
@@ -88,6 +92,10 @@ def test_longest_allowed_prompt(llm):
     (dict(stop_token_ids=7), TypeError, "stop_token_ids"),
     (dict(stop_token_ids=[1.0]), TypeError, "stop_token_ids"),
     (dict(stop_token_ids=[False]), TypeError, "stop_token_ids"),
+    # Beyond what the sampler's float32 temperatures and top_k can hold.
+    (dict(temperature=10 ** 400), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(top_k=2 ** 31), ValueError, "top_k"),
 ])
 def test_bad_sampling_params(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -121,6 +129,8 @@ def test_bad_sampling_params_arguments_to_generate(llm, expected):
         llm.generate(VALID_PROMPTS, [{"temperature": 0.0}] * len(VALID_PROMPTS), use_tqdm=False)
     with pytest.raises(TypeError, match="prompts"):
         llm.generate("a string, not a list", GREEDY, use_tqdm=False)
+    with pytest.raises(TypeError, match="use_tqdm must be a bool, got 'no'"):
+        llm.generate(VALID_PROMPTS, GREEDY, use_tqdm="no")
     assert_still_serves(llm, expected)
 
 
@@ -133,6 +143,7 @@ def test_bad_sampling_params_arguments_to_generate(llm, expected):
     (dict(max_num_seqs=0), ValueError, "max_num_seqs"),
     (dict(max_num_batched_tokens=0), ValueError, "max_num_batched_tokens"),
     (dict(max_model_len=0), ValueError, "max_model_len"),
+    (dict(max_model_len=1), ValueError, "max_model_len"),  # no room for a prompt token and a generated one
     (dict(tensor_parallel_size=0), ValueError, "tensor_parallel_size"),
     (dict(tensor_parallel_size=3), ValueError, "tensor_parallel_size"),  # 4 heads / 2 kv heads
     (dict(enable_pipeline=True, tensor_parallel_size=2), ValueError, "enable_pipeline"),
@@ -150,6 +161,9 @@ def test_bad_sampling_params_arguments_to_generate(llm, expected):
     (dict(max_num_seqs="8"), TypeError, "max_num_seqs"),
     (dict(enforce_eager=1), TypeError, "enforce_eager"),
     (dict(device="tpu"), ValueError, "device"),
+    (dict(device=False), TypeError, "device"),
+    (dict(device=0), TypeError, "device"),
+    (dict(device=""), ValueError, "device"),
     (dict(dtype="int8"), ValueError, "dtype"),
 ])
 def test_bad_options(model_dir, llm, expected, options, error, match):
@@ -157,6 +171,49 @@ def test_bad_options(model_dir, llm, expected, options, error, match):
         pytest.skip("the triton backend is valid where CUDA is available")
     with pytest.raises(error, match=match):
         LLM(model_dir, **{"device": "cpu", "kvcache_block_size": BLOCK_SIZE, **options})
+    assert_still_serves(llm, expected)
+
+
+@pytest.mark.parametrize("options", [
+    dict(pipeline_attention_sm_count=20), dict(pipeline_ffn_sm_count=8), dict(pipeline_enable_profiling=True),
+    dict(pipeline_force=True), dict(prefill_device_id=1), dict(decode_device_id=0),
+    dict(prefill_num_kvcache_blocks=64), dict(pd_max_itl_ms=10.0), dict(pd_max_ttft_ms=500.0),
+])
+def test_a_mode_option_needs_its_mode(model_dir, options):
+    (option, value), = options.items()
+    switch = {"pipeline": "enable_pipeline", "pd": "enable_pd_multiplexing"}.get(option.split("_")[0],
+                                                                               "enable_two_gpu_pd")
+    with pytest.raises(ValueError, match=rf"invalid {option}: must be .* \(its default\) unless {switch}=True: it has "
+                                         rf"no effect with the mode off, got {value!r}"):
+        LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, **options)
+
+
+def test_tensor_parallel_size_beyond_the_gpus_is_refused_before_any_gpu_work(model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(ValueError, match=r"invalid tensor_parallel_size: must be at most the 1 CUDA device of this "
+                                         r"machine \(rank r runs on cuda:r\)"):
+        LLM(model_dir, device="cuda", tensor_parallel_size=2)
+
+
+def test_max_model_len_beyond_the_model_is_capped_with_a_log_line(model_dir, caplog):
+    llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64, max_model_len=10 ** 6)
+    assert llm.config.scheduler.max_model_len == 512
+    assert logged(caplog, "Config") == ["max_model_len=1000000 is capped at the model's max_position_embeddings=512"]
+
+
+@pytest.mark.parametrize("utilization", [0.9, 0.3])
+def test_the_cpu_cache_line_says_gpu_memory_utilization_does_not_size_it(model_dir, caplog, utilization):
+    LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, gpu_memory_utilization=utilization)
+    [line] = [m for m in logged(caplog, "ModelRunner") if m.startswith("KV cache: ")]
+    assert line.endswith("GiB, sized for the CPU's 1 GiB (gpu_memory_utilization applies to GPUs)")
+
+
+def test_max_num_seqs_beyond_the_cache_sizes_no_buffer_past_it(model_dir, expected):
+    """A running sequence writes into a block of its own: the decode inputs hold as many rows as blocks."""
+    llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=64, max_num_seqs=10 ** 12)
+    assert llm.model_runner.decode_inputs.longs.shape == (4, 64)
     assert_still_serves(llm, expected)
 
 

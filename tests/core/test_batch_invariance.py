@@ -1,9 +1,8 @@
 """Greedy tokens do not depend on how requests are batched, cached, preempted or chunked."""
 import pytest
 
-from tests.helpers import BLOCK_SIZE, random_prompts
+from tests.helpers import BLOCK_SIZE, EngineRecorder, assert_idle, count_preemptions, random_prompts, tokens
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.scheduler import Scheduler
 
 MAX_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -38,51 +37,24 @@ def alone(model_dir, prompts):
     return outputs
 
 
-class Observer:
-    """Records what the engine schedules, through the runner and block manager it really uses."""
-
-    def __init__(self, llm: LLM, monkeypatch):
-        self.prefill_spans: list[tuple[int, int, int, int]] = []  # seq_id, start, stop, num_tokens
-        self.cached_tokens: list[int] = []
-        self.batch_sizes: list[int] = []
-        launch, allocate = llm.model_runner.launch, llm.scheduler.block_manager.allocate
-
-        def observed_launch(batch, *args, **kwargs):
-            if batch.is_prefill:
-                self.prefill_spans += [(s.seq_id, s.scheduled_positions.start, s.scheduled_positions.stop,
-                                        s.num_tokens) for s in batch.seqs]
-            self.batch_sizes.append(len(batch.seqs))
-            return launch(batch, *args, **kwargs)
-
-        def observed_allocate(seq):
-            placed = allocate(seq)
-            if placed:
-                self.cached_tokens.append(seq.num_cached_tokens)
-            return placed
-
-        monkeypatch.setattr(llm.model_runner, "launch", observed_launch)
-        monkeypatch.setattr(llm.scheduler.block_manager, "allocate", observed_allocate)
-
-
 def engine(model_dir, **options) -> LLM:
     return LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, **options)
 
 
 def generate(llm: LLM, prompts) -> list[list[int]]:
-    outputs = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    bm = llm.scheduler.block_manager
-    assert bm.num_free_blocks == len(bm.blocks)
+    outputs = tokens(llm, prompts, GREEDY)
+    assert_idle(llm)
     return outputs
 
 
 def test_together_and_again_with_prefix_cache(model_dir, prompts, alone, monkeypatch):
     llm = engine(model_dir, num_kvcache_blocks=128)
-    first = Observer(llm, monkeypatch)
+    first = EngineRecorder(llm, monkeypatch)
     assert generate(llm, prompts) == alone
     assert max(first.batch_sizes) == len(prompts)
     monkeypatch.undo()
 
-    second = Observer(llm, monkeypatch)
+    second = EngineRecorder(llm, monkeypatch)
     assert generate(llm, prompts) == alone
     # Full prompt blocks computed by the first run are found again, and their tokens are not recomputed.
     assert sum(second.cached_tokens) >= 6 * BLOCK_SIZE
@@ -93,21 +65,14 @@ def test_together_and_again_with_prefix_cache(model_dir, prompts, alone, monkeyp
 def test_shared_prefix_hits_within_one_generate_call(model_dir, prompts, alone, monkeypatch):
     # One sequence per prefill step, so later prompts find the stem computed by earlier ones.
     llm = engine(model_dir, num_kvcache_blocks=128, max_num_seqs=1)
-    observer = Observer(llm, monkeypatch)
+    observer = EngineRecorder(llm, monkeypatch)
     assert generate(llm, prompts) == alone
     assert max(observer.batch_sizes) == 1
     assert sum(observer.cached_tokens) >= 3 * BLOCK_SIZE
 
 
 def test_preemption(model_dir, prompts, alone, monkeypatch):
-    preempted = []
-    original = Scheduler._preempt
-
-    def counting_preempt(self, seq):
-        preempted.append(seq.seq_id)
-        original(self, seq)
-
-    monkeypatch.setattr(Scheduler, "_preempt", counting_preempt)
+    preempted = count_preemptions(monkeypatch)
     # 10 blocks is the least that one sequence of max_model_len needs; the batch needs far more.
     llm = engine(model_dir, num_kvcache_blocks=MAX_MODEL_LEN // BLOCK_SIZE)
     assert generate(llm, prompts) == alone
@@ -117,7 +82,7 @@ def test_preemption(model_dir, prompts, alone, monkeypatch):
 def test_chunked_prefill(model_dir, prompts, alone, monkeypatch):
     budget = 24
     llm = engine(model_dir, num_kvcache_blocks=128, max_num_batched_tokens=budget)
-    observer = Observer(llm, monkeypatch)
+    observer = EngineRecorder(llm, monkeypatch)
     assert generate(llm, prompts) == alone
     assert all(stop - start <= budget for _, start, stop, _ in observer.prefill_spans)
     split = {sid for sid, _, stop, num_tokens in observer.prefill_spans if stop < num_tokens}
@@ -132,16 +97,13 @@ def test_chunked_prefill(model_dir, prompts, alone, monkeypatch):
 
 
 def test_preemption_chunking_and_caching_together(model_dir, prompts, alone, monkeypatch):
-    preempted = []
-    original = Scheduler._preempt
-    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq), original(self, seq)))
     llm = engine(model_dir, num_kvcache_blocks=12, max_num_batched_tokens=40, max_num_seqs=3)
-    observer = Observer(llm, monkeypatch)
+    observer = EngineRecorder(llm, monkeypatch)
     assert generate(llm, prompts[::-1]) == alone[::-1]
-    assert preempted
+    assert observer.preempted
     assert sum(observer.cached_tokens) > 0
     assert max(observer.batch_sizes) <= 3
-    assert any(stop < num_tokens for _, _, stop, num_tokens in observer.prefill_spans)
+    assert observer.chunked
 
 
 def test_float8_cache_preemption_chunking_and_caching(model_dir, prompts, monkeypatch):
@@ -149,10 +111,7 @@ def test_float8_cache_preemption_chunking_and_caching(model_dir, prompts, monkey
     cached prefixes, chunks and recomputation after preemption give the same tokens as a lone prompt."""
     fp8 = dict(kv_cache_dtype="fp8_e4m3")
     alone = [generate(engine(model_dir, num_kvcache_blocks=64, **fp8), [prompt])[0] for prompt in prompts]
-    preempted = []
-    original = Scheduler._preempt
-    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq), original(self, seq)))
     llm = engine(model_dir, num_kvcache_blocks=12, max_num_batched_tokens=40, max_num_seqs=3, **fp8)
-    observer = Observer(llm, monkeypatch)
+    observer = EngineRecorder(llm, monkeypatch)
     assert generate(llm, prompts[::-1]) == alone[::-1]
-    assert preempted and sum(observer.cached_tokens) > 0
+    assert observer.preempted and sum(observer.cached_tokens) > 0

@@ -136,6 +136,24 @@ def test_invalid_config_field(broken_dir, field, value):
     assert_load_fails(broken_dir, "config.json", field)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("rope_theta", -1.0), ("rope_theta", 0), ("rope_theta", "abc"), ("rope_type", "dynamic"), ("rope_type", "magic"),
+])
+def test_invalid_rope_parameter(broken_dir, field, value):
+    edit_config(broken_dir, lambda c: c["rope_parameters"].update({field: value}))
+    assert_load_fails(broken_dir, "config.json", field)
+
+
+@pytest.mark.parametrize("fields, named", [
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(use_sliding_window=True, sliding_window=8), "use_sliding_window"),
+    (dict(layer_types=["sliding_attention"], sliding_window=8), "use_sliding_window"),
+])
+def test_model_the_layers_do_not_compute(broken_dir, fields, named):
+    edit_config(broken_dir, lambda c: c.update(fields))
+    assert_load_fails(broken_dir, "config.json", named)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weight(broken_dir, value):
     def damage(tensors):
@@ -168,6 +186,15 @@ def test_weight_past_the_range_of_the_model_dtype(broken_dir):
 def test_invalid_tokenizer(broken_dir):
     (broken_dir / "tokenizer.json").write_text("{not json")
     assert_load_fails(broken_dir, "tokenizer.json", str(broken_dir))
+
+
+def test_tokenizer_without_its_vocabulary(broken_dir):
+    """transformers loads a Qwen2 tokenizer from its tokenizer_config.json alone, with the added tokens only."""
+    (broken_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": True, "lstrip": False, "rstrip": False,
+                                       "normalized": False, "single_word": False}}}))
+    assert_load_fails(broken_dir, "tokenizer_config.json", str(broken_dir), "encode no text")
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"eos_token_id": "</s>"}'])

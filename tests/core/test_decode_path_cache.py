@@ -2,10 +2,12 @@
 And the rule that picks a bucket's path from its timings."""
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from nanovllm.engine import decode_paths
 from nanovllm.engine.decode_paths import TimingCache, fastest, setup_key, source_digest
 from tests.helpers import logged
 
@@ -64,13 +66,15 @@ def test_the_source_digest_changes_with_any_file_of_the_code(tmp_path):
     assert source_digest(tmp_path) == code
 
 
-def test_the_setup_key_holds_the_source_digest(monkeypatch):
+@pytest.mark.parametrize("dependent_launch", [True, False])
+def test_the_setup_key_holds_the_source_digest_and_dependent_launch(monkeypatch, dependent_launch):
     from transformers import Qwen3Config
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
     monkeypatch.setattr(torch._C, "_cuda_getDriverVersion", lambda: 12080, raising=False)
+    monkeypatch.setattr(decode_paths, "dependent_launch", SimpleNamespace(ENABLED=dependent_launch))
     key = setup_key(torch.device("cuda", 0), Qwen3Config(), torch.bfloat16, "auto", 256, "triton")
     assert key["source"] == source_digest() and key["gpu"] == "NVIDIA H200"
-    assert isinstance(key["dependent_launch"], bool)
+    assert key["dependent_launch"] is dependent_launch
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"key": {}, "timings": {}}),

@@ -5,7 +5,7 @@ from transformers import Qwen3ForCausalLM
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils.context import reset_context, set_context
-from tests.helpers import GPU, BLOCK_SIZE, MODEL_VARIANTS, random_prompts
+from tests.helpers import GPU, BLOCK_SIZE, MODEL_VARIANTS, assert_fp8_quality, count_preemptions, random_prompts, tokens
 
 pytestmark = GPU
 
@@ -32,7 +32,7 @@ def release_engines():
 
 def generate(model_dir, prompts, **options):
     llm = engine(model_dir, **options)
-    outputs = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    outputs = tokens(llm, prompts, GREEDY)
     return outputs, llm
 
 
@@ -46,7 +46,7 @@ def test_float32_graph_replay_matches_eager(model_dir, backend):
     assert graph == eager
 
 
-def test_float32_prefill_graphs_match_eager(model_dir):
+def test_float32_prefill_graphs_match_eager(model_dir, monkeypatch):
     """Prompts sharing a prefix (prefix-cache hits), a token budget that cuts prompts into chunks and a
     KV cache small enough to preempt; then a burst of short prompts, more than one bucket's graph
     holds, which runs eagerly in the same engine: the same greedy tokens as an engine without graphs."""
@@ -56,15 +56,15 @@ def test_float32_prefill_graphs_match_eager(model_dir):
     options = dict(dtype="float32", kvcache_block_size=BLOCK_SIZE, max_num_seqs=64, max_model_len=512,
                    max_num_batched_tokens=300, num_kvcache_blocks=60)
 
-    def tokens(llm):
-        return [[o["token_ids"] for o in llm.generate(batch, GREEDY, use_tqdm=False)] for batch in batches]
+    def run_batches(llm):
+        return [tokens(llm, batch, GREEDY) for batch in batches]
 
-    eager = tokens(LLM(model_dir, device="cuda", enforce_eager=True, **options))
+    eager = run_batches(LLM(model_dir, device="cuda", enforce_eager=True, **options))
     llm = LLM(model_dir, device="cuda", **options)
-    runner, scheduler = llm.model_runner, llm.scheduler
+    runner = llm.model_runner
     assert runner.prefill_graphs.buckets[-1] == 300
-    prefills, replayed, preempted = [], [], []
-    prefill_hidden, load, preempt = runner._prefill_hidden, runner.prefill_graphs.load, scheduler._preempt
+    prefills, replayed = [], []
+    prefill_hidden, load = runner._prefill_hidden, runner.prefill_graphs.load
 
     def counted_prefill(seqs, *args):
         prefills.append(len(seqs))
@@ -74,12 +74,9 @@ def test_float32_prefill_graphs_match_eager(model_dir):
         replayed.append(load(*args))
         return replayed[-1]
 
-    def counted_preempt(seq):
-        preempted.append(seq.seq_id)
-        preempt(seq)
-
-    runner._prefill_hidden, runner.prefill_graphs.load, scheduler._preempt = counted_prefill, counted_load, counted_preempt
-    assert tokens(llm) == eager
+    runner._prefill_hidden, runner.prefill_graphs.load = counted_prefill, counted_load
+    preempted = count_preemptions(monkeypatch)
+    assert run_batches(llm) == eager
     assert preempted and 0 < len(replayed) < len(prefills)
     assert 30 in prefills and runner.prefill_graphs.seqs_in(300) < 30  # the burst, eagerly
 
@@ -133,18 +130,13 @@ def test_float8_cache_graph_replay_matches_eager(model_dir, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_float8_cache_outputs_close_to_a_float32_cache(model_dir, backend):
+def test_float8_cache_outputs_close_to_a_float32_cache(model_dir, prompts, backend):
     """The CPU test's bounds (tests/core/test_fp8_kv_cache.py), on the GPU kernels and CUDA graphs."""
     from benchmarks.quality import compare
-    prompts = random_prompts([3, 17, 16, 120, 64, 45, 7, 99], seed=1234)
     options = dict(dtype="float32", attention_backend=backend, async_scheduling=False)
     _, reference = generate(model_dir, [[1, 2, 3]], **options)
     _, quantized = generate(model_dir, [[1, 2, 3]], kv_cache_dtype="fp8_e4m3", **options)
-    result = compare(reference, quantized, prompts, 32)
-    assert result["greedy_agreement"] > 0.15
-    assert result["forced_top1_agreement"] > 0.75
-    assert result["max_abs_error/range"] < 0.3
-    assert 1e-3 < result["mean_abs_error/range"] < 0.02
+    assert_fp8_quality(compare(reference, quantized, prompts, 32))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -71,7 +71,7 @@ def test_greedy_generation_matches_transformers(model_dirs, hf_outputs, prompts,
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     expected = hf_outputs(variant)
     assert [len(o) for o in expected] == [MAX_NEW_TOKENS] * len(prompts)
-    for i, (out, ref) in enumerate(zip(outputs, expected)):
+    for i, (out, ref) in enumerate(zip(outputs, expected, strict=True)):
         assert out["token_ids"] == ref, f"prompt {i} ({len(prompts[i])} tokens) diverges"
     assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.kv_cache.num_blocks
 
@@ -93,7 +93,7 @@ def test_eos_stops_generation_unless_ignored(model_dirs, hf_outputs, prompts, tm
     path = with_eos(model_dirs("untied"), tmp_path / "eos_model", eos)
     llm = LLM(path, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=128)
     stopped = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
-    for out, ref in zip(stopped, expected_full):
+    for out, ref in zip(stopped, expected_full, strict=True):
         assert out["token_ids"] == (ref[:ref.index(eos) + 1] if eos in ref else ref)
         assert out["finish_reason"] == ("stop" if eos in ref else "length")
     assert len(stopped[0]["token_ids"]) <= 11

@@ -20,24 +20,19 @@ def weights(path):
     return tensors
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return mm.make_model("tiny", tmp_path_factory.mktemp("tiny"), seed=0)
-
-
-def test_tiny_loads_in_transformers(tiny):
-    config = json.loads((tiny / "config.json").read_text())
+def test_tiny_loads_in_transformers(tiny_preset):
+    config = json.loads((tiny_preset / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
-    model, info = Qwen3ForCausalLM.from_pretrained(tiny, output_loading_info=True, dtype=torch.float32)
+    model, info = Qwen3ForCausalLM.from_pretrained(tiny_preset, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     state = model.state_dict()
-    for name, tensor in weights(tiny).items():
+    for name, tensor in weights(tiny_preset).items():
         assert torch.equal(state[name], tensor), name
     assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])  # tied
 
 
-def test_tiny_logits_are_peaked_and_depend_on_context(tiny):
-    model = Qwen3ForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+def test_tiny_logits_are_peaked_and_depend_on_context(tiny_preset):
+    model = Qwen3ForCausalLM.from_pretrained(tiny_preset, dtype=torch.float32).eval()
     ids = torch.randint(0, 150000, (1, 48), generator=torch.Generator().manual_seed(0))
     other = ids.clone()
     other[0, 0] += 1
@@ -50,8 +45,8 @@ def test_tiny_logits_are_peaked_and_depend_on_context(tiny):
     assert len(set(greedy.tolist())) > 4
 
 
-def test_tokenizer_round_trip(tiny):
-    tok = AutoTokenizer.from_pretrained(tiny)
+def test_tokenizer_round_trip(tiny_preset):
+    tok = AutoTokenizer.from_pretrained(tiny_preset)
     text = "Hello, world! 你好 café\n\tdef f(x):\n        return x ** 2  "
     ids = tok(text).input_ids
     assert tok.decode(ids) == text
@@ -59,37 +54,38 @@ def test_tokenizer_round_trip(tiny):
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert tok(chat).input_ids[0] == 151644  # <|im_start|>
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
-    assert tok.eos_token_id == 151645 and len(tok) <= json.loads((tiny / "config.json").read_text())["vocab_size"]
-    generation = json.loads((tiny / "generation_config.json").read_text())
+    assert tok.eos_token_id == 151645
+    assert len(tok) <= json.loads((tiny_preset / "config.json").read_text())["vocab_size"]
+    generation = json.loads((tiny_preset / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [151645, 151643]
 
 
-def test_seed_determines_weights(tiny, tmp_path):
+def test_seed_determines_weights(tiny_preset, tmp_path):
     same = weights(mm.make_model("tiny", tmp_path / "same", seed=0))
     other = weights(mm.make_model("tiny", tmp_path / "other", seed=1))
-    base = weights(tiny)
+    base = weights(tiny_preset)
     assert all(torch.equal(base[name], same[name]) for name in base)
     assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"],
                            other["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_sharded_checkpoint(tiny, tmp_path, monkeypatch):
+def test_sharded_checkpoint(tiny_preset, tmp_path, monkeypatch):
     monkeypatch.setattr(mm, "MAX_SHARD_BYTES", 16 << 20)
     path = mm.make_model("tiny", tmp_path, seed=0)
     index = json.loads((path / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     assert sorted(p.name for p in path.glob("*.safetensors")) == files
-    sharded, base = weights(path), weights(tiny)
+    sharded, base = weights(path), weights(tiny_preset)
     assert sharded.keys() == base.keys() and all(torch.equal(sharded[n], base[n]) for n in base)
     _, info = Qwen3ForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_bfloat16_matches_float32_draw(tiny, tmp_path):
+def test_bfloat16_matches_float32_draw(tiny_preset, tmp_path):
     bf16 = weights(mm.make_model("tiny", tmp_path, seed=0, dtype=torch.bfloat16))
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    for name, tensor in weights(tiny).items():
+    for name, tensor in weights(tiny_preset).items():
         assert bf16[name].dtype == torch.bfloat16 and torch.equal(bf16[name], tensor.to(torch.bfloat16)), name
 
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tests.helpers import BLOCK_SIZE, check_consistent
+from tests.helpers import BLOCK_SIZE, check_consistent, count_preemptions
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import Batch, Scheduler
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
@@ -77,7 +77,6 @@ class FakeRunner:
         self.scheduler = scheduler
         self.cache: dict[int, int] = {}
         self.prefill_chunks: list[tuple[int, int, int]] = []  # (seq_id, start, stop)
-        self.preempted: list[int] = []
         self.cache_hits = 0
         self.ran_ahead = 0  # decode inputs that were still in flight
 
@@ -117,13 +116,6 @@ def drive(scheduler: Scheduler, seqs: list[Sequence], arrivals_per_step: int | N
     """Runs seqs to completion, adding arrivals_per_step of them before each step (all at once if None).
     ahead: as the async engine does, each step is planned before the previous step's tokens are known."""
     runner = FakeRunner(scheduler)
-    original_preempt = scheduler._preempt
-
-    def preempt(seq):
-        runner.preempted.append(seq.seq_id)
-        original_preempt(seq)
-
-    scheduler._preempt = preempt
     pending = list(seqs)
     finished = []
     in_flight = None  # (batch, tokens) of the step whose tokens are not filled in yet
@@ -182,12 +174,13 @@ def random_requests(rng: random.Random, n: int, max_len: int):
     (512, 40, 512),     # chunked prefill
     (14, 37, 4),        # all of them, and a cap on running sequences
 ])
-def test_every_request_finishes_once_with_the_right_tokens(model_dir, num_blocks, budget, max_seqs, ahead):
+def test_every_request_finishes_once_with_the_right_tokens(model_dir, num_blocks, budget, max_seqs, ahead, monkeypatch):
     max_model_len = 160
     scheduler = make_scheduler(model_dir, num_blocks, max_num_batched_tokens=budget, max_num_seqs=max_seqs,
                                max_model_len=max_model_len)
     requests = random_requests(random.Random(num_blocks * budget + max_seqs), 60, max_model_len)
     seqs = [Sequence(p, sp) for p, sp in requests]
+    preempted = count_preemptions(monkeypatch)
     runner = drive(scheduler, seqs, arrivals_per_step=5, ahead=ahead)
     assert bool(runner.ran_ahead) == ahead
     for seq, (prompt, sp) in zip(seqs, requests):
@@ -197,7 +190,7 @@ def test_every_request_finishes_once_with_the_right_tokens(model_dir, num_blocks
     assert stopped_by_eos, "the workload should exercise stopping at the end-of-sequence token"
     assert runner.cache_hits > 0
     if num_blocks < 100:
-        assert runner.preempted
+        assert preempted
     if budget < 100:
         assert any(stop < seq.num_prompt_tokens for seq in seqs for sid, _, stop in runner.prefill_chunks
                    if sid == seq.seq_id)

@@ -1,9 +1,8 @@
 """Many requests of random shapes through a small KV cache: all finish, once, in order, and nothing leaks."""
 import random
 
-from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE
+from tests.helpers import BLOCK_SIZE, TINY_EOS, VOCAB_SIZE, count_preemptions
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.scheduler import Scheduler
 
 NUM_REQUESTS = 200
 MAX_MODEL_LEN = 192
@@ -22,9 +21,7 @@ def make_requests(seed: int):
 
 
 def test_many_random_requests(tiny_model_dir, monkeypatch):
-    preemptions = []
-    original = Scheduler._preempt
-    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preemptions.append(seq.seq_id), original(self, seq)))
+    preemptions = count_preemptions(monkeypatch)
     llm = LLM(tiny_model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=60,
               max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=512, max_num_seqs=48)
     finished_ids = []

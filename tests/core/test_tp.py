@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import tp_worker
-from tests.helpers import BLOCK_SIZE, random_prompts, start_forkserver
+from tests.helpers import BLOCK_SIZE, random_prompts, start_forkserver, tokens
 
 pytestmark = [pytest.mark.spawn, pytest.mark.slow]
 
@@ -47,13 +47,29 @@ def tp_workers(request, monkeypatch):
     return request.param
 
 
+def assert_ranks(llm, world_size: int) -> None:
+    """The engine runs on world_size ranks: the others in live worker processes, in a process group of that
+    size, each rank holding its share of the attention heads."""
+    runner, group = llm.model_runner, llm.loop.tp_group
+    assert runner.world_size == world_size
+    if world_size == 1:
+        assert group is None and not dist.is_initialized()
+    else:
+        assert [p.is_alive() for p in group.processes] == [True] * (world_size - 1)
+        assert dist.get_world_size() == world_size
+    hf = llm.config.hf_config
+    qkv = runner.model.model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.shape[0] == (hf.num_attention_heads + 2 * hf.num_key_value_heads) * hf.head_dim // world_size
+
+
 def generate(model_dir, prompts, **options) -> list[list[int]]:
     llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=48, max_model_len=128,
               **options)
     try:
-        first = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert_ranks(llm, options.get("tensor_parallel_size", 1))
+        first = tokens(llm, prompts, GREEDY)
         # Again, now with prefix-cache hits: the ranks must agree on block tables with a cached prefix.
-        again = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        again = tokens(llm, prompts, GREEDY)
         assert again == first
         return first
     finally:
@@ -75,7 +91,7 @@ def test_tp2_matches_tp1(model_dir, kv_cache_dtype, tp_workers):
 
 
 @pytest.mark.parametrize("tp_workers", ["forkserver"], indirect=True)
-def test_broken_checkpoint_under_tp_leaves_no_process_group(model_dir, tmp_path, tp_workers):
+def test_broken_checkpoint_under_tp_leaves_no_process_group(model_dir, tmp_path, tp_workers, monkeypatch):
     """A load that fails on every rank raises the loader's error and cleans up the workers and the group."""
     import shutil
     from safetensors.torch import load_file, save_file
@@ -84,8 +100,17 @@ def test_broken_checkpoint_under_tp_leaves_no_process_group(model_dir, tmp_path,
     weights = load_file(broken / "model.safetensors")
     del weights["model.layers.0.self_attn.q_proj.weight"]
     save_file(weights, broken / "model.safetensors")
+    # What makes the failure a tensor-parallel one: rank 0 joins a group of two, and a worker is started.
+    world_sizes, closed = [], []
+    init, close = dist.init_process_group, tp_worker.TensorParallelGroup.close
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **kw: (world_sizes.append(kw["world_size"]),
+                                                                      init(*a, **kw))[1])
+    monkeypatch.setattr(tp_worker.TensorParallelGroup, "close", lambda self: (closed.append(self), close(self))[1])
     with pytest.raises(ValueError, match="q_proj"):
         LLM(str(broken), device="cpu", tensor_parallel_size=2, kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=48)
+    assert world_sizes == [2]
+    [group] = closed
+    assert len(group.processes) == 1 and not group.processes[0].is_alive()
     assert not dist.is_initialized()
     assert len(generate(model_dir, random_prompts([5], seed=3))[0]) == 16
 

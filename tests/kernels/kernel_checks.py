@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import gpu
+
 ROOT = Path(__file__).resolve().parents[2]
 INTERPRETER_UNAVAILABLE = 77
 RESULT = "KERNEL-CHECK-RESULT "  # the subprocess's line for one check: this prefix, then JSON
@@ -36,10 +38,7 @@ EVERY_CASE = -1  # the case index of a check that runs every case of its kind (t
 def kernel_tests(kinds: dict, test_file: str):
     """(test_cuda, test_interpreter): each case compiled on CUDA, or the small cases of each kind under the
     interpreter on CPU."""
-    cuda = torch.cuda.is_available()
-
-    @pytest.mark.gpu
-    @pytest.mark.skipif(not cuda, reason="needs CUDA; the CPU run is test_interpreter")
+    @gpu
     @pytest.mark.parametrize("kind,index", [pytest.param(kind, i, id=f"{kind}-{case}")
                                             for kind, (cases, _) in kinds.items() for i, case in enumerate(cases(False))])
     def test_cuda(kind, index):
@@ -47,7 +46,7 @@ def kernel_tests(kinds: dict, test_file: str):
         assert outcome["status"] == "ok", outcome["output"]
 
     @pytest.mark.slow
-    @pytest.mark.skipif(cuda, reason="CUDA present: test_cuda runs the compiled kernels")
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: test_cuda runs the compiled kernels")
     @pytest.mark.parametrize("kind", list(kinds))
     def test_interpreter(kind):
         outcome = check_result(test_file, kind, EVERY_CASE, interpret=True)
@@ -228,6 +227,9 @@ def _report(check: Check, status: str, output: str, seconds: float) -> None:
 
 
 def _start_interpreter() -> None:
+    """Exits with INTERPRETER_UNAVAILABLE (the checks skip) where the interpreter cannot run a kernel at all.
+    The patches come after the probe and outside its try: where one no longer fits Triton's internals, the
+    subprocess dies with the traceback and every check fails."""
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     try:
@@ -241,13 +243,13 @@ def _start_interpreter() -> None:
         x = torch.zeros(16)
         probe[(1,)](x)
         assert torch.equal(x, torch.arange(16.0))
-        _patch_interpreter_bf16_dot()
-        _patch_interpreter_bf16_rounding()
-        _patch_interpreter_device_calls()
-        _patch_interpreter_fp8_rounding()
-    except Exception as e:  # any failure here means the interpreter itself is unusable
+    except Exception as e:
         print(f"{type(e).__name__}: {e}")
         sys.exit(INTERPRETER_UNAVAILABLE)
+    _patch_interpreter_bf16_dot()
+    _patch_interpreter_bf16_rounding()
+    _patch_interpreter_device_calls()
+    _patch_interpreter_fp8_rounding()
 
 
 def checks_main(mode: str, specs: list[str]) -> None:

@@ -10,6 +10,7 @@ from nanovllm.attention.kv_quant import FP8_MAX, dequantize, quantize
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
+from tests.kernels.common import DTYPES, norm_weight
 from tests.kernels.kernel_checks import kernel_tests
 
 NUM_LAYERS = 2
@@ -186,7 +187,7 @@ def check_decode_rope(device, dtype, cache_dtype, block_size, group, head_dim, c
     rotary = RotaryEmbedding(config, head_dim)
     q_norm, k_norm = RMSNorm(head_dim).to(dtype), RMSNorm(head_dim).to(dtype)
     for norm in (q_norm, k_norm):
-        norm.weight.data = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype)
+        norm.weight.data = norm_weight(head_dim, dtype, gen)
     q, k, v = qkv_views(batch, num_heads, num_kv_heads, head_dim, dtype, gen)
     positions = torch.tensor([max(n - 1, 0) for n in context_lens])
     q_ref, k_ref = rotary(positions, q_norm(q), k_norm(k))
@@ -356,7 +357,6 @@ def check_backend(device, dtype, cache_dtype):
 
 # ---------------------------------------------------------------------------------------------- cases
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FP8 = ("bf16-fp8", "fp32-fp8")
 
 

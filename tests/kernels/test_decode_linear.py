@@ -16,26 +16,12 @@ import torch.nn.functional as F
 
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.layernorm import RMSNorm
+from tests.helpers import gpu
+from tests.kernels import common
+from tests.kernels.common import assert_close, norm_weight
 from tests.kernels.kernel_checks import kernel_tests
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def assert_close(out, ref, dtype):
-    """Only the order of the float32 sums differs from the reference. fp32: to that rounding. 16-bit: the
-    outputs are rounded from nearly equal sums, so nearly every element is bit-identical and none is off
-    by more than a unit in the last place of the largest value."""
-    out, ref = out.cpu().float(), ref.float()
-    assert out.shape == ref.shape
-    assert torch.isfinite(out).all()
-    if not out.numel():
-        return
-    scale = ref.abs().max().item()
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
-    else:
-        assert (out - ref).abs().max() <= 2 ** -7 * scale, (out - ref).abs().max()
-        assert (out == ref).float().mean() >= 0.95, f"only {(out == ref).float().mean():.3f} bit-identical"
+DTYPES = {**common.DTYPES, "fp16": torch.float16}
 
 
 def inputs(dtype, m, n, k, seed, rows_of=1):
@@ -49,7 +35,7 @@ def inputs(dtype, m, n, k, seed, rows_of=1):
 
 def norm_layer(k, dtype, gen):
     norm = RMSNorm(k, eps=1e-6).to(dtype)
-    norm.weight.data = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+    norm.weight.data = norm_weight(k, dtype, gen)
     return norm
 
 
@@ -113,8 +99,7 @@ KINDS = {"linear": (cases, run_with(check_linear)),
 test_cuda, test_interpreter = kernel_tests(KINDS, __file__)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@gpu
 def test_a_captured_chain_reads_each_result_of_the_kernel_before():
     """A layer's four decode GEMMs, each reading the one before's output, captured in a CUDA graph and replayed
     on new inputs: with dependent launch a kernel that read its input before the kernel before had written it

@@ -4,9 +4,8 @@ On CUDA the checks run directly; on CPU they run with small sizes under the Trit
 """
 import torch
 
+from tests.kernels.common import DTYPES
 from tests.kernels.kernel_checks import kernel_tests
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def check_sample(device, dtype, vocab_size, block, draws):

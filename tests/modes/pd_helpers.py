@@ -4,25 +4,16 @@ of the repository) and multiplexing (tests/modes/test_multiplexing.py). Both run
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.scheduler import Scheduler
-from tests.helpers import BLOCK_SIZE, MODEL_VARIANTS, TINY_EOS_VARIANT, checkpoint_fixture, random_prompts
+from tests.helpers import BLOCK_SIZE, PROMPT_LENGTHS, random_prompts, tokens
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 MAX_MODEL_LEN = 160
 BLOCKS_PER_SEQ = MAX_MODEL_LEN // BLOCK_SIZE
 
-# The session's checkpoints (tests/conftest.py's model_dir and tiny_model_dir are the same directories).
-model_dir = checkpoint_fixture("session", **MODEL_VARIANTS["untied"])
-tiny_model_dir = checkpoint_fixture("session", **TINY_EOS_VARIANT)
-
-
-def tokens(llm, prompts, params=GREEDY):
-    return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
 def mixed_prompts():
-    """Mixed lengths, and prompts that share a prefix of full blocks with an earlier one."""
-    prompts = random_prompts([3, 17, 16, 120, 64, 45, 7, 99], seed=1234)
+    """The `prompts` fixture's prompts (tests/conftest.py), and prompts that share a prefix of full blocks with
+    an earlier one."""
+    prompts = random_prompts(PROMPT_LENGTHS, seed=1234)
     return prompts + [prompts[3][:48] + [5, 6, 7], prompts[3] + [9], prompts[4][:32]]
 
 
@@ -37,7 +28,7 @@ def single_runner_tokens(model_dir, **options) -> list[list[int]]:
     if key not in _SINGLE_RUNNER_TOKENS:
         llm = LLM(model_dir, kvcache_block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64,
                   **options)
-        _SINGLE_RUNNER_TOKENS[key] = tokens(llm, mixed_prompts())
+        _SINGLE_RUNNER_TOKENS[key] = tokens(llm, mixed_prompts(), GREEDY)
         llm.exit()
     return _SINGLE_RUNNER_TOKENS[key]
 
@@ -54,13 +45,6 @@ def cuda_expected(model_dir):
     return single_runner_tokens(model_dir, device="cuda", dtype="float32")
 
 
-def count_preemptions(monkeypatch) -> list:
-    preempted = []
-    original = Scheduler._preempt
-    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq.seq_id), original(self, seq)))
-    return preempted
-
-
 def generate_twice(llm, expected, monkeypatch, check_invariants, assert_idle) -> tuple[dict, dict]:
     """Generates mixed_prompts() twice, the second time with prefix-cache hits, checking the tokens
     both times, check_invariants(llm) after every step of the loop and assert_idle(llm) after each run;
@@ -69,7 +53,7 @@ def generate_twice(llm, expected, monkeypatch, check_invariants, assert_idle) ->
     monkeypatch.setattr(llm.loop, "step", lambda: (step(), check_invariants(llm))[0])
     stats = []
     for _ in range(2):
-        assert tokens(llm, mixed_prompts()) == expected
+        assert tokens(llm, mixed_prompts(), GREEDY) == expected
         assert_idle(llm)
         stats.append(llm.get_pd_statistics())
     return stats[0], stats[1]

@@ -10,17 +10,17 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
-from nanovllm.engine.decode_paths import SEQUENTIAL, Sequential
+from nanovllm.engine.decode_paths import Sequential, fastest
 from nanovllm.engine.model_runner import default_dtype
-from nanovllm.engine.scheduler import Scheduler
 from nanovllm.layers.attention import Attention
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.modes.fused_decode.extension import unusable
 from nanovllm.utils.context import Context, reset_context
-from tests.helpers import (BLOCK_SIZE, MODEL_VARIANTS, gpu, logged, qwen3_config, random_prompts,
-                           shared_checkpoint)
+from tests.helpers import (BLOCK_SIZE, MODEL_VARIANTS, EngineRecorder, gpu, logged, qwen3_config, random_prompts,
+                           shared_checkpoint, tokens)
+from tests.kernels.common import DTYPES
 from tests.kernels.kernel_checks import kernel_tests
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The HF-parity model (GQA, untied, head_dim 16), and GQA and MQA models with head_dim 64 and 128 (wider
 # than the hidden size, 64), untied and tied; seeds chosen for wide gaps between the top two logits.
 VARIANTS = {"gqa-untied-d16": MODEL_VARIANTS["untied"],
@@ -48,13 +48,13 @@ def test_on_is_rejected_where_the_path_cannot_run(model_dir):
 def test_the_reasons_the_path_cannot_run(model_dir):
     config = Config.from_options(model_dir, device="cpu")
     cuda = torch.device("cuda", 0)
-    assert config.fused_decode_unusable(cuda) is None
-    assert "not on cpu" in config.fused_decode_unusable(torch.device("cpu"))
+    assert unusable(config, cuda) is None
+    assert "not on cpu" in unusable(config, torch.device("cpu"))
     config.parallel.tensor_parallel_size = 2
-    assert "tensor_parallel_size=2" in config.fused_decode_unusable(cuda)
+    assert "tensor_parallel_size=2" in unusable(config, cuda)
     config.parallel.tensor_parallel_size = 1
     config.hf_config.attention_bias = True
-    assert "attention_bias=True" in config.fused_decode_unusable(cuda)
+    assert "attention_bias=True" in unusable(config, cuda)
 
 
 def test_auto_on_cpu_says_why_in_one_line_and_decodes_as_off(model_dir, caplog):
@@ -63,7 +63,7 @@ def test_auto_on_cpu_says_why_in_one_line_and_decodes_as_off(model_dir, caplog):
     for option in ("auto", "off"):
         caplog.clear()
         llm = LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, num_kvcache_blocks=32, fused_decode=option)
-        outputs[option] = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        outputs[option] = tokens(llm, prompts, GREEDY)
         lines = [m for m in logged(caplog, "ModelRunner", logging.INFO) if "fused_decode" in m]
         assert lines == ([] if option == "off" else
                          ["fused_decode='auto': its Triton kernels run on a CUDA device, not on cpu; decode runs the "
@@ -170,37 +170,9 @@ STRESS = dict(dtype="float32", kvcache_block_size=BLOCK_SIZE, max_model_len=160,
               max_num_batched_tokens=64, max_num_seqs=48)
 
 
-class Recorder:
-    """What an engine did: preemptions, prefix-cache hits, prefill chunks and decode batch sizes."""
-
-    def __init__(self, llm: LLM, monkeypatch):
-        self.preempted, self.cached_tokens, self.chunked, self.decode_batches = 0, 0, 0, set()
-        preempt, allocate, launch = Scheduler._preempt, llm.scheduler.block_manager.allocate, llm.model_runner.launch
-
-        def counting_preempt(scheduler, seq):
-            self.preempted += 1
-            preempt(scheduler, seq)
-
-        def counting_allocate(seq):
-            placed = allocate(seq)
-            self.cached_tokens += seq.num_cached_tokens if placed else 0
-            return placed
-
-        def recording_launch(batch, *args, **kwargs):
-            if batch.is_prefill:
-                self.chunked += sum(s.scheduled_positions.stop < s.num_tokens for s in batch.seqs)
-            else:
-                self.decode_batches.add(len(batch.seqs))
-            return launch(batch, *args, **kwargs)
-
-        monkeypatch.setattr(Scheduler, "_preempt", counting_preempt)
-        monkeypatch.setattr(llm.scheduler.block_manager, "allocate", counting_allocate)
-        monkeypatch.setattr(llm.model_runner, "launch", recording_launch)
-
-
 def greedy(llm: LLM, prompts) -> list[list[int]]:
     try:
-        return [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        return tokens(llm, prompts, GREEDY)
     finally:
         llm.exit()
 
@@ -213,12 +185,12 @@ def test_float32_fused_tokens_match_the_sequential_graph(checkpoints, variant, k
     expected = greedy(LLM(path, kv_cache_dtype=kv_cache_dtype, fused_decode="off", **STRESS), prompts)
     llm = LLM(path, kv_cache_dtype=kv_cache_dtype, fused_decode="on", **STRESS)
     stats = llm.statistics()["runner"]
-    recorder = Recorder(llm, monkeypatch)
+    recorder = EngineRecorder(llm, monkeypatch)
     assert greedy(llm, prompts) == expected
     assert set(stats["decode_paths"]["path_per_bucket"].values()) == {"fused"}
     assert stats["fused_decode"]["fused_buckets"] == sorted(stats["decode_paths"]["path_per_bucket"])
-    assert recorder.preempted > 0 and recorder.cached_tokens >= 4 * BLOCK_SIZE and recorder.chunked > 0
-    assert min(recorder.decode_batches) <= 8 < max(recorder.decode_batches)
+    assert recorder.preempted and sum(recorder.cached_tokens) >= 4 * BLOCK_SIZE and recorder.chunked > 0
+    assert min(recorder.decode_batch_sizes) <= 8 < max(recorder.decode_batch_sizes)
 
 
 @gpu
@@ -250,20 +222,20 @@ def test_float32_fused_tokens_in_the_prefill_decode_modes(checkpoints, mode):
 @gpu
 @pytest.mark.parametrize("pipeline", [False, True], ids=["alone", "with-pipeline"])
 def test_auto_replays_a_candidate_only_where_it_was_timed_faster(checkpoints, tmp_path, monkeypatch, pipeline):
-    """Timed afresh (an empty cache directory): each bucket replays the fused forward (or the pipeline's)
-    only where it beat the sequential forward at every context timed, and otherwise the sequential one."""
+    """Timed afresh (an empty cache directory): each bucket replays, of the candidates that beat the sequential
+    forward at every context timed, the one of least total time (decode_paths.fastest), otherwise the sequential
+    one."""
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
     llm = LLM(checkpoints("gqa-untied-d64"), dtype="bfloat16", max_num_seqs=64, max_model_len=512,
               num_kvcache_blocks=256, kvcache_block_size=BLOCK_SIZE, enable_pipeline=pipeline)
     try:
         stats = llm.statistics()["runner"]
+        names = list(llm.model_runner.decode_paths.forwards)
     finally:
         llm.exit()
     choice, timings = stats["decode_paths"]["path_per_bucket"], stats["decode_paths"]["timings_ms"]
     assert choice and sorted(choice) == sorted(timings)
     for bucket, path in choice.items():
         assert all("fused_ms" in t for t in timings[bucket])
-        others = [n.removesuffix("_ms") for n in timings[bucket][0] if n.endswith("_ms") and n != f"{SEQUENTIAL}_ms"]
-        beat = {n for n in others if all(t[f"{n}_ms"] < t[f"{SEQUENTIAL}_ms"] for t in timings[bucket])}
-        assert path in beat if beat else path == SEQUENTIAL, (bucket, path, timings[bucket])
+        assert path == fastest(timings[bucket], names), (bucket, path, timings[bucket])
     assert stats["fused_decode"]["fused_buckets"] == sorted(b for b, p in choice.items() if p == "fused")

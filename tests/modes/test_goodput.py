@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from benchmarks.goodput import (KEEP_UP, MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text,
-                                positive_floats, ratio_text, search, slo_pairs)
+from bench import positive_floats
+from benchmarks.goodput import (KEEP_UP, MIN_REQUESTS, SLO, Goodput, RateGrid, goodput_text, missed_text, ratio_text,
+                                search, slo_pairs)
 from benchmarks.online import engines, goodput_rows, measured_arrivals, steady_state
 from benchmarks.replay import replay
 from benchmarks.report import percentile
@@ -143,10 +144,10 @@ def test_each_rate_measures_the_request_count_after_its_warm_up(rate):
 
 
 class FakeEngine:
-    """The streaming API of an engine that gives each request one token per step()."""
+    """The streaming API of an engine that gives each request one token per step() (of 2 ms at least)."""
 
     def __init__(self):
-        self.left, self.added, self.aborted = {}, 0, []
+        self.left, self.added, self.aborted, self.steps = {}, 0, [], []
 
     def add_request(self, prompt, params):
         request_id, self.added = self.added, self.added + 1
@@ -164,6 +165,7 @@ class FakeEngine:
             outputs.append((request_id, [7], self.left[request_id] == 0))
             if not self.left[request_id]:
                 del self.left[request_id]
+        self.steps.append(outputs)
         return outputs
 
     def abort_requests(self, request_ids):
@@ -181,8 +183,8 @@ def test_the_replay_counts_after_the_warm_up_and_may_stop_at_the_last_first_toke
     assert row["requests"] == 3 and row["measured_requests"] == 2  # the first arrived during the warm-up
     if drain:
         assert not engine.aborted and row["req_per_s"] * row["seconds"] == pytest.approx(3)
-    else:  # stopped once the last had its first token: the two long ones still decoding are aborted
-        assert sorted(engine.aborted) == [0, 1] and row["seconds"] < 0.07
+    else:  # stopped right after the step that gave the last its first token: the two long ones are aborted
+        assert sorted(engine.aborted) == [0, 1] and (2, [7], True) in engine.steps[-1]
     assert row["itl_p99_ms"] > 0
 
 

@@ -22,10 +22,9 @@ from nanovllm.modes.multiplexing.splits import (OBSERVED_WEIGHT, STEP_MARGIN, ST
 from nanovllm.modes.multiplexing.stats import FILLING, FILLING_IN_BOUND, FIRST_TOKEN, FULL_GPU, IN_LINE
 from nanovllm.partitions.sm_limit import num_sms_of, on_sms
 from nanovllm.partitions.streams import Lane
-from tests.helpers import BLOCK_SIZE, check_consistent, gpu, logged
-from tests.modes.pd_helpers import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, collect, count_preemptions,  # noqa: F401
-                                    cuda_expected, expected, generate_twice, mixed_prompts, model_dir, shared_weights,
-                                    tokens)
+from tests.helpers import BLOCK_SIZE, assert_idle, check_consistent, count_preemptions, gpu, logged, tokens
+from tests.modes.pd_helpers import (BLOCKS_PER_SEQ, GREEDY, MAX_MODEL_LEN, collect, cuda_expected,  # noqa: F401
+                                    expected, generate_twice, mixed_prompts, shared_weights)
 
 
 def mux_llm(model_dir, device="cpu", **options):
@@ -41,10 +40,9 @@ def check_invariants(llm):
     check_consistent(s.block_manager, s.prefilling + list(s.running))
 
 
-def assert_idle(llm):
-    assert not llm.has_unfinished_requests()
+def assert_mux_idle(llm):
+    assert_idle(llm)
     check_invariants(llm)
-    assert llm.scheduler.block_manager.num_free_blocks == len(llm.scheduler.block_manager.blocks)
 
 
 def assert_mux_loop(llm):
@@ -67,7 +65,7 @@ def assert_shared(llm):
 def run_and_check(llm, expected, monkeypatch, preempted, options):
     assert_mux_loop(llm)
     assert_shared(llm)
-    first, again = generate_twice(llm, expected, monkeypatch, check_invariants, assert_idle)
+    first, again = generate_twice(llm, expected, monkeypatch, check_invariants, assert_mux_idle)
     if options.get("num_kvcache_blocks") == BLOCKS_PER_SEQ:
         assert preempted, "a cache of one sequence forces preemption"
     # The second run's prompts hit the prefix cache.
@@ -121,6 +119,21 @@ def test_decode_steps_run_while_a_prefill_is_in_flight(model_dir, expected):
     assert set(llm.get_pd_statistics()["decode_steps_per_split"]) == {"one stream"}
 
 
+def test_print_pd_statistics_adds_where_the_work_ran(model_dir, capsys):
+    llm = mux_llm(model_dir)
+    llm.generate(mixed_prompts()[:2], GREEDY, use_tqdm=False)
+    stats = llm.get_pd_statistics()
+    capsys.readouterr()  # the start-up's log lines
+    llm.print_pd_statistics()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["[PD Statistics]", "  Prefill runner: cpu, decode runner: cpu, KV handoff: none (one KV cache "
+                                            "shared by both runners)"]
+    assert lines[-3:] == [
+        f"  Partitions: {stats['partitions']}; split under prefill by decode batch: none (0 changes while serving)",
+        f"  Decode on one stream: {stats['decode_steps']} steps, {stats['decode_time_s']:.3f} s (100.0% of decode time)",
+        f"  Prefill batches on one stream: {stats['prefill_batches']}"]
+
+
 @pytest.mark.parametrize("options,error,match", [
     (dict(tensor_parallel_size=2), ValueError, "enable_pd_multiplexing"),
     (dict(enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=1), ValueError, "enable_pd_multiplexing"),
@@ -144,13 +157,6 @@ def test_bad_options(model_dir, options, error, match):
         LLM(model_dir, device="cpu", **options)
 
 
-@pytest.mark.parametrize("option", ["pd_max_itl_ms", "pd_max_ttft_ms"])
-def test_bounds_need_the_mode(model_dir, option):
-    with pytest.raises(ValueError, match=rf"invalid {option}: must be None \(.*\) or, with "
-                                         r"enable_pd_multiplexing=True, a number of milliseconds > 0"):
-        LLM(model_dir, device="cpu", **{option: 10.0})
-
-
 def test_bounds_reach_the_placement(model_dir):
     placement = mux_llm(model_dir, pd_max_itl_ms=12.0, pd_max_ttft_ms=300.0).loop.placement
     assert (placement.max_itl_ms, placement.max_ttft_ms) == (12.0, 300.0)
@@ -159,7 +165,7 @@ def test_bounds_reach_the_placement(model_dir):
 def test_same_device_ids_are_accepted(model_dir, expected):
     llm = mux_llm(model_dir, enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=0)
     assert_mux_loop(llm)
-    assert tokens(llm, mixed_prompts()) == expected
+    assert tokens(llm, mixed_prompts(), GREEDY) == expected
 
 
 def test_candidate_splits():
@@ -383,7 +389,7 @@ def test_a_prefill_beside_decode_runs_on_the_split_or_between_decode_steps(model
     split_for = placement.split_for
     monkeypatch.setattr(placement, "split_for", lambda batch: chosen.append(split_for(batch)) or chosen[-1])
     decode_beside_every_prefill(llm, monkeypatch)
-    assert tokens(llm, mixed_prompts()) == expected
+    assert tokens(llm, mixed_prompts(), GREEDY) == expected
     stats = llm.get_pd_statistics()
     on_splits = {label: n for label, n in stats["prefills_per_split"].items() if label in (small.label, large.label)}
     assert on_splits == {s.label: chosen.count(s) for s in set(chosen)}
@@ -407,7 +413,7 @@ def test_prefills_that_fill_the_batch_run_between_decode_steps(model_dir, expect
     record = placement.stats.record_split_prefill
     monkeypatch.setattr(placement.stats, "record_split_prefill", lambda label: launched.append(
         (label, len(llm.scheduler.running), llm.scheduler.num_joining())) or record(label))
-    assert tokens(llm, mixed_prompts()) == expected
+    assert tokens(llm, mixed_prompts(), GREEDY) == expected
     filling = [(running, joining) for label, running, joining in launched if label == FILLING]
     on_split = [(running, joining) for label, running, joining in launched if label == split.label]
     assert filling and on_split and launched[0][1] == 0
@@ -433,7 +439,7 @@ def test_with_an_itl_bound_fills_are_cut_to_it_once_the_allowance_is_spent(model
     prefill = placement.prefill
     monkeypatch.setattr(placement, "prefill", lambda loop, seqs: launched.append(
         (placement.choice.label, sum(seq.num_scheduled_tokens for seq in seqs))) or prefill(loop, seqs))
-    assert tokens(llm, mixed_prompts()) == expected
+    assert tokens(llm, mixed_prompts(), GREEDY) == expected
     whole = [n for label, n in launched if label == FILLING]
     cut = [n for label, n in launched if label == FILLING_IN_BOUND]
     assert len(whole) == 1 and whole[0] > 16 and cut and max(cut) <= 16
@@ -460,7 +466,7 @@ def test_first_token_risk_and_chunks_keep_the_tokens(model_dir, expected, monkey
     prefill = placement.prefill
     monkeypatch.setattr(placement, "prefill", lambda loop, seqs: launched.append(
         (placement.choice.label, sum(seq.num_scheduled_tokens for seq in seqs))) or prefill(loop, seqs))
-    assert tokens(llm, mixed_prompts()) == expected
+    assert tokens(llm, mixed_prompts(), GREEDY) == expected
     stats = llm.get_pd_statistics()
     on_split = [n for label, n in launched if label == split.label]
     whole_gpu = [n for label, n in launched if label == FIRST_TOKEN]
@@ -481,7 +487,7 @@ def test_in_line_prefills_follow_the_running_batch(model_dir, expected):
     placement = llm.loop.placement
     placement.split_by_bucket = {llm.config.scheduler.max_num_seqs: Split(Lane(None, 8), Lane(None, 16))}  # a stand-in
     placement.prefill_ms_per_token = 40.0 / 16384
-    assert tokens(llm, mixed_prompts()) == expected
+    assert tokens(llm, mixed_prompts(), GREEDY) == expected
     assert placement.decode_step_ms and all(ms > 0 for ms in placement.decode_step_ms.values())
     placement.decode_step_ms = {4: 10.0}  # on CPU a batch is its own bucket
     assert placement.in_line_tokens(4) == 2048  # 5 ms of prefill within the default bound of 15 ms

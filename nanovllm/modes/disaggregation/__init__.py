@@ -26,17 +26,20 @@ def devices(config: Config) -> tuple[torch.device, torch.device]:
     return torch.device("cuda", config.pd.prefill_device_id), torch.device("cuda", config.pd.decode_device_id)
 
 
-def prefill_cache_blocks(config: Config, same_device: bool) -> int:
-    """The prefill cache holds the prompts in flight and the prefix cache. On a GPU of its own it takes
-    the rest of that GPU (-1: sized from memory), all of it useful as prefix cache. Sharing a device,
-    it has room for two full prefill batches (one computing while the previous one's KV is copied
-    out), each at least one longest prompt, and the decode cache gets the rest."""
+def prefill_cache_blocks(config: Config, same_device: bool) -> tuple[int, str]:
+    """The prefill cache's blocks and the option they follow from. The cache holds the prompts in flight
+    and the prefix cache. On a GPU of its own it takes the rest of that GPU (-1: sized from memory), all
+    of it useful as prefix cache. Sharing a device, it has room for two full prefill batches (one
+    computing while the previous one's KV is copied out), each at least one longest prompt, and the
+    decode cache gets the rest."""
     if config.pd.prefill_num_kvcache_blocks != -1:
-        return config.pd.prefill_num_kvcache_blocks
+        return config.pd.prefill_num_kvcache_blocks, "prefill_num_kvcache_blocks"
     if not same_device:
-        return -1
-    longest = max(config.scheduler.max_num_batched_tokens, config.scheduler.max_model_len)
-    return 2 * -(-longest // config.cache.kvcache_block_size)
+        return -1, "prefill_num_kvcache_blocks"
+    scheduler = config.scheduler
+    longest, option = max((scheduler.max_num_batched_tokens, "max_num_batched_tokens"),
+                          (scheduler.max_model_len, "max_model_len"))
+    return 2 * -(-longest // config.cache.kvcache_block_size), option
 
 
 def build_loop(config: Config, tokenizer, decode_extensions: tuple[DecodeExtension, ...] = ()) -> PDLoop:
@@ -45,8 +48,9 @@ def build_loop(config: Config, tokenizer, decode_extensions: tuple[DecodeExtensi
     prefill runner's weights. Each captures the graphs of its role only."""
     prefill_device, decode_device = devices(config)
     same = prefill_device == decode_device
+    blocks, option = prefill_cache_blocks(config, same)
     prefill = ModelRunner(config, prefill_device, role=RunnerRole(
-        graphs=("prefill",), num_kvcache_blocks=prefill_cache_blocks(config, same), stream_priority=PREFILL_PRIORITY))
+        graphs=("prefill",), num_kvcache_blocks=blocks, cache_size_option=option, stream_priority=PREFILL_PRIORITY))
     decode = ModelRunner(config, decode_device, role=RunnerRole(
         graphs=("decode",), stream_priority=DECODE_PRIORITY, shares=prefill, decode_extensions=decode_extensions))
     scheduler = PDScheduler(Scheduler(config, decode.kv_cache.num_blocks, tokenizer),

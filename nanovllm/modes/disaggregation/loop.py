@@ -9,7 +9,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_tokens import StepTokens
 from nanovllm.modes.disaggregation.kv_transfer import KVTransfer, Transfer
 from nanovllm.modes.disaggregation.scheduler import PDScheduler
-from nanovllm.modes.disaggregation.stats import PDStatistics
+from nanovllm.modes.disaggregation.stats import PDStatistics, report
 from nanovllm.partitions.streams import Lane, StreamTimer
 
 
@@ -24,7 +24,9 @@ class DecodeStep:
 
 
 class Placement(Protocol):
-    """Where a two-runner loop's prefills and decode steps run, and what each waits for."""
+    """Where a two-runner loop's prefills and decode steps run, and what each waits for; its name is the
+    mode's."""
+    name: str
 
     def prefill_budget(self, loop: "PDLoop") -> int | None:
         """The most tokens of the next prefill batch (None: max_num_batched_tokens); prefill() follows
@@ -39,10 +41,14 @@ class Placement(Protocol):
 
     def statistics(self) -> dict: ...
 
+    def report_lines(self, stats: dict) -> list[str]:
+        """Its lines of the report of the loop's statistics()["pd"]."""
+
 
 class RunnerStreams:
     """Each runner's work on its own stream (on one GPU the decode runner's has the higher priority), in
     the order it was launched there."""
+    name = "disaggregation"
 
     def prefill_budget(self, loop):
         return None
@@ -58,6 +64,9 @@ class RunnerStreams:
 
     def statistics(self) -> dict:
         return {}
+
+    def report_lines(self, stats):
+        return []
 
 
 class PDLoop:
@@ -120,9 +129,13 @@ class PDLoop:
             self._collected.pop(seq_id, None)
 
     def statistics(self) -> dict:
-        return {"mode": "multiplexing" if self.kv_transfer is None else "disaggregation",
-                "prefill_runner": self.prefill_runner.statistics(), "runner": self.decode_runner.statistics(),
+        return {"mode": self.placement.name, "prefill_runner": self.prefill_runner.statistics(), "runner": self.decode_runner.statistics(),
                 "pd": {**self.stats.as_dict(), **self.placement.statistics()}}
+
+    def report(self) -> str:
+        """statistics()["pd"] as lines for people."""
+        stats = self.statistics()["pd"]
+        return "\n".join([report(stats), *self.placement.report_lines(stats)])
 
     def close(self) -> None:
         for runner in self.runners:

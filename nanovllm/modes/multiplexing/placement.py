@@ -13,7 +13,7 @@ from nanovllm.modes.multiplexing.splits import (DEFAULT_ITL_FACTOR, STEP_MARGIN,
                                                 choose_splits, in_line_prefill_tokens, itl_bound_ms, split_ranges,
                                                 within_bound)
 from nanovllm.modes.multiplexing.stats import (FILLING, FILLING_IN_BOUND, FIRST_TOKEN, FULL_GPU, IN_LINE,
-                                               SplitStatistics)
+                                               SplitStatistics, report_lines)
 from nanovllm.utils.log import get_logger
 
 logger = get_logger("PD-mux")
@@ -58,6 +58,7 @@ class SplitPlacement:
     ITL bound; and a prefill on a split is cut to a share of the bound, so that the choice is taken again
     soon. Without splits (no green contexts) both runners share one stream and the scheduling is the same.
     """
+    name = "multiplexing"
 
     def __init__(self, splits: list[Split], partitions: str, max_itl_ms: float | None, max_ttft_ms: float | None):
         self.splits = splits
@@ -271,6 +272,9 @@ class SplitPlacement:
 
     def statistics(self) -> dict:
         return self.stats.as_dict()
+
+    def report_lines(self, stats: dict) -> list[str]:
+        return report_lines(stats)
 
     def _label(self, split: Split | None) -> str:
         if split is not None:

@@ -62,3 +62,27 @@ class SplitStatistics:
             "ttft_at_risk_prefills": sum(self.ttft_at_risk.values()), "ttft_at_risk_ran_on": dict(self.ttft_at_risk),
             "itl_allowance_spent_by": dict(self.itl_allowance_spent_by),
         }
+
+
+def report_lines(stats: dict) -> list[str]:
+    """The lines SplitStatistics.as_dict adds to the prefill/decode report (disaggregation/stats.py)."""
+    chosen = "; ".join(f"{batches}: {split}" for batches, split in stats["split_per_batch"].items())
+    lines = [f"  Partitions: {stats['partitions']}; split under prefill by decode batch: {chosen or 'none'} "
+             f"({stats['split_changes']} changes while serving)"]
+    for split, observed in stats["decode_step_ms_observed_per_split"].items():
+        steps = ", ".join(f"{bucket}: {o['mean_ms']:.2f} ms ({o['steps']})" for bucket, o in observed.items())
+        lines.append(f"  Decode step beside prefills on {split}, per batch bucket: {steps}")
+    for split, steps in stats["decode_steps_per_split"].items():
+        share = stats["decode_time_share_per_split"].get(split, 0.0)
+        lines.append(f"  Decode on {split}: {steps} steps, {stats['decode_time_per_split_s'][split]:.3f} s "
+                     f"({100 * share:.1f}% of decode time)")
+    for split, count in stats["prefills_per_split"].items():
+        lines.append(f"  Prefill batches on {split}: {count}")
+    if stats["bounds"]:
+        ran_on = "; ".join(f"{where}: {n}" for where, n in stats["ttft_at_risk_ran_on"].items())
+        spent = "; ".join(f"{label}: {n}" for label, n in stats["itl_allowance_spent_by"].items()) or "none"
+        lines.append(f"  Bounds: ITL {stats['bounds']['itl']}, first token {stats['bounds']['ttft']}; decode steps "
+                     f"over the ITL bound on a split: {stats['itl_over_bound_steps']}; prefills with a first token "
+                     f"at risk: {stats['ttft_at_risk_prefills']}{f' ({ran_on})' if ran_on else ''}; prefills "
+                     f"that spent the ITL allowance: {spent}")
+    return lines
