@@ -83,10 +83,9 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
-    def allocate_blocks(self, num_blocks: int) -> list[int] | None:
-        """Takes num_blocks fresh blocks outside any sequence's table; None when fewer are free."""
-        if num_blocks > self.num_free_blocks:
-            return None
+    def allocate_blocks(self, num_blocks: int) -> list[int]:
+        """Takes num_blocks fresh blocks outside any sequence's table; the caller checked that they are free."""
+        assert num_blocks <= self.num_free_blocks
         return [self._take_free_block() for _ in range(num_blocks)]
 
     def free_blocks(self, block_ids: list[int]) -> None:

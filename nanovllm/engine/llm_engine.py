@@ -3,27 +3,29 @@ import threading
 import time
 from collections.abc import Iterable
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.requests import Requests
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_loop import SequentialLoop, StepLoop
 from nanovllm.engine.tokenizer import load_tokenizer
 from nanovllm.sampling_params import SamplingParams
 
+
 class LLMEngine:
-    """Requests in and out: tokenize and check them, queue them, step the loop, report their tokens. How
-    the steps run is the StepLoop's business (build_loop); this class is the same for every mode."""
+    """Requests in and out: check them (engine/requests.py), queue them, step the loop, report their
+    tokens. How the steps run is the StepLoop's business (build_loop); this class is the same for every
+    mode."""
 
     def __init__(self, model: str, device=None, dtype=None, **options):
         start = time.perf_counter()
         config = Config.from_options(model, device, dtype, **options)
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
+        self.requests = Requests(config, self.tokenizer)
         self.loop: StepLoop = self.build_loop(config, self.tokenizer)
         # One step at a time: the runner's buffers and the forward context are not shareable.
         self._lock = threading.RLock()
@@ -61,46 +63,13 @@ class LLMEngine:
         with self._lock:
             return {**self.loop.statistics(), "startup_s": self.startup_seconds}
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.config.model} has no tokenizer files: pass prompts as lists of token ids")
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple, np.ndarray, torch.Tensor)):
-            token_ids = _token_ids(prompt)
-        else:
-            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        vocab = self.config.hf_config.vocab_size
-        max_model_len = self.config.scheduler.max_model_len
-        if not token_ids:
-            raise ValueError("empty prompt: a prompt needs at least one token")
-        if len(token_ids) >= max_model_len:
-            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit max_model_len={max_model_len} "
-                             f"(at most {max_model_len - 1} prompt tokens)")
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            position = next(i for i, t in enumerate(token_ids) if not 0 <= t < vocab)
-            raise ValueError(f"token ids must be in [0, {vocab}): token {position} of the prompt is {token_ids[position]}")
-        return token_ids
-
-    def _new_sequence(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
-        """The request as a sequence, after checking what SamplingParams cannot check alone."""
-        if not isinstance(sampling_params, SamplingParams):
-            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
-        if sampling_params.stop and self.tokenizer is None:
-            raise ValueError(f"stop strings need a tokenizer and {self.config.model} has no tokenizer files: "
-                             "leave stop empty (stop_token_ids work without one)")
-        vocab = self.config.hf_config.vocab_size
-        if any(t >= vocab for t in sampling_params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(sampling_params.stop_token_ids)}")
-        return Sequence(self.tokenize(prompt), sampling_params)
-
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this engine has exited (exit() was called): create a new LLM to generate")
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         """Queues one request; returns its id, which step() reports its tokens under."""
-        seq = self._new_sequence(prompt, sampling_params)
+        seq = self.requests.sequence(prompt, sampling_params)
         with self._lock:
             self._check_open()
             self.loop.add(seq)
@@ -145,25 +114,9 @@ class LLMEngine:
         """Runs the prompts to completion and returns their outputs in prompt order. Calls from several
         threads are serialised; if the call does not return normally (an exception, KeyboardInterrupt),
         its requests are removed from the engine."""
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError("prompts must be a list of strings or a list of token-id lists")
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        if not isinstance(sampling_params, (list, tuple)) or not all(isinstance(sp, SamplingParams)
-                                                                     for sp in sampling_params):
-            raise TypeError("sampling_params must be a SamplingParams or a list of them")
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         if not isinstance(use_tqdm, bool):
             raise TypeError(f"use_tqdm must be a bool, got {use_tqdm!r}")
-        # Check every prompt before queueing any, so that bad input leaves the engine untouched.
-        seqs = []
-        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
-            try:
-                seqs.append(self._new_sequence(prompt, params))
-            except (TypeError, ValueError) as e:
-                e.args = (f"prompt {i}: {e}",)
-                raise
+        seqs = self.requests.batch(prompts, sampling_params)
         with self._lock:
             self._check_open()
             if self._streamed:
@@ -203,22 +156,3 @@ class LLMEngine:
             text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
         return {"text": text, "token_ids": token_ids, "finish_reason": seq.finish_reason}
 
-
-def _token_ids(prompt) -> list[int]:
-    """The prompt's ids as Python ints. Integers of numpy and torch count, as in vLLM (a numpy array or a
-    torch tensor of ids too); anything else is a TypeError naming the element and its type."""
-    if isinstance(prompt, (np.ndarray, torch.Tensor)):
-        if prompt.ndim != 1:
-            raise TypeError(f"an array of token ids must be one-dimensional, got one of shape {tuple(prompt.shape)}")
-        prompt = prompt.tolist()
-    if all(type(t) is int for t in prompt):  # the common case: no isinstance checks or conversions per token
-        return list(prompt)
-    ids = []
-    for i, t in enumerate(prompt):
-        if isinstance(t, torch.Tensor) and t.ndim == 0 and not (t.is_floating_point() or t.is_complex()
-                                                                 or t.dtype == torch.bool):
-            t = t.item()
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise TypeError(f"token ids must be integers: element {i} of the prompt is {t!r} ({type(t).__qualname__})")
-        ids.append(int(t))
-    return ids
