@@ -143,7 +143,14 @@ class ModelRunner:
         utilization = self.config.cache.gpu_memory_utilization
         sized = ""
         if num_blocks == -1:
-            num_blocks = cache.blocks_that_fit(utilization, self.max_blocks_per_seq, self.random_prefill, self.rank == 0)
+            try:
+                num_blocks = cache.blocks_that_fit(utilization, self.max_blocks_per_seq, self.random_prefill,
+                                                   self.rank == 0)
+            except torch.OutOfMemoryError:
+                tokens = self.config.scheduler.max_num_batched_tokens
+                raise ValueError(f"invalid max_num_batched_tokens: the warm-up prefill of one full step ({tokens} "
+                                 f"tokens) ran out of memory on {self.device} beside the weights; lower "
+                                 "max_num_batched_tokens") from None
             sized = (f", sized by gpu_memory_utilization={utilization}" if self.device.type == "cuda" else
                      f", sized for the CPU's {CPU_KV_CACHE_BYTES / 2 ** 30:g} GiB (gpu_memory_utilization applies to GPUs)")
         else:

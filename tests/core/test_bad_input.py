@@ -203,6 +203,20 @@ def test_max_model_len_beyond_the_model_is_capped_with_a_log_line(model_dir, cap
     assert logged(caplog, "Config") == ["max_model_len=1000000 is capped at the model's max_position_embeddings=512"]
 
 
+def test_a_step_budget_whose_warm_up_runs_out_of_memory_is_named(model_dir, llm, expected, monkeypatch):
+    """On a GPU the cache is sized after a prefill of max_num_batched_tokens tokens, which may not fit."""
+    from nanovllm.engine.kv_cache import KVCache
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(KVCache, "blocks_that_fit", out_of_memory)
+    with pytest.raises(ValueError, match=r"^invalid max_num_batched_tokens: the warm-up prefill of one full step "
+                                         r"\(16384 tokens\) ran out of memory on cpu beside the weights"):
+        LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE)
+    monkeypatch.undo()
+    assert_still_serves(llm, expected)
+
+
 @pytest.mark.parametrize("utilization", [0.9, 0.3])
 def test_the_cpu_cache_line_says_gpu_memory_utilization_does_not_size_it(model_dir, caplog, utilization):
     LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, gpu_memory_utilization=utilization)
