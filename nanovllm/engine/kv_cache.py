@@ -26,6 +26,8 @@ from nanovllm.utils.log import get_logger
 
 logger = get_logger("ModelRunner")
 
+# The options that give a cache its blocks outright (-1: sized from memory).
+BLOCK_OPTIONS = ("num_kvcache_blocks", "prefill_num_kvcache_blocks")
 # The cache of a CPU runner sized from memory.
 CPU_KV_CACHE_BYTES = 1 << 30
 MARGIN = 2.0
@@ -118,8 +120,7 @@ class KVCache:
             raise ValueError(f"invalid {option}: {num_blocks} KV blocks of {self.block_size} tokens need "
                              f"{needed / 2 ** 30:.2f} GiB, and {self.device} has {free / 2 ** 30:.2f} GiB free "
                              f"(room for about {free // self.block_bytes - 1} blocks): lower {option}"
-                             + (", or leave it at -1 to size the cache from memory" if option.endswith("kvcache_blocks")
-                                else ""))
+                             + (", or leave it at -1 to size the cache from memory" if option in BLOCK_OPTIONS else ""))
 
     def allocate(self, num_blocks: int, distributed: bool) -> None:
         """Allocates num_blocks blocks (the least of all tensor-parallel ranks' where distributed), and one

@@ -174,18 +174,17 @@ def test_bad_options(model_dir, llm, expected, options, error, match):
     assert_still_serves(llm, expected)
 
 
-@pytest.mark.parametrize("options", [
-    dict(pipeline_attention_sm_count=20), dict(pipeline_ffn_sm_count=8), dict(pipeline_enable_profiling=True),
-    dict(pipeline_force=True), dict(prefill_device_id=1), dict(decode_device_id=0),
-    dict(prefill_num_kvcache_blocks=64), dict(pd_max_itl_ms=10.0), dict(pd_max_ttft_ms=500.0),
+@pytest.mark.parametrize("option, value, switch", [
+    ("pipeline_attention_sm_count", 20, "enable_pipeline"), ("pipeline_ffn_sm_count", 8, "enable_pipeline"),
+    ("pipeline_enable_profiling", True, "enable_pipeline"), ("pipeline_force", True, "enable_pipeline"),
+    ("prefill_device_id", 1, "enable_two_gpu_pd"), ("decode_device_id", 0, "enable_two_gpu_pd"),
+    ("prefill_num_kvcache_blocks", 64, "enable_two_gpu_pd"), ("pd_max_itl_ms", 10.0, "enable_pd_multiplexing"),
+    ("pd_max_ttft_ms", 500.0, "enable_pd_multiplexing"),
 ])
-def test_a_mode_option_needs_its_mode(model_dir, options):
-    (option, value), = options.items()
-    switch = {"pipeline": "enable_pipeline", "pd": "enable_pd_multiplexing"}.get(option.split("_")[0],
-                                                                               "enable_two_gpu_pd")
+def test_a_mode_option_needs_its_mode(model_dir, option, value, switch):
     with pytest.raises(ValueError, match=rf"invalid {option}: must be .* \(its default\) unless {switch}=True: it has "
                                          rf"no effect with the mode off, got {value!r}"):
-        LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, **options)
+        LLM(model_dir, device="cpu", kvcache_block_size=BLOCK_SIZE, **{option: value})
 
 
 def test_tensor_parallel_size_beyond_the_gpus_is_refused_before_any_gpu_work(model_dir, monkeypatch):
