@@ -14,4 +14,5 @@ class LLM(LLMEngine):
         return self.statistics().get("pd", {})
 
     def print_pd_statistics(self) -> None:
-        print(self.loop.report() if self.get_pd_statistics() else "[PD Statistics]\n  Prefill/decode disaggregation is off")
+        off = "[PD Statistics]\n  Prefill/decode disaggregation is off"
+        print(self.loop.report() if self.get_pd_statistics() else off)

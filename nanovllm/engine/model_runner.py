@@ -152,7 +152,8 @@ class ModelRunner:
                                  f"tokens) ran out of memory on {self.device} beside the weights; lower "
                                  "max_num_batched_tokens") from None
             sized = (f", sized by gpu_memory_utilization={utilization}" if self.device.type == "cuda" else
-                     f", sized for the CPU's {CPU_KV_CACHE_BYTES / 2 ** 30:g} GiB (gpu_memory_utilization applies to GPUs)")
+                     f", sized for the CPU's {CPU_KV_CACHE_BYTES / 2 ** 30:g} GiB "
+                     "(gpu_memory_utilization applies to GPUs)")
         else:
             cache.check_fits(num_blocks, role.cache_size_option)
         cache.allocate(num_blocks, self.world_size > 1)

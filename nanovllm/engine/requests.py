@@ -69,7 +69,8 @@ class Requests:
                              f"(at most {max_model_len - 1} prompt tokens)")
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             position = next(i for i, t in enumerate(token_ids) if not 0 <= t < vocab)
-            raise ValueError(f"token ids must be in [0, {vocab}): token {position} of the prompt is {token_ids[position]}")
+            raise ValueError(f"token ids must be in [0, {vocab}): token {position} of the prompt is "
+                             f"{token_ids[position]}")
         return token_ids
 
 

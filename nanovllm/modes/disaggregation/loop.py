@@ -129,7 +129,8 @@ class PDLoop:
             self._collected.pop(seq_id, None)
 
     def statistics(self) -> dict:
-        return {"mode": self.placement.name, "prefill_runner": self.prefill_runner.statistics(), "runner": self.decode_runner.statistics(),
+        return {"mode": self.placement.name, "prefill_runner": self.prefill_runner.statistics(),
+                "runner": self.decode_runner.statistics(),
                 "pd": {**self.stats.as_dict(), **self.placement.statistics()}}
 
     def report(self) -> str:
